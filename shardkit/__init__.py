@@ -1,0 +1,57 @@
+"""shardkit: Django's multiple-database model for SQLAlchemy 2.x, turned into real sharding.
+
+::
+
+    import shardkit
+    cluster = shardkit.Cluster(DATABASES, routers=[...])
+    cluster.create_all(Base)
+    with cluster.session() as s:
+        s.add(user); s.commit()
+        s.scalars(select(User).options(shardkit.using("credentials")))
+    shardkit.db_of(user)
+"""
+
+from __future__ import annotations
+
+from . import errors
+from ._cluster import Cluster, get_active_cluster
+from ._config import DEFAULT_DB_ALIAS, AliasSpec
+from ._manager import (
+    FieldError,
+    Manager,
+    ModelMixin,
+    MultipleObjectsReturned,
+    ObjectDoesNotExist,
+    QuerySet,
+)
+from ._routing import RouterChain
+from ._session import ShardSession, current_session, db_of, using
+from .errors import ShardkitError
+from .typing import ShardTargets
+
+from .ring import HashRing, HashRingRouter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_DB_ALIAS",
+    "AliasSpec",
+    "Cluster",
+    "FieldError",
+    "HashRing",
+    "HashRingRouter",
+    "Manager",
+    "ModelMixin",
+    "MultipleObjectsReturned",
+    "ObjectDoesNotExist",
+    "QuerySet",
+    "RouterChain",
+    "ShardSession",
+    "ShardTargets",
+    "ShardkitError",
+    "current_session",
+    "db_of",
+    "errors",
+    "get_active_cluster",
+    "using",
+]

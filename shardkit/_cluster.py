@@ -1,0 +1,288 @@
+"""Cluster: the aliases, their engines, the router chain, and sessions over them.
+
+A cluster is what Django's settings are to Django: the DATABASES and
+DATABASE_ROUTERS of one application.  Engines are created on first use (so
+building a cluster never connects) and closed by :meth:`Cluster.dispose`.
+
+The manager API (``User.objects``) needs to know which cluster to use without
+being told each time; that is the *active* cluster, set explicitly with
+:meth:`Cluster.activate` (process-wide, like Django's settings) or for a block
+with ``with cluster.activate():``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import importlib
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, MetaData, Table
+from sqlalchemy.orm import DeclarativeBase, registry
+
+from ._config import DEFAULT_DB_ALIAS, AliasSpec, parse_databases
+from ._routing import RouterChain
+from ._session import ShardSession, _db_of_or_none
+from .errors import ConfigError, UnknownAliasError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = ["Cluster", "get_active_cluster"]
+
+_active_global: Cluster | None = None
+_active_local: contextvars.ContextVar[Cluster | None] = contextvars.ContextVar(
+    "shardkit_active_cluster", default=None
+)
+
+
+def get_active_cluster() -> Cluster:
+    """The cluster the manager API uses: the innermost ``with cluster.activate()``, else
+    the last ``cluster.activate()``.
+
+    :raises ConfigError: no cluster was activated.
+    """
+    cluster = _active_local.get() or _active_global
+    if cluster is None:
+        raise ConfigError(
+            "no active shardkit cluster: call cluster.activate() once at start-up "
+            "(or use `with cluster.activate():`) before using Model.objects"
+        )
+    return cluster
+
+
+class _Activation:
+    """Returned by :meth:`Cluster.activate`; also a context manager that restores the previous one."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        global _active_global
+        self.cluster = cluster
+        self._previous_global = _active_global
+        _active_global = cluster
+        self._token: contextvars.Token[Cluster | None] | None = None
+
+    def __enter__(self) -> Cluster:
+        self._token = _active_local.set(self.cluster)
+        return self.cluster
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        global _active_global
+        if self._token is not None:
+            _active_local.reset(self._token)
+        _active_global = self._previous_global
+
+
+def _tables_of(target: Any) -> tuple[MetaData, dict[Table, type[Any]]]:
+    """MetaData and table -> mapped class for a MetaData, a declarative base or a registry."""
+    models: dict[Table, type[Any]] = {}
+    reg: registry | None = None
+    if isinstance(target, MetaData):
+        metadata = target
+    elif isinstance(target, registry):
+        reg, metadata = target, target.metadata
+    elif isinstance(target, type) and issubclass(target, DeclarativeBase):
+        reg, metadata = target.registry, target.metadata
+    elif hasattr(target, "metadata") and isinstance(target.metadata, MetaData):
+        metadata = target.metadata
+        reg = getattr(target, "registry", None)
+    else:
+        raise ConfigError(f"expected a MetaData or a declarative base, got {target!r}")
+    registries: Iterable[registry] = [reg] if reg is not None else _all_registries()
+    for r in registries:
+        for mapper in r.mappers:
+            if mapper.local_table is not None and isinstance(mapper.local_table, Table):
+                # the first (base-most) class mapping a table is its model
+                models.setdefault(mapper.local_table, mapper.class_)
+    return metadata, models
+
+
+def _all_registries() -> Iterable[registry]:
+    from sqlalchemy.orm import mapperlib
+
+    return list(mapperlib._all_registries())
+
+
+class Cluster:
+    """A set of databases (aliases), the routers that choose between them, and sessions.
+
+    :param databases: Django's ``DATABASES``: alias -> URL string or dict
+        (``ENGINE``, ``NAME``, ``USER``, ``PASSWORD``, ``HOST``, ``PORT``, ``OPTIONS``).
+        ``"default"`` is required.
+    :param routers: Django's ``DATABASE_ROUTERS``: dotted paths, classes or instances.
+    :param engine_options: keyword arguments for every ``create_engine()`` call.
+    :param deadline: default deadline in seconds for a read that spans shards.
+
+    >>> cluster = Cluster({"default": "sqlite://"})
+    >>> cluster.aliases
+    ('default',)
+    """
+
+    def __init__(
+        self,
+        databases: Mapping[str, Any],
+        routers: Sequence[Any] | None = None,
+        *,
+        engine_options: Mapping[str, Any] | None = None,
+        deadline: float | None = None,
+        partial: bool = False,
+    ) -> None:
+        self._specs: dict[str, AliasSpec] = parse_databases(databases)
+        self._engine_options = dict(engine_options or {})
+        self._engines: dict[str, Engine] = {}
+        self._lock = threading.Lock()
+        self.router = RouterChain(routers or (), self._specs, db_of=_db_of_or_none, default=DEFAULT_DB_ALIAS)
+        self.deadline = deadline
+        self.partial = partial
+        self._autocommit = threading.local()
+
+    @classmethod
+    def from_settings(cls, settings: str | ModuleType, **kwargs: Any) -> Cluster:
+        """Build a cluster from a settings module's ``DATABASES`` and ``DATABASE_ROUTERS``.
+
+        :param settings: a dotted module path (``"myproject.settings"``) or the module itself.
+        """
+        if isinstance(settings, str):
+            try:
+                module: Any = importlib.import_module(settings)
+            except ImportError as exc:
+                raise ConfigError(
+                    f"settings module {settings!r} does not import: {exc}", settings=settings
+                ) from exc
+        else:
+            module = settings
+        databases = getattr(module, "DATABASES", None)
+        if databases is None:
+            raise ConfigError(f"settings module {module.__name__!r} defines no DATABASES")
+        routers = getattr(module, "DATABASE_ROUTERS", ())
+        return cls(databases, routers, **kwargs)
+
+    # -- aliases and engines -----------------------------------------------------
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Every alias, in the order DATABASES gave them."""
+        return tuple(self._specs)
+
+    def spec(self, alias: str) -> AliasSpec:
+        """The validated DATABASES entry of ``alias``."""
+        return self._specs[self.check_alias(alias)]
+
+    def check_alias(self, alias: Any) -> str:
+        """Return ``alias`` if the cluster has it, else raise :class:`UnknownAliasError`."""
+        if isinstance(alias, str) and alias in self._specs:
+            return alias
+        raise UnknownAliasError(
+            f"unknown database alias {alias!r} (aliases: {', '.join(self._specs)})", alias=alias
+        )
+
+    def engine(self, alias: str = DEFAULT_DB_ALIAS) -> Engine:
+        """The engine of ``alias``, created on first use."""
+        engine = self._engines.get(alias)
+        if engine is not None:
+            return engine
+        spec = self.spec(alias)
+        with self._lock:
+            engine = self._engines.get(alias)
+            if engine is None:
+                engine = spec.create_engine(**self._engine_options)
+                self._engines[alias] = engine
+        return engine
+
+    def dispose(self) -> None:
+        """Close every pooled connection of every engine created so far."""
+        with self._lock:
+            engines, self._engines = self._engines, {}
+        for engine in engines.values():
+            engine.dispose()
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{a}={s.safe_url!r}" for a, s in self._specs.items())
+        return f"Cluster({inner}, router={self.router!r})"
+
+    # -- sessions ----------------------------------------------------------------
+
+    def session(self, *, using: str | None = None, **kwargs: Any) -> ShardSession:
+        """A new :class:`ShardSession` (a ``sqlalchemy.orm.Session``) routed by this cluster.
+
+        :param using: pin every statement and flush of the session to one alias.
+        :param kwargs: any :class:`~sqlalchemy.orm.Session` argument (``expire_on_commit`` ...).
+
+        Used as a context manager, it is also the session ``Model.objects`` uses
+        inside the block.
+        """
+        return ShardSession(self, using=using, **kwargs)
+
+    def autocommit_session(self) -> ShardSession:
+        """The per-thread session the manager API uses outside any ``with session`` block.
+
+        Every manager call made through it commits at once, as Django does by default;
+        objects stay attached (``expire_on_commit=False``) so lazy loads keep working.
+        """
+        session: ShardSession | None = getattr(self._autocommit, "session", None)
+        if session is None:
+            session = ShardSession(self, expire_on_commit=False)
+            self._autocommit.session = session
+        return session
+
+    def activate(self) -> _Activation:
+        """Make this the cluster that ``Model.objects`` uses.
+
+        Process-wide when called plainly; for one block when used as
+        ``with cluster.activate(): ...``.
+        """
+        return _Activation(self)
+
+    # -- schema ------------------------------------------------------------------
+
+    def tables_for(self, alias: str, target: Any) -> list[Table]:
+        """The tables of ``target`` (MetaData or declarative base) that allow_migrate puts on ``alias``."""
+        alias = self.check_alias(alias)
+        metadata, models = _tables_of(target)
+        return [
+            table
+            for table in metadata.sorted_tables
+            if self.router.allow_migrate(
+                alias, models.get(table), table=table, table_name=table.name, model_name=table.name
+            )
+        ]
+
+    def create_all(
+        self, target: Any, *, aliases: Iterable[str] | None = None, checkfirst: bool = True
+    ) -> dict[str, list[str]]:
+        """Create each table on every alias where ``allow_migrate`` allows it.
+
+        :param target: a :class:`~sqlalchemy.MetaData` or a declarative base class.
+        :param aliases: only these aliases (default: all).
+        :returns: alias -> names of the tables created there (or already present).
+        """
+        done: dict[str, list[str]] = {}
+        for alias in list(aliases) if aliases is not None else self.aliases:
+            tables = self.tables_for(alias, target)
+            metadata, _ = _tables_of(target)
+            if tables:
+                metadata.create_all(self.engine(alias), tables=tables, checkfirst=checkfirst)
+            done[alias] = [t.name for t in tables]
+        return done
+
+    def drop_all(
+        self, target: Any, *, aliases: Iterable[str] | None = None, checkfirst: bool = True
+    ) -> dict[str, list[str]]:
+        """Drop each table from every alias where ``allow_migrate`` puts it."""
+        done: dict[str, list[str]] = {}
+        for alias in list(aliases) if aliases is not None else self.aliases:
+            tables = self.tables_for(alias, target)
+            metadata, _ = _tables_of(target)
+            if tables:
+                metadata.drop_all(self.engine(alias), tables=tables, checkfirst=checkfirst)
+            done[alias] = [t.name for t in tables]
+        return done
+
+    # -- hooks the session calls ---------------------------------------------------
+
+    def _check_flush(self, session: ShardSession) -> None:
+        """Checks made on a flush before anything is written (relations: see issue #5)."""
+

@@ -1,0 +1,202 @@
+"""DATABASES -> validated, frozen alias specs -> engines.
+
+An alias is described the way Django describes a database: either a URL
+string (any SQLAlchemy URL) or a dict with ``ENGINE``, ``NAME``, ``USER``,
+``PASSWORD``, ``HOST``, ``PORT`` and ``OPTIONS``.  ``ENGINE`` takes SQLAlchemy
+dialect names (``postgresql``, ``postgresql+psycopg2``, ``sqlite``, ``mysql``)
+and Django backend names (``django.db.backends.postgresql`` ...).
+
+Everything is checked when the cluster is built, before anything connects:
+a missing ``"default"``, an unknown ENGINE or a key that is not a Django
+setting is a :class:`~shardkit.errors.ConfigError` naming the alias.  The
+password is kept inside the :class:`~sqlalchemy.engine.URL` and never shown:
+every repr and message uses the URL rendered with its password hidden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from sqlalchemy import URL, Engine, create_engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from .errors import ConfigError, UnknownEngineError
+
+__all__ = ["DEFAULT_DB_ALIAS", "AliasSpec", "parse_databases"]
+
+DEFAULT_DB_ALIAS = "default"
+
+# Django backend names and short names -> SQLAlchemy drivername.
+_ENGINES: dict[str, str] = {
+    "django.db.backends.postgresql": "postgresql+psycopg2",
+    "django.db.backends.postgresql_psycopg2": "postgresql+psycopg2",
+    "django.db.backends.postgis": "postgresql+psycopg2",
+    "django.contrib.gis.db.backends.postgis": "postgresql+psycopg2",
+    "django.db.backends.sqlite3": "sqlite",
+    "django.db.backends.mysql": "mysql+pymysql",
+    "postgresql": "postgresql+psycopg2",
+    "postgres": "postgresql+psycopg2",
+    "psycopg2": "postgresql+psycopg2",
+    "sqlite": "sqlite",
+    "sqlite3": "sqlite",
+    "mysql": "mysql+pymysql",
+    "mariadb": "mariadb+pymysql",
+}
+
+# Keys Django accepts in a DATABASES entry.  Those shardkit has no use for are
+# accepted and ignored so a Django settings module works unchanged; anything
+# else is a typo and is refused.
+_DJANGO_KEYS = frozenset(
+    {
+        "ENGINE", "NAME", "USER", "PASSWORD", "HOST", "PORT", "OPTIONS",
+        "TEST", "ATOMIC_REQUESTS", "AUTOCOMMIT", "CONN_MAX_AGE",
+        "CONN_HEALTH_CHECKS", "TIME_ZONE", "DISABLE_SERVER_SIDE_CURSORS",
+    }
+)  # fmt: skip
+_SHARDKIT_KEYS = frozenset({"ENGINE_OPTIONS"})
+
+
+@dataclass(frozen=True)
+class AliasSpec:
+    """One validated DATABASES entry.
+
+    :param alias: the key in DATABASES.
+    :param url: the SQLAlchemy URL (its repr hides the password).
+    :param connect_args: ``OPTIONS``, passed to the DBAPI's ``connect()``.
+    :param engine_options: ``ENGINE_OPTIONS``, passed to ``create_engine()``.
+    """
+
+    alias: str
+    url: URL
+    connect_args: Mapping[str, Any] = field(default_factory=dict)
+    engine_options: Mapping[str, Any] = field(default_factory=dict)
+    engine: Engine | None = None
+
+    @property
+    def dialect_name(self) -> str:
+        return self.url.get_backend_name()
+
+    @property
+    def safe_url(self) -> str:
+        """The URL as a string, password hidden."""
+        return self.url.render_as_string(hide_password=True)
+
+    def __repr__(self) -> str:
+        return f"AliasSpec(alias={self.alias!r}, url={self.safe_url!r})"
+
+    def create_engine(self, **defaults: Any) -> Engine:
+        """Create the engine this alias describes (``ENGINE_OPTIONS`` win over defaults)."""
+        if self.engine is not None:
+            return self.engine
+        options: dict[str, Any] = dict(defaults)
+        if self.dialect_name == "sqlite":
+            # Fan-out reads use a worker thread per shard; a pooled sqlite
+            # connection may be used by another thread than the one that made it.
+            options.setdefault("connect_args", {}).setdefault("check_same_thread", False)
+        options.update(self.engine_options)
+        if self.connect_args:
+            options["connect_args"] = {**options.get("connect_args", {}), **self.connect_args}
+        return create_engine(self.url, **options)
+
+
+def _drivername(alias: str, engine: Any) -> str:
+    if not isinstance(engine, str) or not engine:
+        raise UnknownEngineError(
+            f"DATABASES[{alias!r}]: ENGINE must be a non-empty string, got {engine!r}",
+            alias=alias,
+            engine=engine,
+        )
+    drivername = _ENGINES.get(engine.lower(), engine)
+    try:
+        URL.create(drivername).get_dialect()
+    except (NoSuchModuleError, ArgumentError, ImportError) as exc:
+        raise UnknownEngineError(
+            f"DATABASES[{alias!r}]: unknown ENGINE {engine!r} (use a SQLAlchemy dialect such as "
+            f"'postgresql', 'sqlite', 'mysql', or a Django backend such as "
+            f"'django.db.backends.postgresql')",
+            alias=alias,
+            engine=engine,
+        ) from exc
+    return drivername
+
+
+def _spec_from_dict(alias: str, entry: Mapping[str, Any]) -> AliasSpec:
+    unknown = sorted(set(entry) - _DJANGO_KEYS - _SHARDKIT_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"DATABASES[{alias!r}]: unknown setting(s) {', '.join(unknown)}",
+            alias=alias,
+            keys=unknown,
+        )
+    if "ENGINE" not in entry:
+        raise ConfigError(f"DATABASES[{alias!r}]: ENGINE is required", alias=alias)
+    drivername = _drivername(alias, entry["ENGINE"])
+    name = entry.get("NAME") or None
+    port = entry.get("PORT") or None
+    if port is not None:
+        try:
+            port = int(port)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"DATABASES[{alias!r}]: PORT must be a number, got {port!r}", alias=alias
+            ) from None
+    options = entry.get("OPTIONS") or {}
+    engine_options = entry.get("ENGINE_OPTIONS") or {}
+    for key in ("OPTIONS", "ENGINE_OPTIONS"):
+        if not isinstance(entry.get(key) or {}, Mapping):
+            raise ConfigError(f"DATABASES[{alias!r}]: {key} must be a dict", alias=alias)
+    url = URL.create(
+        drivername,
+        username=entry.get("USER") or None,
+        password=entry.get("PASSWORD") or None,
+        host=entry.get("HOST") or None,
+        port=port,
+        database=str(name) if name is not None else None,
+    )
+    return AliasSpec(alias, url, MappingProxyType(dict(options)), MappingProxyType(dict(engine_options)))
+
+
+def _spec(alias: Any, entry: Any) -> AliasSpec:
+    if not isinstance(alias, str) or not alias:
+        raise ConfigError(f"DATABASES keys must be non-empty strings, got {alias!r}", alias=alias)
+    if isinstance(entry, Engine):
+        return AliasSpec(alias, entry.url, engine=entry)
+    if isinstance(entry, URL | str):
+        try:
+            url = make_url(entry)
+        except ArgumentError as exc:
+            # the text may hold a password: do not echo it back
+            raise ConfigError(f"DATABASES[{alias!r}]: not a valid database URL", alias=alias) from exc
+        _drivername(alias, url.drivername)
+        return AliasSpec(alias, url)
+    if isinstance(entry, Mapping):
+        return _spec_from_dict(alias, entry)
+    raise ConfigError(
+        f"DATABASES[{alias!r}] must be a URL string or a dict with ENGINE/NAME/..., "
+        f"got {type(entry).__name__}",
+        alias=alias,
+    )
+
+
+def parse_databases(databases: Mapping[str, Any]) -> dict[str, AliasSpec]:
+    """Validate a DATABASES mapping and return alias -> :class:`AliasSpec`.
+
+    :param databases: alias -> URL string, :class:`~sqlalchemy.URL`, Engine or Django-style dict.
+    :raises ConfigError: no ``"default"``, a bad entry, an unknown ENGINE.
+
+    >>> specs = parse_databases({"default": "sqlite://"})
+    >>> specs["default"].dialect_name
+    'sqlite'
+    """
+    if not isinstance(databases, Mapping):
+        raise ConfigError(f"DATABASES must be a dict, got {type(databases).__name__}")
+    if DEFAULT_DB_ALIAS not in databases:
+        raise ConfigError(
+            "DATABASES has no 'default' alias: it is required (aliases given: "
+            f"{', '.join(map(repr, databases)) or 'none'})",
+            alias=DEFAULT_DB_ALIAS,
+        )
+    return {alias: _spec(alias, entry) for alias, entry in databases.items()}

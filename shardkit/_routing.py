@@ -1,0 +1,207 @@
+"""The router chain: Django's ``ConnectionRouter`` for SQLAlchemy.
+
+Each router is asked, in order, only for the methods it defines; the first
+answer that is not ``None`` wins.  When every router passes:
+
+* reads and writes go to the instance's own database when there is an
+  instance that has one, else to ``"default"``;
+* ``allow_relation`` allows two objects on the same database;
+* ``allow_migrate`` allows.
+
+``allow_syncdb(db, model)``, the name Django 1.2 used, is accepted as the old
+name of ``allow_migrate``.  Every alias a router returns is checked against
+the cluster, so a typo in a router is an error naming the router and the
+alias, raised before anything is written.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any
+
+from .errors import InvalidRouteError, RouterImportError
+from .typing import ShardTargets
+
+__all__ = ["RouterChain", "import_string", "model_name"]
+
+_NO_DB: Callable[[Any], str | None] = lambda obj: None  # noqa: E731
+
+
+def import_string(path: str) -> Any:
+    """Import ``"package.module.Name"`` and return ``Name``.
+
+    :raises RouterImportError: the module or the attribute does not exist.
+    """
+    module_path, _, attr = path.rpartition(".")
+    if not module_path:
+        raise RouterImportError(f"{path!r} is not a dotted path to a router", path=path)
+    try:
+        module = importlib.import_module(module_path)
+    except ImportError as exc:
+        raise RouterImportError(
+            f"router {path!r} does not import: {exc.__class__.__name__}: {exc}", path=path
+        ) from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise RouterImportError(
+            f"router {path!r} does not import: module {module_path!r} has no attribute {attr!r}",
+            path=path,
+        ) from None
+
+
+def model_name(model: Any) -> str:
+    if model is None:
+        return "None"
+    return getattr(model, "__name__", None) or getattr(model, "name", None) or repr(model)
+
+
+def _router_name(router: Any) -> str:
+    return type(router).__qualname__
+
+
+class RouterChain:
+    """The ordered list of routers of one cluster.
+
+    :param routers: dotted paths, classes (instantiated without arguments) or instances.
+    :param aliases: the cluster's aliases, to validate every answer.
+    :param db_of: how to find the database an object lives on (for the defaults).
+    """
+
+    def __init__(
+        self,
+        routers: Iterable[Any],
+        aliases: Collection[str],
+        db_of: Callable[[Any], str | None] = _NO_DB,
+        default: str = "default",
+    ) -> None:
+        self.routers: list[Any] = [self._load(r) for r in routers]
+        self.aliases = frozenset(aliases)
+        self._db_of = db_of
+        self.default = default
+        self._read = self._methods("db_for_read")
+        self._write = self._methods("db_for_write")
+        self._relation = self._methods("allow_relation")
+        self._migrate: list[tuple[Any, Callable[..., Any], bool]] = []
+        for router in self.routers:
+            if (method := getattr(router, "allow_migrate", None)) is not None:
+                self._migrate.append((router, method, True))
+            elif (method := getattr(router, "allow_syncdb", None)) is not None:
+                self._migrate.append((router, method, False))
+
+    @staticmethod
+    def _load(entry: Any) -> Any:
+        if isinstance(entry, str):
+            entry = import_string(entry)
+        if isinstance(entry, type):
+            entry = entry()
+        return entry
+
+    def _methods(self, name: str) -> list[tuple[Any, Callable[..., Any]]]:
+        return [(r, m) for r in self.routers if (m := getattr(r, name, None)) is not None]
+
+    def __repr__(self) -> str:
+        return f"RouterChain([{', '.join(_router_name(r) for r in self.routers)}])"
+
+    # -- validation ---------------------------------------------------------
+
+    def check_alias(self, alias: Any, *, router: Any = None, model: Any = None, method: str = "") -> str:
+        if isinstance(alias, str) and alias in self.aliases:
+            return alias
+        who = f"router {_router_name(router)}.{method}" if router is not None else method or "routing"
+        raise InvalidRouteError(
+            f"{who} returned {alias!r} for model {model_name(model)}, which is not an alias of "
+            f"this cluster (aliases: {', '.join(sorted(self.aliases))})",
+            alias=alias,
+            model=model,
+            router=router,
+        )
+
+    def _check_target(self, target: Any, router: Any, model: Any, method: str) -> str | ShardTargets:
+        if isinstance(target, str):
+            return self.check_alias(target, router=router, model=model, method=method)
+        if isinstance(target, ShardTargets):
+            for alias in target.statements:
+                self.check_alias(alias, router=router, model=model, method=method)
+            if not target.statements:
+                raise InvalidRouteError(
+                    f"router {_router_name(router)}.{method} returned no alias for {model_name(model)}",
+                    model=model,
+                    router=router,
+                )
+            return target
+        if isinstance(target, Mapping | Sequence | Collection) and not isinstance(target, bytes):
+            aliases = list(dict.fromkeys(target))  # keep order, drop repeats
+            for alias in aliases:
+                self.check_alias(alias, router=router, model=model, method=method)
+            if len(aliases) == 1:
+                return str(aliases[0])
+            if not aliases:
+                raise InvalidRouteError(
+                    f"router {_router_name(router)}.{method} returned no alias for {model_name(model)}",
+                    model=model,
+                    router=router,
+                )
+            return ShardTargets({a: None for a in aliases}, reason=f"{_router_name(router)}.{method}")
+        return self.check_alias(target, router=router, model=model, method=method)
+
+    def _fallback(self, hints: Mapping[str, Any], fallback: str | None) -> str:
+        instance = hints.get("instance")
+        if instance is not None:
+            db = self._db_of(instance)
+            if db is not None:
+                return db
+        return fallback or self.default
+
+    # -- the four questions -------------------------------------------------
+
+    def db_for_read(self, model: Any, *, fallback: str | None = None, **hints: Any) -> str | ShardTargets:
+        """The alias (or aliases) a read of ``model`` goes to.
+
+        :param fallback: where to go when every router passes and the instance has no db
+            (``"default"`` if not given); it is not passed to the routers.
+        """
+        for router, method in self._read:
+            target = method(model, **hints)
+            if target is not None:
+                return self._check_target(target, router, model, "db_for_read")
+        return self._fallback(hints, fallback)
+
+    def db_for_write(self, model: Any, *, fallback: str | None = None, **hints: Any) -> str | ShardTargets:
+        """The alias a write of ``model`` goes to.
+
+        A write of one instance always has one alias; a write by statement
+        (``update(User)`` with no shard key) may span several.
+        """
+        for router, method in self._write:
+            target = method(model, **hints)
+            if target is not None:
+                checked = self._check_target(target, router, model, "db_for_write")
+                if not isinstance(checked, str) and hints.get("instance") is not None:
+                    raise InvalidRouteError(
+                        f"router {_router_name(router)}.db_for_write returned several aliases for "
+                        f"one {model_name(model)} instance",
+                        model=model,
+                        router=router,
+                    )
+                return checked
+        return self._fallback(hints, fallback)
+
+    def allow_relation(self, obj1: Any, obj2: Any, **hints: Any) -> bool:
+        """Whether ``obj1`` and ``obj2`` may be related (a foreign key between them)."""
+        for _router, method in self._relation:
+            allowed = method(obj1, obj2, **hints)
+            if allowed is not None:
+                return bool(allowed)
+        db1 = hints.get("db1") or self._db_of(obj1) or self.default
+        db2 = hints.get("db2") or self._db_of(obj2) or self.default
+        return bool(db1 == db2)
+
+    def allow_migrate(self, db: str, model: Any, **hints: Any) -> bool:
+        """Whether ``model``'s table should exist on database ``db``."""
+        for _router, method, modern in self._migrate:
+            allowed = method(db, model, **hints) if modern else method(db, model)
+            if allowed is not None:
+                return bool(allowed)
+        return True

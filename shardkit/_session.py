@@ -1,0 +1,456 @@
+"""The Session that routes: every read and write asks the cluster's router chain.
+
+:class:`ShardSession` is a plain :class:`sqlalchemy.orm.Session` subclass.
+It hooks three places, the same ones SQLAlchemy's own
+``ext/horizontal_shard.py`` uses:
+
+* ``do_orm_execute``: every statement run through the session is routed.
+  In order of precedence: a :func:`using` option on the statement (the last
+  one wins), the ``shardkit_using`` execution option, a session pinned with
+  ``cluster.session(using=...)``, the object a lazy or refresh load comes
+  from, and finally ``db_for_read`` / ``db_for_write`` of the router chain.
+* ``get_bind`` / ``connection_callable``: each object is flushed to the alias
+  ``save(using=...)`` asked for, else the one ``db_for_write(Model,
+  instance=obj)`` names, else the one it was loaded from, else ``"default"``.
+  All aliases of a flush are decided in ``before_flush``, before any SQL is
+  sent, so a router error leaves every database untouched.
+* identity tokens: a row loaded from alias ``a`` is keyed by ``a`` in the
+  identity map, so the same primary key on two shards is two objects.
+
+An object remembers the alias it was loaded from or saved to:
+:func:`db_of` tells it.  Statements that have no mapped entity (``text()``,
+Core tables that no class maps) go to ``"default"`` unless placed with
+:func:`using`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, and_, event, select
+from sqlalchemy.orm import (
+    Mapper,
+    Session,
+    make_transient,
+    make_transient_to_detached,
+)
+from sqlalchemy.orm.attributes import flag_modified, instance_state
+from sqlalchemy.orm.exc import NO_STATE
+from sqlalchemy.orm.interfaces import MANYTOONE, ORMOption
+
+from .errors import InvalidRouteError, RoutingError, ShardkitError
+from .typing import ShardTargets
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Result
+    from sqlalchemy.orm import ORMExecuteState
+    from sqlalchemy.orm.state import InstanceState
+
+    from ._cluster import Cluster
+
+__all__ = ["ShardSession", "current_session", "db_of", "using"]
+
+# keys in InstanceState.info
+_DB = "shardkit.db"  # the alias the object was loaded from / saved to
+_USING = "shardkit.using"  # save(using=...) asked for this alias at the next flush
+
+_current_session: contextvars.ContextVar[ShardSession | None] = contextvars.ContextVar(
+    "shardkit_current_session", default=None
+)
+
+
+def current_session() -> ShardSession | None:
+    """The session of the innermost ``with cluster.session() as s:`` block, if any."""
+    return _current_session.get()
+
+
+class using(ORMOption):
+    """Run a statement, and the loads it triggers, on one alias.
+
+    The statement option form of Django's ``QuerySet.using()``::
+
+        s.scalars(select(User).options(shardkit.using("credentials")))
+
+    Chainable: ``.options(using("a")).options(using("b"))`` runs on ``"b"``.
+
+    :param alias: a key of DATABASES.
+    :param propagate_to_loaders: also route lazy loads of the loaded objects there.
+    """
+
+    __slots__ = ("alias", "propagate_to_loaders")
+
+    def __init__(self, alias: str, propagate_to_loaders: bool = True) -> None:
+        if not isinstance(alias, str) or not alias:
+            raise InvalidRouteError(f"using() needs an alias name, got {alias!r}", alias=alias)
+        self.alias = alias
+        self.propagate_to_loaders = propagate_to_loaders
+
+    def __repr__(self) -> str:
+        return f"using({self.alias!r})"
+
+
+def db_of(obj: Any) -> str | None:
+    """The alias ``obj`` was loaded from or saved to; ``None`` for a new object.
+
+    >>> user = s.scalars(select(User).options(using("credentials"))).one()  # doctest: +SKIP
+    >>> db_of(user)  # doctest: +SKIP
+    'credentials'
+    """
+    try:
+        state = instance_state(obj)
+    except NO_STATE:
+        raise ShardkitError(f"{type(obj).__name__} is not a mapped object", model=type(obj)) from None
+    db = state.info.get(_DB)
+    if db is not None:
+        return str(db)
+    if state.key is not None and state.key[2] is not None:
+        return str(state.key[2])
+    token = state.identity_token
+    return str(token) if token is not None else None
+
+
+def _db_of_or_none(obj: Any) -> str | None:
+    try:
+        return db_of(obj)
+    except ShardkitError:
+        return None
+
+
+def _set_db(state: InstanceState[Any], alias: str) -> None:
+    state.info[_DB] = alias
+
+
+def _statement_model(orm_context: ORMExecuteState) -> type[Any] | None:
+    mapper = orm_context.bind_mapper
+    if mapper is not None:
+        return mapper.class_  # type: ignore[no-any-return]
+    return None
+
+
+class ShardSession(Session):
+    """A :class:`~sqlalchemy.orm.Session` whose binds are chosen by the cluster's routers.
+
+    Made by :meth:`Cluster.session`; accepts every ``Session`` keyword.
+
+    :param cluster: the cluster whose aliases and routers this session uses.
+    :param using: pin the whole session to one alias (the session-level form of ``using()``).
+    """
+
+    cluster: Cluster
+
+    def __init__(self, cluster: Cluster, *, using: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cluster = cluster
+        self.pinned = cluster.check_alias(using) if using is not None else None
+        self._flush_aliases: dict[InstanceState[Any], str] = {}
+        self._context_tokens: list[contextvars.Token[ShardSession | None]] = []
+
+    # -- context manager: makes the session "current" for the manager API --
+
+    def __enter__(self) -> ShardSession:
+        self._context_tokens.append(_current_session.set(self))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.close()
+        finally:
+            if self._context_tokens:
+                _current_session.reset(self._context_tokens.pop())
+
+    # -- binds ---------------------------------------------------------------
+
+    def get_bind(  # type: ignore[override]
+        self,
+        mapper: Any = None,
+        *,
+        shard_id: str | None = None,
+        instance: Any = None,
+        clause: Any = None,
+        **kw: Any,
+    ) -> Engine:
+        if shard_id is not None:
+            return self.cluster.engine(shard_id)
+        if instance is not None:
+            return self.cluster.engine(self._write_alias(instance_state(instance)))
+        if self.pinned is not None:
+            return self.cluster.engine(self.pinned)
+        model = _mapper_class(mapper)
+        if model is not None:
+            target = self.cluster.router.db_for_write(model)
+            if isinstance(target, str):
+                return self.cluster.engine(target)
+        return self.cluster.engine(self.cluster.router.default)
+
+    def connection_callable(self, mapper: Any = None, instance: Any = None, **kw: Any) -> Connection:
+        """The connection the unit of work flushes ``instance`` with: its write alias."""
+        alias = self._write_alias(instance_state(instance)) if instance is not None else None
+        if alias is None:
+            alias = self.pinned or self.cluster.router.default
+        trans = self.get_transaction() or self.begin()
+        return trans.connection(mapper, shard_id=alias)
+
+    def _decide_write_alias(self, state: InstanceState[Any]) -> str:
+        explicit = state.info.get(_USING)
+        if explicit is not None:
+            return self.cluster.check_alias(explicit)
+        if self.pinned is not None:
+            return self.pinned
+        obj = state.obj()
+        # A new object with no router opinion follows the object it belongs to
+        # (Django's related managers do the same with the instance's db).
+        fallback = self._parent_alias(state) if state.key is None else None
+        target = self.cluster.router.db_for_write(state.class_, instance=obj, fallback=fallback)
+        if not isinstance(target, str):  # pragma: no cover - RouterChain refuses this
+            raise RoutingError(f"db_for_write gave several aliases for one {state.class_.__name__}")
+        return target
+
+    def _parent_alias(self, state: InstanceState[Any], _seen: frozenset[int] = frozenset()) -> str | None:
+        """The db of the first many-to-one parent of a new object (recursively, for new parents)."""
+        for key in _many_to_one_keys(state.mapper):
+            parent = state.dict.get(key)
+            if parent is None:
+                continue
+            pstate = instance_state(parent)
+            alias = self._flush_aliases.get(pstate) or pstate.info.get(_USING) or _db_of_or_none(parent)
+            if alias is None and id(pstate) not in _seen:
+                alias = self._parent_alias(pstate, _seen | {id(state)})
+                if alias is None:
+                    target = self.cluster.router.db_for_write(pstate.class_, instance=parent)
+                    alias = target if isinstance(target, str) else None
+            if alias is not None:
+                return str(alias)
+        return None
+
+    def _write_alias(self, state: InstanceState[Any]) -> str:
+        alias = self._flush_aliases.get(state)
+        if alias is None:
+            alias = self._decide_write_alias(state)
+            self._flush_aliases[state] = alias
+        if state.key is None:
+            # a new row: its identity (and so where it is found again) is this alias
+            state.identity_token = alias
+        return alias
+
+    def write_alias_of(self, obj: Any) -> str:
+        """Where ``obj`` would be written at the next flush (asks the routers; writes nothing)."""
+        state = instance_state(obj)
+        return self._flush_aliases.get(state) or self._decide_write_alias(state)
+
+    # -- identity map ----------------------------------------------------------
+
+    def _identity_lookup(  # type: ignore[override]
+        self,
+        mapper: Mapper[Any],
+        primary_key_identity: Any,
+        identity_token: Any = None,
+        lazy_loaded_from: InstanceState[Any] | None = None,
+        execution_options: Any = None,
+        bind_arguments: Any = None,
+        **kw: Any,
+    ) -> Any:
+        if identity_token is None:
+            opts = execution_options or {}
+            identity_token = opts.get("shardkit_using") or self.pinned
+        if identity_token is not None:
+            return super()._identity_lookup(
+                mapper, primary_key_identity, identity_token=identity_token,
+                lazy_loaded_from=lazy_loaded_from, **kw,
+            )  # fmt: skip
+        found: list[tuple[str, Any]] = []
+        for alias in self.cluster.aliases:
+            obj = super()._identity_lookup(
+                mapper, primary_key_identity, identity_token=alias, lazy_loaded_from=lazy_loaded_from, **kw
+            )
+            if obj is not None:
+                found.append((alias, obj))
+        if not found:
+            return None
+        if len(found) > 1 and lazy_loaded_from is not None:
+            parent_db = db_of(lazy_loaded_from.obj())
+            for alias, obj in found:
+                if alias == parent_db:
+                    return obj
+        return found[0][1]
+
+    # -- the Django-style write API ----------------------------------------------
+
+    def save(self, obj: Any, *, using: str | None = None) -> None:
+        """Add ``obj`` to be written at the next flush, on ``using`` if given.
+
+        As in Django, saving an object that came from alias ``a`` with
+        ``using="b"`` writes it to ``b`` (an UPDATE if ``b`` has a row with that
+        primary key, else an INSERT) and the object's db becomes ``b``.
+        """
+        state = instance_state(obj)
+        if using is not None:
+            using = self.cluster.check_alias(using)
+            current = db_of(obj) if state.key is not None else None
+            if current is not None and current != using:
+                self._move(obj, using)
+            else:
+                state.info[_USING] = using
+                if state.key is None:
+                    state.identity_token = using
+        self.add(obj)
+
+    def _move(self, obj: Any, alias: str) -> None:
+        state = instance_state(obj)
+        mapper = state.mapper
+        if state.session_id is not None and state.session_id != self.hash_key:
+            raise ShardkitError(
+                f"{mapper.class_.__name__} instance belongs to another session", model=mapper.class_
+            )
+        # Load everything now: a copy must not miss expired or deferred columns.
+        # No autoflush: the object's pending changes belong to the copy, not to its old alias.
+        with self.no_autoflush:
+            for prop in mapper.column_attrs:
+                getattr(obj, prop.key)
+        pk = mapper.primary_key_from_instance(obj)
+        table = mapper.local_table
+        exists_stmt = select(*mapper.primary_key).where(
+            and_(*[col == value for col, value in zip(mapper.primary_key, pk, strict=True)])
+        )
+        conn = self.connection(bind_arguments={"shard_id": alias})
+        exists = conn.execute(exists_stmt.select_from(table)).first() is not None
+        if obj in self:
+            self.expunge(obj)
+        make_transient(obj)
+        state.identity_token = alias
+        if exists:
+            make_transient_to_detached(obj)
+            self.add(obj)
+            pk_keys = {mapper.get_property_by_column(c).key for c in mapper.primary_key}
+            for prop in mapper.column_attrs:
+                if prop.key not in pk_keys:
+                    flag_modified(obj, prop.key)
+        state.info[_USING] = alias
+        state.info.pop(_DB, None)
+
+    def delete_from(self, obj: Any, using: str) -> None:
+        """Delete ``obj``'s row from ``using`` (Django's ``delete(using=...)``).
+
+        If ``using`` is where the object lives this is :meth:`Session.delete`;
+        otherwise the row with the object's primary key is deleted there and
+        the object is left as it is.
+        """
+        using = self.cluster.check_alias(using)
+        state = instance_state(obj)
+        if state.key is None:
+            raise ShardkitError(
+                f"cannot delete a {state.class_.__name__} that was never saved", model=state.class_
+            )
+        if db_of(obj) == using:
+            self.delete(obj)
+            return
+        mapper = state.mapper
+        pk = mapper.primary_key_from_instance(obj)
+        conn = self.connection(bind_arguments={"shard_id": using})
+        for table in reversed(mapper.tables):
+            cols = [table.c[c.key] if c.table is not table else c for c in mapper.primary_key]
+            conn.execute(table.delete().where(and_(*[c == v for c, v in zip(cols, pk, strict=True)])))
+
+    # -- statement routing -------------------------------------------------------
+
+    def _route(self, orm_context: ORMExecuteState) -> str | ShardTargets:
+        router = self.cluster.router
+        chosen: str | None = None
+        for opt in orm_context._non_compile_orm_options:
+            if isinstance(opt, using):
+                chosen = opt.alias  # the last using() wins, like Django's chained using()
+        if chosen is not None:
+            return self.cluster.check_alias(chosen)
+        opts = orm_context.execution_options
+        if (alias := opts.get("shardkit_using")) is not None:
+            return self.cluster.check_alias(alias)
+        if (alias := orm_context.bind_arguments.get("shard_id")) is not None:
+            return self.cluster.check_alias(alias)
+        if self.pinned is not None:
+            return self.pinned
+        if orm_context.is_select:
+            token = orm_context.load_options._identity_token
+            if token is not None:  # a refresh / expired-attribute load of one object
+                return self.cluster.check_alias(token)
+        model = _statement_model(orm_context)
+        if model is None:
+            return router.default
+        statement = orm_context.statement
+        parent_state = orm_context.lazy_loaded_from if orm_context.is_select else None
+        if parent_state is not None:
+            parent = parent_state.obj()
+            return router.db_for_read(model, instance=parent, statement=statement, session=self)
+        if orm_context.is_select:
+            return router.db_for_read(model, statement=statement, session=self)
+        return router.db_for_write(model, statement=statement, session=self)
+
+    def _invoke_on(self, orm_context: ORMExecuteState, alias: str, statement: Any = None) -> Result[Any]:
+        bind_arguments = dict(orm_context.bind_arguments)
+        bind_arguments["shard_id"] = alias
+        orm_context.update_execution_options(identity_token=alias)
+        if statement is not None:
+            return orm_context.invoke_statement(statement=statement, bind_arguments=bind_arguments)
+        return orm_context.invoke_statement(bind_arguments=bind_arguments)
+
+    def _execute_routed(self, orm_context: ORMExecuteState) -> Result[Any]:
+        target = self._route(orm_context)
+        if isinstance(target, str):
+            return self._invoke_on(orm_context, target)
+        return self._fanout(orm_context, target)
+
+    def _fanout(self, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
+        results = [self._invoke_on(orm_context, alias, stmt) for alias, stmt in targets.statements.items()]
+        return results[0].merge(*results[1:])
+
+
+_M2O_CACHE: dict[Mapper[Any], tuple[str, ...]] = {}
+
+
+def _many_to_one_keys(mapper: Mapper[Any]) -> tuple[str, ...]:
+    keys = _M2O_CACHE.get(mapper)
+    if keys is None:
+        keys = tuple(r.key for r in mapper.relationships if r.direction is MANYTOONE)
+        _M2O_CACHE[mapper] = keys
+    return keys
+
+
+def _mapper_class(mapper: Any) -> type[Any] | None:
+    if mapper is None:
+        return None
+    if isinstance(mapper, Mapper):
+        return mapper.class_  # type: ignore[no-any-return]
+    if isinstance(mapper, type):
+        return mapper
+    return None
+
+
+# -- events, registered once for every ShardSession ----------------------------
+
+
+@event.listens_for(ShardSession, "do_orm_execute", retval=True)
+def _on_execute(orm_context: ORMExecuteState) -> Result[Any] | None:
+    session = orm_context.session
+    if not isinstance(session, ShardSession):  # pragma: no cover
+        return None
+    return session._execute_routed(orm_context)
+
+
+@event.listens_for(ShardSession, "before_flush")
+def _before_flush(session: Session, flush_context: Any, instances: Iterable[Any] | None) -> None:
+    # Decide every alias before the first statement is sent: a router that
+    # raises, or answers an unknown alias, must leave all databases untouched.
+    assert isinstance(session, ShardSession)
+    session._flush_aliases.clear()
+    for obj in (*session.new, *session.dirty, *session.deleted):
+        session._write_alias(instance_state(obj))
+    session.cluster._check_flush(session)
+
+
+@event.listens_for(ShardSession, "after_flush_postexec")
+def _after_flush(session: Session, flush_context: Any) -> None:
+    assert isinstance(session, ShardSession)
+    for state, alias in session._flush_aliases.items():
+        state.info.pop(_USING, None)
+        _set_db(state, alias)
+    session._flush_aliases.clear()

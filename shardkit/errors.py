@@ -1,0 +1,136 @@
+"""shardkit's errors: one tree, one base class.
+
+Every error shardkit raises on purpose derives from :class:`ShardkitError`.
+Where a builtin fits, the error inherits it too, so ``except ValueError``
+keeps working for code that does not know shardkit::
+
+    ShardkitError
+     +-- ConfigError (ValueError)            bad DATABASES / settings / ring layout
+     |    +-- UnknownAliasError (KeyError)    an alias that is not in DATABASES
+     |    +-- UnknownEngineError              an ENGINE shardkit cannot map to a dialect
+     |    +-- RouterImportError (ImportError) a DATABASE_ROUTERS entry that does not import
+     +-- RoutingError                        the router chain gave an unusable answer
+     |    +-- InvalidRouteError               a router returned something that is not an alias
+     +-- InvalidKeyError (TypeError)         a shard key of a type or value the ring refuses
+     +-- RelationError                       allow_relation refused a relation (cross-shard)
+     +-- CrossShardWriteError                a multi-shard commit refused by the strict setting
+     +-- FanoutError                         a read across shards failed
+     |    +-- UnsupportedQueryError           a statement shape that cannot be merged correctly
+     |    +-- ShardQueryError                 one or more shards failed: ``.errors`` maps alias -> exception
+     |    +-- FanoutTimeoutError (TimeoutError) the fan-out deadline passed
+     +-- ReshardError                        a reshard that cannot start, continue or verify
+
+Context is passed as keyword arguments and kept as attributes (``alias``,
+``model``, ``key``), so callers can react without parsing messages.  No error
+message ever contains a password: URLs are rendered with
+``render_as_string(hide_password=True)`` before they reach a message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "CrossShardWriteError",
+    "FanoutError",
+    "FanoutTimeoutError",
+    "InvalidKeyError",
+    "InvalidRouteError",
+    "RelationError",
+    "ReshardError",
+    "RouterImportError",
+    "RoutingError",
+    "ShardQueryError",
+    "ShardkitError",
+    "UnknownAliasError",
+    "UnknownEngineError",
+    "UnsupportedQueryError",
+]
+
+
+class ShardkitError(Exception):
+    """Base class of every error shardkit raises.
+
+    :param message: the human-readable explanation.
+    :param context: keyword context kept as attributes (``alias=``, ``model=``, ``key=`` ...).
+    """
+
+    def __init__(self, message: str, **context: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.context = context
+        for name, value in context.items():
+            setattr(self, name, value)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(ShardkitError, ValueError):
+    """The DATABASES dict, the settings module or a ring layout is invalid."""
+
+
+class UnknownAliasError(ConfigError, KeyError):
+    """An alias was named that is not a key of DATABASES."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message otherwise
+        return self.message
+
+
+class UnknownEngineError(ConfigError):
+    """An ENGINE value that maps to no SQLAlchemy dialect."""
+
+
+class RouterImportError(ConfigError, ImportError):
+    """A dotted path in DATABASE_ROUTERS that does not import."""
+
+
+class RoutingError(ShardkitError):
+    """The router chain could not give a usable answer."""
+
+
+class InvalidRouteError(RoutingError, ValueError):
+    """A router returned a value that is not an alias of the cluster."""
+
+
+class InvalidKeyError(ShardkitError, TypeError):
+    """A shard key the ring cannot hash: wrong type, None, bool, NaN or out of range."""
+
+
+class RelationError(ShardkitError, ValueError):
+    """allow_relation refused to relate two objects (they live on different databases)."""
+
+
+class CrossShardWriteError(ShardkitError):
+    """A commit touching several shards was refused before anything was written."""
+
+
+class FanoutError(ShardkitError):
+    """A read across several shards could not be answered."""
+
+
+class UnsupportedQueryError(FanoutError, NotImplementedError):
+    """The statement has a shape whose cross-shard merge would not be exact.
+
+    ``construct`` names what was refused (``"window function"``, ``"LIMIT in a subquery"`` ...).
+    """
+
+
+class ShardQueryError(FanoutError):
+    """One or more shards failed during a fan-out.
+
+    ``errors`` maps each failed alias to its exception.
+    """
+
+    def __init__(self, message: str, *, errors: Mapping[str, BaseException], **context: Any) -> None:
+        super().__init__(message, errors=dict(errors), **context)
+
+
+class FanoutTimeoutError(ShardQueryError, TimeoutError):
+    """The deadline of a fan-out passed before every shard answered."""
+
+
+class ReshardError(ShardkitError):
+    """A reshard cannot start, resume, verify or cut over."""

@@ -1,0 +1,160 @@
+"""DATABASES parsing, engines, and secrets kept out of every repr and message."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from sqlalchemy import text
+
+import shardkit
+from shardkit.errors import ConfigError, ShardkitError, UnknownAliasError, UnknownEngineError
+
+SECRET = "princess_peach"
+
+DJANGO_STYLE = {
+    "default": {
+        "ENGINE": "postgresql",
+        "NAME": "app",
+        "USER": "mario",
+        "PASSWORD": SECRET,
+        "HOST": "127.0.0.1",
+        "PORT": 5432,
+    },
+    "credentials": {"ENGINE": "sqlite", "NAME": "credentials.db"},
+    "analytics": "postgresql+psycopg2://mario@127.0.0.1/analytics",
+}
+
+
+def test_issue_example_parses_without_connecting() -> None:
+    cluster = shardkit.Cluster(DJANGO_STYLE)
+    assert cluster.aliases == ("default", "credentials", "analytics")
+    assert cluster.spec("default").url.username == "mario"
+    assert cluster.spec("default").url.port == 5432
+    assert cluster.spec("default").dialect_name == "postgresql"
+    assert cluster.spec("credentials").url.database == "credentials.db"
+    assert cluster._engines == {}  # engines are lazy
+
+
+@pytest.mark.parametrize(
+    ("engine", "dialect"),
+    [
+        ("django.db.backends.postgresql", "postgresql"),
+        ("django.db.backends.postgresql_psycopg2", "postgresql"),
+        ("django.db.backends.sqlite3", "sqlite"),
+        ("django.db.backends.mysql", "mysql"),
+        ("postgresql", "postgresql"),
+        ("postgresql+psycopg2", "postgresql"),
+        ("sqlite", "sqlite"),
+        ("mysql", "mysql"),
+        ("mysql+pymysql", "mysql"),
+        ("mariadb", "mariadb"),
+    ],
+)
+def test_engine_names(engine: str, dialect: str) -> None:
+    cluster = shardkit.Cluster({"default": {"ENGINE": engine, "NAME": "x"}})
+    assert cluster.spec("default").dialect_name == dialect
+
+
+def test_missing_default_is_named() -> None:
+    with pytest.raises(ConfigError, match="'default'") as info:
+        shardkit.Cluster({"other": "sqlite://"})
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, ShardkitError)
+
+
+def test_unknown_engine_names_alias_and_engine() -> None:
+    with pytest.raises(UnknownEngineError, match=r"'shard9'.*'oracle9000'") as info:
+        shardkit.Cluster({"default": "sqlite://", "shard9": {"ENGINE": "oracle9000", "NAME": "x"}})
+    assert info.value.alias == "shard9"
+
+
+def test_unknown_engine_in_url() -> None:
+    with pytest.raises(UnknownEngineError, match="'default'"):
+        shardkit.Cluster({"default": "nosuchdb://u:pw@h/x"})
+
+
+def test_unknown_setting_key_is_a_typo() -> None:
+    with pytest.raises(ConfigError, match="HSOT"):
+        shardkit.Cluster({"default": {"ENGINE": "sqlite", "NAME": "x", "HSOT": "h"}})
+
+
+def test_django_only_keys_are_accepted() -> None:
+    shardkit.Cluster({"default": {"ENGINE": "sqlite", "NAME": "x", "TEST": {}, "CONN_MAX_AGE": 60}})
+
+
+def test_bad_entry_types() -> None:
+    with pytest.raises(ConfigError, match="'default'"):
+        shardkit.Cluster({"default": 42})
+    with pytest.raises(ConfigError, match="ENGINE is required"):
+        shardkit.Cluster({"default": {"NAME": "x"}})
+    with pytest.raises(ConfigError, match="PORT"):
+        shardkit.Cluster({"default": {"ENGINE": "postgresql", "PORT": "five"}})
+    with pytest.raises(ConfigError):
+        shardkit.Cluster(["default"])  # type: ignore[arg-type]
+
+
+def test_unknown_alias() -> None:
+    cluster = shardkit.Cluster({"default": "sqlite://"})
+    with pytest.raises(UnknownAliasError, match="'nope'") as info:
+        cluster.engine("nope")
+    assert info.value.alias == "nope"
+    assert isinstance(info.value, KeyError)
+    with pytest.raises(UnknownAliasError, match="'nope'"):
+        cluster.session(using="nope")
+
+
+def test_password_never_shown(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    cluster = shardkit.Cluster(DJANGO_STYLE)
+    assert SECRET not in repr(cluster)
+    assert SECRET not in repr(cluster.spec("default"))
+    assert SECRET not in cluster.spec("default").safe_url
+    bad = {"default": f"postgresql://mario:{SECRET}@127.0.0.1:1/app", "x": {"ENGINE": "nope", "PASSWORD": SECRET}}
+    with pytest.raises(ShardkitError) as info:
+        shardkit.Cluster(bad)
+    assert SECRET not in str(info.value) and SECRET not in repr(info.value)
+    with pytest.raises(ConfigError) as info2:
+        shardkit.Cluster({"default": f"::not a url:{SECRET}"})
+    assert SECRET not in str(info2.value)
+    # a failed connection: SQLAlchemy's own error hides it too, and so does our log
+    with pytest.raises(Exception) as info3, cluster.engine("default").connect():
+        pass
+    assert SECRET not in str(info3.value)
+    assert SECRET not in caplog.text
+    cluster.dispose()
+
+
+def test_engines_are_lazy_cached_and_disposed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cluster = shardkit.Cluster({"default": f"sqlite:///{tmp_path}/a.db", "b": f"sqlite:///{tmp_path}/b.db"})
+    assert cluster._engines == {}
+    engine = cluster.engine("default")
+    assert cluster.engine("default") is engine
+    with engine.connect() as conn:
+        assert conn.execute(text("select 1")).scalar() == 1
+    cluster.dispose()
+    assert cluster._engines == {}
+    assert cluster.engine("default") is not engine
+
+
+def test_options_become_connect_args(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cluster = shardkit.Cluster(
+        {"default": {"ENGINE": "sqlite", "NAME": str(tmp_path / "x.db"), "OPTIONS": {"timeout": 7}}}
+    )
+    assert cluster.spec("default").connect_args == {"timeout": 7}
+    with cluster.engine().connect() as conn:
+        conn.execute(text("select 1"))
+    cluster.dispose()
+
+
+def test_from_settings_module(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "mysettings.py").write_text(
+        "DATABASES = {'default': 'sqlite://', 'credentials': {'ENGINE': 'django.db.backends.sqlite3', "
+        "'NAME': ':memory:'}}\nDATABASE_ROUTERS = ['tests.app.routers.AuthRouter']\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cluster = shardkit.Cluster.from_settings("mysettings")
+    assert cluster.aliases == ("default", "credentials")
+    assert type(cluster.router.routers[0]).__name__ == "AuthRouter"
+    with pytest.raises(ConfigError, match="no_such_settings"):
+        shardkit.Cluster.from_settings("no_such_settings")
