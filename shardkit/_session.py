@@ -390,8 +390,14 @@ class ShardSession(Session):
         bind_arguments["shard_id"] = alias
         orm_context.update_execution_options(identity_token=alias)
         if statement is not None:
-            return orm_context.invoke_statement(statement=statement, bind_arguments=bind_arguments)
-        return orm_context.invoke_statement(bind_arguments=bind_arguments)
+            result = orm_context.invoke_statement(statement=statement, bind_arguments=bind_arguments)
+        else:
+            result = orm_context.invoke_statement(bind_arguments=bind_arguments)
+        try:
+            result.shards = (alias,)  # type: ignore[attr-defined]
+        except AttributeError:  # pragma: no cover
+            pass
+        return result
 
     def _execute_routed(self, orm_context: ORMExecuteState) -> Result[Any]:
         target = self._route(orm_context)
@@ -400,8 +406,41 @@ class ShardSession(Session):
         return self._fanout(orm_context, target)
 
     def _fanout(self, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
-        results = [self._invoke_on(orm_context, alias, stmt) for alias, stmt in targets.statements.items()]
-        return results[0].merge(*results[1:])
+        from ._fanout import execute_fanout
+
+        return execute_fanout(self, orm_context, targets)
+
+    def route(self, statement: Any) -> str | ShardTargets:
+        """Where ``statement`` would run: one alias, or the :class:`ShardTargets` of a fan-out."""
+        for opt in getattr(statement, "_with_options", ()):
+            if isinstance(opt, using):
+                return self.cluster.check_alias(opt.alias)
+        alias = statement._execution_options.get("shardkit_using") or self.pinned
+        if alias is not None:
+            return self.cluster.check_alias(alias)
+        descriptions = getattr(statement, "column_descriptions", None) or [{}]
+        model = descriptions[0].get("entity") if descriptions else None
+        if model is None:
+            return self.cluster.router.default
+        return self.cluster.router.db_for_read(model, statement=statement, session=self)
+
+    def explain(self, statement: Any) -> str:
+        """What ``statement`` would do: the alias it runs on, or the SQL each shard gets and the merge plan."""
+        from .fanout import plan_select
+
+        target = self.route(statement)
+        if isinstance(target, str):
+            dialect = self.cluster.engine(target).dialect
+            return f"single shard: {target}\n  " + str(statement.compile(dialect=dialect)).replace("\n", "\n  ")
+        lines = [f"fan-out over {len(target.statements)} shards ({target.reason or 'routers'})"]
+        base = plan_select(statement, shard_key_columns=target.shard_key_columns)
+        for alias, stmt in target.statements.items():
+            plan = base if stmt is None else plan_select(stmt, shard_key_columns=target.shard_key_columns)
+            dialect = self.cluster.engine(alias).dialect
+            sql = str(plan.shard_statement.compile(dialect=dialect)).replace("\n", "\n    ")
+            lines.append(f"  {alias}:\n    {sql}")
+        lines.append(base.merge.describe())
+        return "\n".join(lines)
 
 
 _M2O_CACHE: dict[Mapper[Any], tuple[str, ...]] = {}

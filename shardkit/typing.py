@@ -57,6 +57,8 @@ class ShardTargets:
     statements: Mapping[Alias, Executable | None]
     reason: str = ""
     all_shards: bool = field(default=False)
+    shard_key_columns: tuple[Any, ...] = ()
+    """Columns the rows are sharded by: a GROUP BY on one keeps each group on one shard."""
 
     @property
     def aliases(self) -> tuple[Alias, ...]:

@@ -1,0 +1,636 @@
+"""Merge per-shard row streams into the rows one database would return.
+
+This module is pure Python: it knows nothing of SQLAlchemy, routers or
+connections.  It is driven by a :class:`MergePlan` built by
+:func:`shardkit.fanout.plan_select` and works on plain sequences (a
+SQLAlchemy ``Row`` is one).
+
+What it does, in order:
+
+1. **row mode** (no GROUP BY, no aggregates): when the statement is ordered,
+   a streaming k-way merge (:func:`heapq.merge`) over the shard streams, each
+   already sorted by the shard; otherwise plain concatenation.  Memory stays
+   flat: streams are consumed lazily.
+2. **aggregate mode**: partial aggregates are re-aggregated per group key
+   (COUNT -> sum of counts, SUM, MIN, MAX, AVG from SUM and COUNT, the
+   DISTINCT aggregates from the set of distinct values), HAVING is applied in
+   Python, and the merged groups are sorted in memory.
+3. DISTINCT (first occurrence kept), then OFFSET and LIMIT, then the hidden
+   columns are dropped.
+
+Limits worth knowing
+--------------------
+* **Text ordering**: Python compares strings by code point; a database
+  compares by its collation.  The merged order only equals the one-database
+  order for a binary collation (PostgreSQL ``COLLATE "C"``, MySQL
+  ``utf8mb4_bin``, SQLite's default ``BINARY``).  Under another collation the
+  merge of correctly sorted shard streams can interleave differently.
+* Equality of group keys and of DISTINCT values is Python equality
+  (NaN never equals itself; ``'a'`` and ``'A'`` differ whatever the collation).
+* AVG over integers: PostgreSQL and MySQL return ``Decimal``, SQLite a
+  ``float``; the merge follows ``dialect_name`` but the last digits of a
+  ``Decimal`` quotient can differ from the server's (28 significant digits
+  here).  Float sums may differ in the last bits (addition order).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from shardkit.errors import FanoutError, UnsupportedQueryError
+
+__all__ = [
+    "AggregatePlan",
+    "AggregateSpec",
+    "MergePlan",
+    "PyExpr",
+    "SortKey",
+    "merge_rows",
+    "null_is_larger",
+]
+
+# Dialects whose NULL sorts as if larger than every value (NULLS LAST for ASC).
+_NULL_LARGER = frozenset({"postgresql", "oracle", "cockroachdb", "redshift"})
+# Dialects whose NULL sorts as if smaller than every value (NULLS FIRST for ASC).
+_NULL_SMALLER = frozenset({"sqlite", "mysql", "mariadb", "mssql"})
+
+
+def null_is_larger(dialect_name: str) -> bool:
+    """Whether ``dialect_name`` sorts NULL after every value in ascending order.
+
+    :param dialect_name: a SQLAlchemy dialect name (``"postgresql"``, ``"sqlite"`` ...).
+    :raises UnsupportedQueryError: for a dialect whose default NULL order is unknown.
+    """
+    if dialect_name in _NULL_LARGER:
+        return True
+    if dialect_name in _NULL_SMALLER:
+        return False
+    raise UnsupportedQueryError(
+        f"default NULL ordering of dialect {dialect_name!r} is unknown; "
+        "use explicit .nulls_first() / .nulls_last() in ORDER BY",
+        construct="NULL ordering of an unknown dialect",
+    )
+
+
+# --------------------------------------------------------------------------- plan data
+
+
+@dataclass(frozen=True)
+class SortKey:
+    """One ORDER BY item: where its value is, its direction and NULL placement.
+
+    ``nulls_first`` is ``None`` when the statement did not say; the dialect's
+    default then applies (see :func:`null_is_larger`).
+    """
+
+    position: int
+    descending: bool = False
+    nulls_first: bool | None = None
+    label: str = ""
+
+    def resolved_nulls_first(self, dialect_name: str) -> bool:
+        if self.nulls_first is not None:
+            return self.nulls_first
+        larger = null_is_larger(dialect_name)
+        # NULL "larger": last when ascending, first when descending.
+        return larger == self.descending
+
+    def __str__(self) -> str:
+        nulls = "" if self.nulls_first is None else (" NULLS FIRST" if self.nulls_first else " NULLS LAST")
+        name = f" ({self.label})" if self.label else ""
+        return f"#{self.position}{name} {'DESC' if self.descending else 'ASC'}{nulls}"
+
+
+class PyExpr:
+    """A tiny expression tree evaluated over a merged group.
+
+    The record of a group is ``(group_keys, constants, aggregates)``, three
+    tuples; :class:`Ref` points into one of them.
+    """
+
+    def evaluate(self, record: tuple[Sequence[Any], ...], dialect_name: str) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Ref(PyExpr):
+    section: int  # 0 group keys, 1 constants, 2 aggregates
+    index: int
+    label: str = ""
+
+    def evaluate(self, record: tuple[Sequence[Any], ...], dialect_name: str) -> Any:
+        return record[self.section][self.index]
+
+    def __str__(self) -> str:
+        return self.label or f"{'gca'[self.section]}{self.index}"
+
+
+@dataclass(frozen=True)
+class Const(PyExpr):
+    value: Any
+
+    def evaluate(self, record: tuple[Sequence[Any], ...], dialect_name: str) -> Any:
+        return self.value
+
+    def __str__(self) -> str:
+        return repr(self.value)
+
+
+def _coerce_pair(a: Any, b: Any) -> tuple[Any, Any]:
+    # SQL mixes numeric and double freely; Python refuses Decimal with float.
+    if isinstance(a, Decimal) and isinstance(b, float):
+        return float(a), b
+    if isinstance(a, float) and isinstance(b, Decimal):
+        return a, float(b)
+    return a, b
+
+
+def _div(a: Any, b: Any, dialect_name: str) -> Any:
+    if b == 0:
+        if dialect_name in ("sqlite", "mysql", "mariadb"):
+            return None
+        raise FanoutError("division by zero while merging a fan-out result", construct="division")
+    if isinstance(a, int) and isinstance(b, int):
+        # SQLAlchemy 2 renders int / int as true division (CAST ... AS NUMERIC / + 0.0).
+        if dialect_name == "sqlite":
+            return a / b
+        return Decimal(a) / Decimal(b)
+    if isinstance(a, float) or isinstance(b, float):
+        return float(a) / float(b)
+    return Decimal(a) / Decimal(b)
+
+
+_ARITH: dict[str, Callable[[Any, Any], Any]] = {
+    "+": lambda a, b: a + b,
+    "-": lambda a, b: a - b,
+    "*": lambda a, b: a * b,
+}
+
+_CMP: dict[str, Callable[[Any, Any], bool]] = {
+    "=": lambda a, b: bool(a == b),
+    "!=": lambda a, b: bool(a != b),
+    "<": lambda a, b: bool(a < b),
+    "<=": lambda a, b: bool(a <= b),
+    ">": lambda a, b: bool(a > b),
+    ">=": lambda a, b: bool(a >= b),
+}
+
+
+@dataclass(frozen=True)
+class BinOp(PyExpr):
+    op: str
+    left: PyExpr
+    right: PyExpr
+
+    def evaluate(self, record: tuple[Sequence[Any], ...], dialect_name: str) -> Any:
+        a = self.left.evaluate(record, dialect_name)
+        b = self.right.evaluate(record, dialect_name)
+        if a is None or b is None:
+            return None
+        a, b = _coerce_pair(a, b)
+        if self.op == "/":
+            return _div(a, b, dialect_name)
+        if self.op in _ARITH:
+            return _ARITH[self.op](a, b)
+        return _CMP[self.op](a, b)
+
+    def __str__(self) -> str:
+        return f"({self.left} {self.op} {self.right})"
+
+
+@dataclass(frozen=True)
+class Neg(PyExpr):
+    operand: PyExpr
+
+    def evaluate(self, record: tuple[Sequence[Any], ...], dialect_name: str) -> Any:
+        v = self.operand.evaluate(record, dialect_name)
+        return None if v is None else -v
+
+    def __str__(self) -> str:
+        return f"-{self.operand}"
+
+
+@dataclass(frozen=True)
+class BoolOp(PyExpr):
+    """AND / OR with SQL three-valued logic (None is UNKNOWN)."""
+
+    op: str  # "AND" | "OR"
+    operands: tuple[PyExpr, ...]
+
+    def evaluate(self, record: tuple[Sequence[Any], ...], dialect_name: str) -> Any:
+        unknown = False
+        decisive = self.op == "OR"  # OR is decided by a TRUE, AND by a FALSE
+        for operand in self.operands:
+            v = operand.evaluate(record, dialect_name)
+            if v is None:
+                unknown = True
+            elif bool(v) is decisive:
+                return decisive
+        return None if unknown else not decisive
+
+    def __str__(self) -> str:
+        return "(" + f" {self.op} ".join(str(o) for o in self.operands) + ")"
+
+
+@dataclass(frozen=True)
+class Not(PyExpr):
+    operand: PyExpr
+
+    def evaluate(self, record: tuple[Sequence[Any], ...], dialect_name: str) -> Any:
+        v = self.operand.evaluate(record, dialect_name)
+        return None if v is None else not v
+
+    def __str__(self) -> str:
+        return f"NOT {self.operand}"
+
+
+@dataclass(frozen=True)
+class IsNull(PyExpr):
+    operand: PyExpr
+    negate: bool = False
+
+    def evaluate(self, record: tuple[Sequence[Any], ...], dialect_name: str) -> Any:
+        return (self.operand.evaluate(record, dialect_name) is None) != self.negate
+
+    def __str__(self) -> str:
+        return f"{self.operand} IS {'NOT ' if self.negate else ''}NULL"
+
+
+@dataclass(frozen=True)
+class InList(PyExpr):
+    operand: PyExpr
+    values: tuple[Any, ...]
+    negate: bool = False
+
+    def evaluate(self, record: tuple[Sequence[Any], ...], dialect_name: str) -> Any:
+        v = self.operand.evaluate(record, dialect_name)
+        if v is None:
+            return None
+        if any(v == x for x in self.values if x is not None):
+            return not self.negate
+        if any(x is None for x in self.values):
+            return None
+        return self.negate
+
+    def __str__(self) -> str:
+        return f"{self.operand} {'NOT ' if self.negate else ''}IN {self.values!r}"
+
+
+@dataclass(frozen=True)
+class Coalesce(PyExpr):
+    operands: tuple[PyExpr, ...]
+
+    def evaluate(self, record: tuple[Sequence[Any], ...], dialect_name: str) -> Any:
+        for operand in self.operands:
+            v = operand.evaluate(record, dialect_name)
+            if v is not None:
+                return v
+        return None
+
+    def __str__(self) -> str:
+        return "coalesce(" + ", ".join(str(o) for o in self.operands) + ")"
+
+
+@dataclass(frozen=True)
+class ToFloat(PyExpr):
+    operand: PyExpr
+
+    def evaluate(self, record: tuple[Sequence[Any], ...], dialect_name: str) -> Any:
+        v = self.operand.evaluate(record, dialect_name)
+        return None if v is None else float(v)
+
+    def __str__(self) -> str:
+        return f"float({self.operand})"
+
+
+AGGREGATE_KINDS = frozenset({"count", "sum", "min", "max", "avg", "count_distinct", "sum_distinct", "avg_distinct"})
+
+
+@dataclass(frozen=True)
+class AggregateSpec:
+    """One aggregate of the original statement and where its partials are.
+
+    ``kind`` is one of :data:`AGGREGATE_KINDS`.  ``positions`` index the shard
+    row: one partial (``count``/``sum``/``min``/``max``: the shard's partial
+    aggregate; ``*_distinct``: the raw distinct value), or two for ``avg``
+    (the shard's SUM then its COUNT).
+    """
+
+    kind: str
+    positions: tuple[int, ...]
+    label: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}({', '.join(f'#{p}' for p in self.positions)})" + (f" [{self.label}]" if self.label else "")
+
+
+@dataclass(frozen=True)
+class AggregatePlan:
+    """How shard rows are re-aggregated into groups.
+
+    :param group_positions: shard-row positions of the GROUP BY keys.
+    :param constant_positions: shard-row positions of per-group constants
+        (expressions of the group keys computed by the shard).
+    :param aggregates: the aggregates, in record order.
+    :param having: the HAVING condition over the record, or ``None``.
+    :param outputs: expressions producing the post-aggregation row
+        (the output columns, then the sort values).
+    :param scalar: no GROUP BY: exactly one row even when no shard has rows.
+    :param decimal_scales: per output column, the scale of a ``Numeric``
+        (asdecimal) result type, or ``None``: a float computed by the merge is
+        turned into a ``Decimal`` with that many places, as SQLAlchemy's result
+        processor does for one database (SQLite returns floats).
+    """
+
+    group_positions: tuple[int, ...]
+    constant_positions: tuple[int, ...]
+    aggregates: tuple[AggregateSpec, ...]
+    having: PyExpr | None
+    outputs: tuple[PyExpr, ...]
+    scalar: bool
+    decimal_scales: tuple[int | None, ...] = ()
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything :func:`merge_rows` needs; no SQLAlchemy inside.
+
+    :param row_width: the number of elements of a shard row (checked).
+    :param output_positions: positions (in the shard row in row mode, in the
+        post-aggregation row in aggregate mode) of the original columns.
+    :param sort_keys: the ORDER BY, as positions in the same row.
+    :param distinct: deduplicate output rows (first occurrence kept).
+    :param offset: rows skipped after merging.
+    :param limit: rows kept after the offset, or ``None``.
+    :param aggregate: the re-aggregation, or ``None`` for row mode.
+    """
+
+    row_width: int
+    output_positions: tuple[int, ...]
+    sort_keys: tuple[SortKey, ...] = ()
+    distinct: bool = False
+    offset: int = 0
+    limit: int | None = None
+    aggregate: AggregatePlan | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def is_concat(self) -> bool:
+        """True when merging is plain concatenation of the shard streams."""
+        return (
+            self.aggregate is None
+            and not self.sort_keys
+            and not self.distinct
+            and self.offset == 0
+            and self.limit is None
+            and self.output_positions == tuple(range(self.row_width))
+        )
+
+    def describe(self) -> str:
+        """A readable, multi-line rendering of the plan."""
+        if self.is_concat:
+            return "merge: concatenate the shard streams"
+        lines = [f"shard row width: {self.row_width}"]
+        agg = self.aggregate
+        if agg is not None:
+            lines.append(
+                "re-aggregate"
+                + (" (scalar: one row)" if agg.scalar else "")
+                + f" by group keys at {list(agg.group_positions)}"
+            )
+            if agg.constant_positions:
+                lines.append(f"  per-group constants at {list(agg.constant_positions)}")
+            for i, spec in enumerate(agg.aggregates):
+                lines.append(f"  a{i} = {spec}")
+            if agg.having is not None:
+                lines.append(f"  HAVING {agg.having}")
+            lines.append("  row = (" + ", ".join(str(o) for o in agg.outputs) + ")")
+            if self.sort_keys:
+                lines.append("sort in memory by " + ", ".join(str(k) for k in self.sort_keys))
+        elif self.sort_keys:
+            lines.append("k-way ordered merge by " + ", ".join(str(k) for k in self.sort_keys))
+        else:
+            lines.append("concatenate the shard streams")
+        if self.distinct:
+            lines.append("DISTINCT over the output columns")
+        if self.offset or self.limit is not None:
+            lines.append(f"OFFSET {self.offset} LIMIT {'ALL' if self.limit is None else self.limit}")
+        lines.append(f"output positions {list(self.output_positions)}")
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- sorting
+
+
+class _Desc:
+    """Wraps a value so that it sorts in reverse."""
+
+    __slots__ = ("v",)
+
+    def __init__(self, v: Any) -> None:
+        self.v = v
+
+    def __lt__(self, other: _Desc) -> bool:
+        return bool(other.v < self.v)
+
+    def __gt__(self, other: _Desc) -> bool:
+        return bool(other.v > self.v)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Desc) and bool(self.v == other.v)
+
+    def __hash__(self) -> int:  # pragma: no cover - never hashed, present for the protocol
+        return hash(self.v)
+
+
+def _sort_key_function(sort_keys: Sequence[SortKey], dialect_name: str) -> Callable[[Sequence[Any]], Any]:
+    spec = [(k.position, k.descending, k.resolved_nulls_first(dialect_name)) for k in sort_keys]
+
+    def key(row: Sequence[Any]) -> tuple[Any, ...]:
+        parts: list[Any] = []
+        for position, descending, nulls_first in spec:
+            v = row[position]
+            if v is None:
+                parts.append((0 if nulls_first else 2, None))
+            else:
+                parts.append((1, _Desc(v) if descending else v))
+        return tuple(parts)
+
+    return key
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def _avg(total: Any, count: int, dialect_name: str) -> Any:
+    if not count or total is None:
+        return None
+    if isinstance(total, float):
+        return total / count
+    if dialect_name == "sqlite":
+        return float(total) / count
+    return Decimal(total) / Decimal(count)
+
+
+def _aggregate(
+    agg: AggregatePlan,
+    streams: Sequence[Iterable[Sequence[Any]]],
+    width: int,
+    dialect_name: str,
+) -> Iterator[tuple[Any, ...]]:
+    specs = agg.aggregates
+    kinds = [s.kind for s in specs]
+    groups: dict[tuple[Any, ...], tuple[tuple[Any, ...], list[Any]]] = {}
+    gpos = agg.group_positions
+    cpos = agg.constant_positions
+
+    def fresh() -> list[Any]:
+        state: list[Any] = []
+        for kind in kinds:
+            if kind == "count":
+                state.append(0)
+            elif kind == "avg":
+                state.append([None, 0])
+            elif kind.endswith("_distinct"):
+                state.append(set())
+            else:
+                state.append(None)
+        return state
+
+    for row in _checked(streams, width):
+        key = tuple(row[p] for p in gpos)
+        entry = groups.get(key)
+        if entry is None:
+            entry = groups[key] = (tuple(row[p] for p in cpos), fresh())
+        state = entry[1]
+        for i, spec in enumerate(specs):
+            kind = kinds[i]
+            v = row[spec.positions[0]]
+            if kind == "count":
+                state[i] += v or 0
+            elif kind == "avg":
+                s = state[i]
+                if v is not None:
+                    s[0] = v if s[0] is None else s[0] + v
+                s[1] += row[spec.positions[1]] or 0
+            elif v is None:
+                continue
+            elif kind.endswith("_distinct"):
+                state[i].add(v)
+            elif state[i] is None:
+                state[i] = v
+            elif kind == "sum":
+                a, b = _coerce_pair(state[i], v)
+                state[i] = a + b
+            elif kind == "min":
+                if v < state[i]:
+                    state[i] = v
+            elif v > state[i]:  # max
+                state[i] = v
+
+    if not groups and agg.scalar:
+        groups[()] = ((), fresh())
+
+    having = agg.having
+    outputs = agg.outputs
+    scales = agg.decimal_scales
+    for key, (constants, state) in groups.items():
+        finals: list[Any] = []
+        for i, kind in enumerate(kinds):
+            s = state[i]
+            if kind == "avg":
+                finals.append(_avg(s[0], s[1], dialect_name))
+            elif kind == "count_distinct":
+                finals.append(len(s))
+            elif kind == "sum_distinct":
+                finals.append(sum(s) if s else None)
+            elif kind == "avg_distinct":
+                finals.append(_avg(sum(s), len(s), dialect_name) if s else None)
+            else:
+                finals.append(s)
+        record = (key, constants, tuple(finals))
+        if having is not None and having.evaluate(record, dialect_name) is not True:
+            continue
+        values = [o.evaluate(record, dialect_name) for o in outputs]
+        for i, scale in enumerate(scales):
+            if scale is not None and isinstance(values[i], float):
+                values[i] = Decimal(f"%.{scale}f" % values[i])
+        yield tuple(values)
+
+
+def _checked(streams: Sequence[Iterable[Sequence[Any]]], width: int) -> Iterator[Sequence[Any]]:
+    for stream in streams:
+        yield from _checked_one(stream, width)
+
+
+def _checked_one(stream: Iterable[Sequence[Any]], width: int) -> Iterator[Sequence[Any]]:
+    it = iter(stream)
+    for row in it:
+        if len(row) != width:
+            raise FanoutError(
+                f"a shard row has {len(row)} elements, the merge plan expects {width}; "
+                "execute ORM statements through a Session (an entity is one element) "
+                "and Core statements through a Connection",
+                construct="row width",
+            )
+        yield row
+        yield from it
+        return
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def merge_rows(
+    plan: MergePlan,
+    streams: Sequence[Iterable[Sequence[Any]]],
+    *,
+    dialect_name: str,
+) -> Iterator[tuple[Any, ...]]:
+    """Merge the shard row streams into the rows of the original statement.
+
+    :param plan: the merge plan (``FanoutPlan.merge``).
+    :param streams: one iterable of rows per shard, each in the order its
+        shard returned them; in a fixed order (ties are broken by stream index).
+    :param dialect_name: the dialect of the shards (NULL ordering, AVG type).
+    :returns: an iterator of tuples holding only the original columns.
+
+    Example::
+
+        rows = merge_rows(plan.merge, [conn_a.execute(s), conn_b.execute(s)],
+                          dialect_name="postgresql")
+    """
+    width = plan.row_width
+    rows: Iterator[Sequence[Any]]
+    if plan.aggregate is not None:
+        rows = _aggregate(plan.aggregate, streams, width, dialect_name)
+        if plan.sort_keys:
+            rows = iter(sorted(rows, key=_sort_key_function(plan.sort_keys, dialect_name)))
+    elif plan.sort_keys:
+        key = _sort_key_function(plan.sort_keys, dialect_name)
+        rows = heapq.merge(*(_checked_one(s, width) for s in streams), key=key)
+    else:
+        rows = _checked(streams, width)
+
+    out = plan.output_positions
+    projected: Iterator[tuple[Any, ...]] = (tuple(r[p] for p in out) for r in rows)
+    if plan.distinct:
+        projected = _dedupe(projected)
+    if plan.offset or plan.limit is not None:
+        stop = None if plan.limit is None else plan.offset + plan.limit
+        projected = itertools.islice(projected, plan.offset, stop)
+    return projected
+
+
+def _dedupe(rows: Iterator[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    seen: set[tuple[Any, ...]] = set()
+    for row in rows:
+        if row not in seen:
+            seen.add(row)
+            yield row

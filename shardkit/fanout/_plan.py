@@ -1,0 +1,815 @@
+"""Plan a SELECT that runs on several shards: per-shard rewrite + merge plan.
+
+:func:`plan_select` is pure (no database).  It turns a :class:`~sqlalchemy.sql.Select`
+(Core or ORM-enabled) into a :class:`FanoutPlan`:
+
+* ``shard_statement``, what every shard runs.  ORDER BY values that are not
+  selected are appended as hidden labeled columns (``_sk_0`` ...); LIMIT
+  becomes ``LIMIT offset+limit`` without OFFSET; aggregates become partial
+  aggregates (AVG -> SUM and COUNT; COUNT(DISTINCT x) -> x added to the GROUP
+  BY); HAVING moves to the merge.
+* ``merge``, a :class:`~shardkit.fanout._merge.MergePlan`: plain data read by
+  :func:`~shardkit.fanout._merge.merge_rows`.
+
+Row positions
+-------------
+Positions in a shard row are the elements of the row *as SQLAlchemy returns
+it*: for an ORM-enabled statement run through a ``Session``, an entity
+(``select(User)``) is one element; for a Core statement run through a
+``Connection``, ``select(users)`` is one element per column.
+
+What is refused
+---------------
+Anything whose merge would not be exact raises
+:class:`~shardkit.errors.UnsupportedQueryError` with ``construct`` naming it:
+window functions, set operations, LIMIT/OFFSET, aggregates, GROUP BY or
+DISTINCT inside a subquery or CTE, FOR UPDATE, FETCH FIRST, ORDER BY random(),
+ROLLUP/CUBE/GROUPING SETS, aggregate FILTER / WITHIN GROUP, any aggregate other
+than COUNT/SUM/MIN/MAX/AVG (string_agg, array_agg, percentile ...), DISTINCT ON
+that does not include a shard key column, SELECT without FROM, LIMIT/OFFSET
+given as an expression, aggregates inside expressions the merge cannot compute
+(the merge computes ``+ - * /``, comparisons, AND/OR/NOT, IS NULL, IN (literal
+list), coalesce() and CAST(... AS FLOAT) in Python), and columns that are
+neither grouped nor aggregated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import func, inspect
+from sqlalchemy.sql import elements, functions, operators, selectable, sqltypes, visitors
+
+from shardkit.errors import UnsupportedQueryError
+from shardkit.fanout._merge import (
+    AggregatePlan,
+    AggregateSpec,
+    BinOp,
+    BoolOp,
+    Coalesce,
+    Const,
+    InList,
+    IsNull,
+    MergePlan,
+    Neg,
+    Not,
+    PyExpr,
+    Ref,
+    SortKey,
+    ToFloat,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect
+    from sqlalchemy.sql import Select
+    from sqlalchemy.sql.elements import ColumnElement
+
+__all__ = ["FanoutPlan", "cursor_of", "keyset_page", "plan_select"]
+
+SUPPORTED_AGGREGATES = frozenset({"count", "sum", "min", "max", "avg"})
+
+#: Aggregate (and ordered-set / hypothetical-set) functions the merge cannot
+#: recombine exactly.  Unknown user-defined aggregates cannot be detected.
+REFUSED_AGGREGATES = frozenset(
+    {
+        "array_agg", "string_agg", "group_concat", "listagg", "json_agg", "jsonb_agg",
+        "json_object_agg", "jsonb_object_agg", "json_arrayagg", "json_objectagg", "xmlagg",
+        "aggregate_strings", "percentile_cont", "percentile_disc", "mode", "median",
+        "every", "bool_and", "bool_or", "bit_and", "bit_or", "bit_xor", "any_value",
+        "stddev", "stddev_pop", "stddev_samp", "variance", "var_pop", "var_samp",
+        "corr", "covar_pop", "covar_samp", "regr_avgx", "regr_avgy", "regr_count",
+        "regr_intercept", "regr_r2", "regr_slope", "regr_sxx", "regr_sxy", "regr_syy",
+        "rank", "dense_rank", "percent_rank", "cume_dist", "row_number", "ntile",
+        "lag", "lead", "first_value", "last_value", "nth_value", "total", "grouping",
+        "range_agg", "range_intersect_agg", "std", "approx_count_distinct",
+    }
+)  # fmt: skip
+
+_GROUPING_CONSTRUCTS = frozenset({"rollup", "cube", "grouping sets", "grouping_sets"})
+
+_CMP_OPS: dict[Any, str] = {
+    operators.eq: "=",
+    operators.ne: "!=",
+    operators.lt: "<",
+    operators.le: "<=",
+    operators.gt: ">",
+    operators.ge: ">=",
+    operators.add: "+",
+    operators.sub: "-",
+    operators.mul: "*",
+    operators.truediv: "/",
+}
+
+
+def _refuse(construct: str, detail: str = "") -> UnsupportedQueryError:
+    msg = f"cannot run across shards: {construct}"
+    if detail:
+        msg += f" ({detail})"
+    return UnsupportedQueryError(msg, construct=construct)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _unwrap(expr: Any) -> Any:
+    """Strip labels, label references and parentheses."""
+    while True:
+        if isinstance(expr, (elements._label_reference, elements.Label, elements.Grouping)):
+            expr = expr.element
+        else:
+            return expr
+
+
+def _same(a: Any, b: Any) -> bool:
+    a, b = _unwrap(a), _unwrap(b)
+    if a is b:
+        return True
+    try:
+        return bool(a.compare(b))
+    except Exception:  # pragma: no cover - compare() of exotic elements
+        return False
+
+
+def _func_name(expr: Any) -> str | None:
+    if isinstance(expr, functions.FunctionElement):
+        name = getattr(expr, "name", None)
+        if isinstance(name, str):
+            return name.lower()
+    return None
+
+
+def _is_aggregate(expr: Any) -> bool:
+    return _func_name(expr) in SUPPORTED_AGGREGATES
+
+
+def _contains_aggregate(expr: Any) -> bool:
+    return any(_is_aggregate(el) for el in visitors.iterate(expr))
+
+
+def _columns_in(expr: Any) -> list[Any]:
+    return [el for el in visitors.iterate(expr) if isinstance(el, elements.ColumnClause)]
+
+
+def _simple_int(stmt: Select[Any], what: str) -> int | None:
+    clause = stmt._limit_clause if what == "limit" else stmt._offset_clause
+    if clause is None:
+        return None
+    try:
+        value = stmt._limit if what == "limit" else stmt._offset
+    except sa_exc.CompileError as err:
+        raise _refuse(f"{what.upper()} given as an expression", "use a literal integer") from err
+    return value
+
+
+@dataclass(frozen=True)
+class _Element:
+    """One element of the statement's row: a column expression or an ORM entity."""
+
+    expr: Any  # ColumnElement, or None for an entity
+    name: str | None
+    entity: Any = None
+
+
+def _row_elements(stmt: Select[Any]) -> list[_Element]:
+    out: list[_Element] = []
+    for raw in stmt._raw_columns:
+        annotations = getattr(raw, "_annotations", {})
+        if isinstance(raw, selectable.FromClause):
+            if "parententity" in annotations:
+                out.append(_Element(None, None, annotations["parententity"]))
+            else:
+                out.extend(_Element(c, c.key) for c in raw.c)
+        elif isinstance(raw, elements.ColumnElement):
+            name: str | None
+            if isinstance(raw, elements.Label):
+                name = raw.name
+            elif isinstance(raw, elements.ColumnClause):
+                name = raw.key
+            else:
+                name = None
+            out.append(_Element(raw, name))
+        else:
+            raise _refuse(f"select list element {type(raw).__name__}", "only columns and entities")
+    return out
+
+
+def _orm_enabled(stmt: Select[Any]) -> bool:
+    return stmt._propagate_attrs.get("compile_state_plugin") == "orm"
+
+
+def _output_keys(stmt: Select[Any]) -> tuple[str, ...]:
+    if _orm_enabled(stmt):
+        return tuple(str(d["name"]) for d in stmt.column_descriptions)
+    compiled = stmt.compile()
+    return tuple(str(rc[0]) for rc in compiled._result_columns)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _check_nested(sub: Any, where: str) -> None:
+    if isinstance(sub, selectable.CompoundSelect):
+        raise _refuse("set operation (UNION / INTERSECT / EXCEPT)", f"in {where}")
+    if not isinstance(sub, selectable.Select):
+        return
+    if sub._limit_clause is not None or sub._offset_clause is not None or sub._fetch_clause is not None:
+        raise _refuse("LIMIT/OFFSET in a subquery", f"in {where}")
+    if sub._group_by_clauses or sub._having_criteria:
+        raise _refuse("GROUP BY in a subquery", f"in {where}")
+    if sub._distinct:
+        raise _refuse("DISTINCT in a subquery", f"in {where}")
+    for col in sub._raw_columns:
+        if _contains_aggregate(col):
+            raise _refuse("aggregate in a subquery", f"in {where}")
+
+
+def _check_tree(stmt: Select[Any]) -> None:
+    for el in visitors.iterate(stmt):
+        if el is stmt:
+            continue
+        if isinstance(el, elements.Over):
+            raise _refuse("window function", "an OVER() clause")
+        if isinstance(el, elements.WithinGroup):
+            raise _refuse("WITHIN GROUP aggregate")
+        if isinstance(el, elements.FunctionFilter):
+            raise _refuse("aggregate FILTER")
+        name = _func_name(el)
+        if name in REFUSED_AGGREGATES:
+            raise _refuse(f"aggregate function {name}()", "only COUNT, SUM, MIN, MAX, AVG are merged")
+        if name in _GROUPING_CONSTRUCTS:
+            raise _refuse("GROUP BY ROLLUP/CUBE/GROUPING SETS")
+        if name in ("min", "max") and len(list(el.clauses)) != 1:  # type: ignore[attr-defined]
+            raise _refuse(f"{name}() with several arguments")
+        if isinstance(el, selectable.CompoundSelect):
+            raise _refuse("set operation (UNION / INTERSECT / EXCEPT)")
+        if isinstance(el, selectable.ScalarSelect):
+            _check_nested(el.element, "a scalar subquery")
+        elif isinstance(el, (selectable.Subquery, selectable.CTE)):
+            _check_nested(el.element, "a subquery or CTE in FROM")
+        elif isinstance(el, elements.ClauseElement) and isinstance(el, selectable.Select):
+            _check_nested(el, "a subquery")
+
+
+def _distinct_on(stmt: Select[Any]) -> tuple[Any, ...]:
+    exprs: tuple[Any, ...] = tuple(stmt._distinct_on)
+    for attr in ("_pre_columns_clause", "_post_select_clause", "_post_criteria_clause", "_post_body_clause"):
+        clause = getattr(stmt, attr, None)
+        if clause is None:
+            continue
+        found = False
+        for el in visitors.iterate(clause):
+            if getattr(el, "__visit_name__", "") == "postgresql_distinct_on":
+                exprs += tuple(getattr(el, "_distinct_on", ()))
+                found = True
+        if not found:
+            raise _refuse("SELECT syntax extension", type(clause).__name__)
+    return exprs
+
+
+# --------------------------------------------------------------------------- ORDER BY
+
+
+@dataclass(frozen=True)
+class _Order:
+    expr: Any  # the resolved expression (label references resolved)
+    descending: bool
+    nulls_first: bool | None
+    position: int | None  # position of a selected element with the same value
+
+
+def _resolve_name(name: str, elems: Sequence[_Element], stmt: Select[Any]) -> tuple[Any, int | None]:
+    for i, e in enumerate(elems):
+        if e.name == name and e.expr is not None:
+            return e.expr, i
+    for frm in stmt.get_final_froms():
+        if name in frm.c:
+            return frm.c[name], None
+    raise _refuse(f"label reference {name!r}", "it names no selected column")
+
+
+def _resolve(expr: Any, elems: Sequence[_Element], stmt: Select[Any]) -> tuple[Any, int | None]:
+    """Resolve an ORDER BY / GROUP BY item to (expression, selected position or None)."""
+    if isinstance(expr, elements._textual_label_reference):
+        return _resolve_name(expr.element, elems, stmt)
+    if isinstance(expr, elements._label_reference):
+        inner = expr.element
+        if isinstance(inner, elements._textual_label_reference):
+            return _resolve_name(inner.element, elems, stmt)
+        expr = inner
+    for i, e in enumerate(elems):
+        if e.expr is not None and (e.expr is expr or _same(e.expr, expr)):
+            return e.expr, i
+    return expr, None
+
+
+def _parse_order(stmt: Select[Any], elems: Sequence[_Element]) -> list[_Order]:
+    out: list[_Order] = []
+    for clause in stmt._order_by_clauses:
+        expr = clause
+        descending = False
+        nulls_first: bool | None = None
+        while True:
+            if isinstance(expr, elements._label_reference) and not isinstance(
+                expr.element, elements._textual_label_reference
+            ):
+                expr = expr.element
+                continue
+            if not (
+                isinstance(expr, elements.UnaryExpression)
+                and expr.modifier
+                in (operators.desc_op, operators.asc_op, operators.nulls_first_op, operators.nulls_last_op)
+            ):
+                break
+            if expr.modifier is operators.desc_op:
+                descending = True
+            elif expr.modifier is operators.nulls_first_op:
+                nulls_first = True
+            elif expr.modifier is operators.nulls_last_op:
+                nulls_first = False
+            expr = expr.element
+        if any(_func_name(el) in ("random", "rand") for el in visitors.iterate(expr)):
+            raise _refuse("ORDER BY random()")
+        resolved, position = _resolve(expr, elems, stmt)
+        out.append(_Order(resolved, descending, nulls_first, position))
+    return out
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class FanoutPlan:
+    """The result of :func:`plan_select`.
+
+    :param shard_statement: what every shard runs.
+    :param merge: how the shard rows are merged (pure data).
+    :param output_keys: the column keys of the original statement.
+    :param statement: the original statement.
+    :param mode: ``"concat"``, ``"ordered"``, ``"pushdown-groups"`` or ``"re-aggregate"``.
+    """
+
+    shard_statement: Select[Any]
+    merge: MergePlan
+    output_keys: tuple[str, ...]
+    statement: Select[Any] = field(repr=False)
+    mode: str = "concat"
+
+    def explain(self, dialect: Dialect | str | None = None) -> str:
+        """The rewritten shard SQL and the merge plan, readable.
+
+        :param dialect: a Dialect or a dialect name (``"postgresql"``); the
+            SQL is rendered with literal values where possible.
+        """
+        sql = _render(self.shard_statement, dialect)
+        return (
+            f"fan-out plan ({self.mode})\nshard SQL:\n  " + sql.replace("\n", "\n  ") + ("\n" + self.merge.describe())
+        )
+
+    def __str__(self) -> str:
+        return self.explain()
+
+
+def _render(stmt: Select[Any], dialect_or_name: Dialect | str | None) -> str:
+    dialect: Dialect | None
+    if isinstance(dialect_or_name, str):
+        from sqlalchemy.dialects import registry
+
+        dialect = registry.load(dialect_or_name)()
+    else:
+        dialect = dialect_or_name
+    try:
+        return str(stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+    except Exception:
+        return str(stmt.compile(dialect=dialect))
+
+
+def plan_select(stmt: Select[Any], *, shard_key_columns: Collection[ColumnElement[Any]] = ()) -> FanoutPlan:
+    """Plan a SELECT for a fan-out over several shards.
+
+    :param stmt: a Core or ORM-enabled :class:`~sqlalchemy.sql.Select`.
+    :param shard_key_columns: the columns rows are sharded by; a GROUP BY (or
+        DISTINCT ON) that includes one keeps every group on one shard, so
+        HAVING and LIMIT can run on the shards.
+    :raises UnsupportedQueryError: for a shape whose merge would not be exact.
+
+    Example::
+
+        plan = plan_select(select(users.c.country, func.avg(users.c.score))
+                           .group_by(users.c.country).order_by(users.c.country))
+        rows = merge_rows(plan.merge, [run(plan.shard_statement) for run in shards],
+                          dialect_name="postgresql")
+    """
+    if isinstance(stmt, selectable.CompoundSelect):
+        raise _refuse("set operation (UNION / INTERSECT / EXCEPT)")
+    if not isinstance(stmt, selectable.Select):
+        raise _refuse(f"statement of type {type(stmt).__name__}", "only SELECT fans out")
+    if stmt._for_update_arg is not None:
+        raise _refuse("FOR UPDATE", "locking rows on several shards")
+    if stmt._fetch_clause is not None:
+        raise _refuse("FETCH FIRST", "use LIMIT")
+    if not stmt.get_final_froms():
+        raise _refuse("SELECT without FROM", "it would return one row per shard")
+    _check_tree(stmt)
+
+    limit = _simple_int(stmt, "limit")
+    offset = _simple_int(stmt, "offset") or 0
+    elems = _row_elements(stmt)
+    orders = _parse_order(stmt, elems)
+    keys = _output_keys(stmt)
+    distinct_on = _distinct_on(stmt)
+    if distinct_on and not any(_same(d, k) for d in distinct_on for k in shard_key_columns):
+        raise _refuse("DISTINCT ON", "only when it includes a shard key column")
+
+    group_by = [_resolve(g, elems, stmt)[0] for g in stmt._group_by_clauses]
+    aggregated = (
+        bool(group_by)
+        or bool(stmt._having_criteria)
+        or any(e.expr is not None and _contains_aggregate(e.expr) for e in elems)
+        or any(_contains_aggregate(o.expr) for o in orders)
+    )
+    pushdown = bool(group_by) and any(_same(g, k) for g in group_by for k in shard_key_columns)
+    if aggregated and not pushdown:
+        return _plan_aggregate(stmt, elems, orders, group_by, keys, limit, offset)
+    return _plan_rows(stmt, elems, orders, keys, limit, offset, distinct_on, pushdown)
+
+
+def _plan_rows(
+    stmt: Select[Any],
+    elems: Sequence[_Element],
+    orders: Sequence[_Order],
+    keys: tuple[str, ...],
+    limit: int | None,
+    offset: int,
+    distinct_on: tuple[Any, ...],
+    pushdown: bool,
+) -> FanoutPlan:
+    width = len(elems)
+    hidden: list[Any] = []
+    sort_keys: list[SortKey] = []
+    distinct = bool(stmt._distinct) and not distinct_on
+    for o in orders:
+        position = o.position
+        if position is None:
+            if distinct:
+                raise _refuse(
+                    "ORDER BY expression not in the select list of a DISTINCT query",
+                    str(o.expr),
+                )
+            position = width + len(hidden)
+            hidden.append(o.expr.label(f"_sk_{len(hidden)}"))
+        sort_keys.append(SortKey(position, o.descending, o.nulls_first, _short(o.expr)))
+
+    shard = stmt
+    if hidden:
+        shard = shard.add_columns(*hidden)
+    if limit is not None or offset:
+        shard = shard.limit(None if limit is None else offset + limit).offset(None)
+    merge = MergePlan(
+        row_width=width + len(hidden),
+        output_positions=tuple(range(width)),
+        sort_keys=tuple(sort_keys),
+        distinct=distinct,
+        offset=offset,
+        limit=limit,
+    )
+    if pushdown:
+        mode = "pushdown-groups"
+    elif merge.is_concat:
+        mode = "concat"
+    else:
+        mode = "ordered" if sort_keys else "rows"
+    return FanoutPlan(shard, merge, keys, stmt, mode)
+
+
+def _short(expr: Any) -> str:
+    try:
+        return str(expr)[:60]
+    except Exception:  # pragma: no cover
+        return type(expr).__name__
+
+
+class _AggCompiler:
+    """Collects group keys, per-group constants and aggregates; compiles PyExpr."""
+
+    def __init__(self, group_by: Sequence[Any]) -> None:
+        self.group_by = list(group_by)
+        self.group_columns = [g for g in (_unwrap(x) for x in group_by) if isinstance(g, elements.ColumnClause)]
+        self.constants: list[Any] = []
+        self.aggregates: list[tuple[str, Any, Any]] = []  # (kind, argument or None, original)
+
+    def _covered(self, expr: Any) -> bool:
+        if not self.group_by:
+            return False
+        return all(any(_same(c, g) for g in self.group_columns) for c in _columns_in(expr))
+
+    def compile(self, expr: Any) -> PyExpr:
+        expr = _unwrap(expr)
+        for i, g in enumerate(self.group_by):
+            if _same(g, expr):
+                return Ref(0, i, _short(expr))
+        if _is_aggregate(expr):
+            return self._aggregate(expr)
+        if isinstance(expr, elements.BindParameter):
+            if expr.expanding:
+                raise _refuse("expanding parameter outside IN")
+            return Const(expr.effective_value)
+        if isinstance(expr, elements.Null):
+            return Const(None)
+        if isinstance(expr, elements.True_):
+            return Const(True)
+        if isinstance(expr, elements.False_):
+            return Const(False)
+        if not _contains_aggregate(expr) and self._covered(expr) and _columns_in(expr):
+            for i, c in enumerate(self.constants):
+                if _same(c, expr):
+                    return Ref(1, i, _short(expr))
+            self.constants.append(expr)
+            return Ref(1, len(self.constants) - 1, _short(expr))
+        if isinstance(expr, elements.BinaryExpression):
+            op = expr.operator
+            if op in (operators.is_, operators.is_not) and isinstance(_unwrap(expr.right), elements.Null):
+                return IsNull(self.compile(expr.left), negate=op is operators.is_not)
+            if op in (operators.in_op, operators.not_in_op):
+                right = _unwrap(expr.right)
+                if isinstance(right, elements.BindParameter) and right.expanding:
+                    values = right.effective_value
+                    return InList(self.compile(expr.left), tuple(values or ()), op is operators.not_in_op)
+                raise _refuse("IN over a non-literal list in an aggregate expression")
+            if op in _CMP_OPS:
+                return BinOp(_CMP_OPS[op], self.compile(expr.left), self.compile(expr.right))
+            raise _refuse(f"operator {getattr(op, '__name__', op)} over aggregates or in HAVING")
+        if isinstance(expr, elements.BooleanClauseList):
+            name = "AND" if expr.operator is operators.and_ else "OR" if expr.operator is operators.or_ else None
+            if name is None:
+                raise _refuse(f"boolean operator {expr.operator}")
+            return BoolOp(name, tuple(self.compile(c) for c in expr.clauses))
+        if isinstance(expr, elements.UnaryExpression):
+            if expr.operator is operators.inv:
+                return Not(self.compile(expr.element))
+            if expr.operator is operators.neg:
+                return Neg(self.compile(expr.element))
+        if isinstance(expr, elements.Cast) and isinstance(expr.type, sqltypes.Float):
+            return ToFloat(self.compile(expr.clause))
+        if _func_name(expr) == "coalesce":
+            return Coalesce(tuple(self.compile(c) for c in expr.clauses))
+        if isinstance(expr, elements.ColumnClause):
+            raise _refuse(
+                "column neither grouped nor aggregated" if self.group_by else "column outside an aggregate",
+                _short(expr),
+            )
+        if _contains_aggregate(expr):
+            raise _refuse(f"aggregate inside {type(expr).__name__}", _short(expr))
+        raise _refuse(f"expression {type(expr).__name__} in an aggregate query", _short(expr))
+
+    def _aggregate(self, fn: Any) -> PyExpr:
+        name = _func_name(fn)
+        args = list(fn.clauses)
+        distinct = (
+            len(args) == 1
+            and isinstance(args[0], elements.UnaryExpression)
+            and args[0].operator is operators.distinct_op
+        )
+        arg = args[0].element if distinct else (args[0] if args else None)
+        if arg is not None and _contains_aggregate(arg):
+            raise _refuse("nested aggregate", _short(fn))
+        kind = str(name)
+        if distinct:
+            if kind in ("min", "max"):
+                distinct = False
+                fn = getattr(func, kind)(arg)
+            else:
+                kind += "_distinct"
+        for i, (k, _a, original) in enumerate(self.aggregates):
+            if k == kind and _same(original, fn):
+                return Ref(2, i, _short(fn))
+        self.aggregates.append((kind, arg, fn))
+        return Ref(2, len(self.aggregates) - 1, _short(fn))
+
+
+def _decimal_scale(expr: Any) -> int | None:
+    t = getattr(expr, "type", None)
+    if isinstance(t, sqltypes.Numeric) and not isinstance(t, sqltypes.Float) and t.asdecimal:
+        scale = t._effective_decimal_return_scale
+        return int(scale) if scale is not None else 10
+    return None
+
+
+def _plan_aggregate(
+    stmt: Select[Any],
+    elems: Sequence[_Element],
+    orders: Sequence[_Order],
+    group_by: Sequence[Any],
+    keys: tuple[str, ...],
+    limit: int | None,
+    offset: int,
+) -> FanoutPlan:
+    if any(e.expr is None for e in elems):
+        raise _refuse("ORM entity in an aggregate query", "select columns, not entities")
+    comp = _AggCompiler(group_by)
+    outputs = [comp.compile(e.expr) for e in elems]
+    having: PyExpr | None = None
+    if stmt._having_criteria:
+        parts = [comp.compile(h) for h in stmt._having_criteria]
+        having = parts[0] if len(parts) == 1 else BoolOp("AND", tuple(parts))
+    sort_keys: list[SortKey] = []
+    distinct = bool(stmt._distinct)
+    for o in orders:
+        if o.position is not None:
+            position = o.position
+        else:
+            if distinct:
+                raise _refuse("ORDER BY expression not in the select list of a DISTINCT query", _short(o.expr))
+            position = len(outputs)
+            outputs.append(comp.compile(o.expr))
+        sort_keys.append(SortKey(position, o.descending, o.nulls_first, _short(o.expr)))
+
+    # The shard row: group keys, constants, partial aggregates, distinct values.
+    cols: list[Any] = []
+    for g in comp.group_by:
+        cols.append(_unwrap(g).label(f"_sk_g{len(cols)}"))
+    constant_positions = []
+    for c in comp.constants:
+        constant_positions.append(len(cols))
+        cols.append(c.label(f"_sk_c{len(cols)}"))
+    specs: list[AggregateSpec] = []
+    distinct_args: list[Any] = []
+    distinct_positions: list[int] = []
+    for kind, arg, fn in comp.aggregates:
+        label = _short(fn)
+        if kind.endswith("_distinct"):
+            for i, d in enumerate(distinct_args):
+                if _same(d, arg):
+                    position = distinct_positions[i]
+                    break
+            else:
+                position = len(cols)
+                distinct_args.append(arg)
+                distinct_positions.append(position)
+                cols.append(arg.label(f"_sk_d{position}"))
+            specs.append(AggregateSpec(kind, (position,), label))
+        elif kind == "avg":
+            p = len(cols)
+            cols.append(func.sum(arg).label(f"_sk_a{p}"))
+            cols.append(func.count(arg).label(f"_sk_a{p + 1}"))
+            specs.append(AggregateSpec("avg", (p, p + 1), label))
+        else:
+            p = len(cols)
+            cols.append(fn.label(f"_sk_a{p}"))
+            specs.append(AggregateSpec(kind, (p,), label))
+
+    shard = stmt.with_only_columns(*cols, maintain_column_froms=True)
+    shard = shard.group_by(None)
+    shard_group = [_unwrap(g) for g in comp.group_by] + distinct_args
+    if shard_group:
+        shard = shard.group_by(*shard_group)
+    shard = shard.order_by(None).limit(None).offset(None)
+    shard = shard._generate()
+    shard._having_criteria = ()
+    shard._distinct = False
+
+    merge = MergePlan(
+        row_width=len(cols),
+        output_positions=tuple(range(len(elems))),
+        sort_keys=tuple(sort_keys),
+        distinct=distinct,
+        offset=offset,
+        limit=limit,
+        aggregate=AggregatePlan(
+            group_positions=tuple(range(len(comp.group_by))),
+            constant_positions=tuple(constant_positions),
+            aggregates=tuple(specs),
+            having=having,
+            outputs=tuple(outputs),
+            scalar=not comp.group_by,
+            decimal_scales=tuple(_decimal_scale(e.expr) for e in elems),
+        ),
+    )
+    return FanoutPlan(shard, merge, keys, stmt, "re-aggregate")
+
+
+# --------------------------------------------------------------------------- keyset pagination
+
+
+def _keyset_orders(stmt: Select[Any]) -> tuple[list[_Element], list[_Order]]:
+    elems = _row_elements(stmt)
+    orders = _parse_order(stmt, elems)
+    if not orders:
+        raise UnsupportedQueryError(
+            "keyset pagination needs an ORDER BY that ends with a unique key", construct="keyset without ORDER BY"
+        )
+    return elems, orders
+
+
+def keyset_page(stmt: Select[Any], *, after: Sequence[Any] | None, page_size: int) -> Select[Any]:
+    """The page of ``stmt`` that follows the cursor ``after``.
+
+    ``stmt`` must be ordered by expressions ending with a unique key
+    (``order_by(users.c.score.desc(), users.c.id)``).  The row-value
+    comparison "after the cursor" is written as an OR/AND chain, so it works
+    on SQLite, MySQL and PostgreSQL and respects each column's direction.
+    With a fan-out, each shard then reads only ``page_size`` rows whatever
+    the depth of the page.
+
+    :param stmt: the ordered SELECT (without LIMIT/OFFSET).
+    :param after: the cursor (the sort values of the last row of the previous
+        page, see :func:`cursor_of`), or ``None`` for the first page.
+    :param page_size: rows per page.
+    :raises UnsupportedQueryError: no ORDER BY, a last sort key that is not a
+        primary key or unique column, a nullable sort column, a NULL in the
+        cursor, or a cursor of the wrong length.
+
+    Example::
+
+        page = keyset_page(stmt, after=None, page_size=50)
+        ...
+        nxt = keyset_page(stmt, after=cursor_of(stmt, rows[-1]), page_size=50)
+    """
+    from sqlalchemy import and_, or_
+
+    if page_size < 1:
+        raise ValueError("page_size must be at least 1")
+    if stmt._limit_clause is not None or stmt._offset_clause is not None:
+        raise UnsupportedQueryError(
+            "keyset_page() sets LIMIT itself; pass the statement without LIMIT/OFFSET",
+            construct="keyset with LIMIT/OFFSET",
+        )
+    _elems, orders = _keyset_orders(stmt)
+    last = _unwrap(orders[-1].expr)
+    if not (
+        isinstance(last, elements.ColumnClause)
+        and (getattr(last, "primary_key", False) or getattr(last, "unique", False))
+    ):
+        raise UnsupportedQueryError(
+            f"keyset pagination needs the last ORDER BY item to be a primary key or unique column, got {_short(last)}",
+            construct="keyset without a unique last key",
+        )
+    for o in orders:
+        col = _unwrap(o.expr)
+        if (
+            isinstance(col, elements.ColumnClause)
+            and getattr(col, "nullable", False)
+            and not getattr(col, "primary_key", False)
+        ):
+            raise UnsupportedQueryError(
+                f"keyset pagination over the nullable column {_short(col)}: NULLs would be skipped; "
+                "order by coalesce(col, <sentinel>) or a NOT NULL column",
+                construct="keyset over a nullable column",
+            )
+    page = stmt
+    if after is not None:
+        after = list(after)
+        if len(after) != len(orders):
+            raise UnsupportedQueryError(
+                f"the cursor has {len(after)} values, the ORDER BY {len(orders)}", construct="keyset cursor"
+            )
+        if any(v is None for v in after):
+            raise UnsupportedQueryError(
+                "a NULL in the keyset cursor: NULL sort keys cannot be paged with keyset pagination",
+                construct="NULL in keyset cursor",
+            )
+        terms = []
+        for i, o in enumerate(orders):
+            eqs = [orders[j].expr == after[j] for j in range(i)]
+            step = o.expr < after[i] if o.descending else o.expr > after[i]
+            terms.append(and_(*eqs, step) if eqs else step)
+        page = page.where(or_(*terms))
+    return page.limit(page_size)
+
+
+def cursor_of(plan_or_stmt: FanoutPlan | Select[Any], row: Sequence[Any]) -> tuple[Any, ...]:
+    """The keyset cursor of ``row``: its values of the ORDER BY expressions.
+
+    :param plan_or_stmt: the statement (or its fan-out plan) ``row`` came from.
+    :param row: a result row of that statement (a ``Row`` or a tuple).
+    :raises UnsupportedQueryError: an ORDER BY expression that is not in the row
+        (neither selected nor an attribute of a selected ORM entity).
+    """
+    stmt = plan_or_stmt.statement if isinstance(plan_or_stmt, FanoutPlan) else plan_or_stmt
+    elems, orders = _keyset_orders(stmt)
+    values: list[Any] = []
+    for o in orders:
+        if o.position is not None:
+            values.append(row[o.position])
+            continue
+        col = _unwrap(o.expr)
+        found = False
+        for i, e in enumerate(elems):
+            if e.entity is None or not isinstance(col, elements.ColumnClause):
+                continue
+            mapper = inspect(e.entity).mapper
+            try:
+                prop = mapper.get_property_by_column(col._deannotate())
+            except Exception:
+                continue
+            values.append(getattr(row[i], prop.key))
+            found = True
+            break
+        if not found:
+            raise UnsupportedQueryError(
+                f"the ORDER BY expression {_short(col)} is not in the selected row; select it to page by it",
+                construct="keyset cursor",
+            )
+    return tuple(values)

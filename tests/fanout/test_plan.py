@@ -1,0 +1,220 @@
+"""The planner without a database: rewritten SQL, merge plans, refusals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    cast,
+    desc,
+    distinct,
+    func,
+    literal,
+    select,
+    union_all,
+)
+from sqlalchemy.dialects.postgresql import distinct_on
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from shardkit.errors import FanoutError, UnsupportedQueryError
+from shardkit.fanout import plan_select
+
+from .strategies import users
+
+c = users.c
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(20))
+    score: Mapped[int | None] = mapped_column(Integer)
+    country: Mapped[str | None] = mapped_column(String(2))
+
+
+class Order(Base):
+    __tablename__ = "orders"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    total: Mapped[int] = mapped_column(Integer)
+
+
+def sql(plan: Any) -> str:
+    return " ".join(str(plan.shard_statement.compile(compile_kwargs={"literal_binds": True})).split())
+
+
+def test_plain_select_is_concat() -> None:
+    plan = plan_select(select(users))
+    assert plan.mode == "concat"
+    assert plan.merge.is_concat
+    assert plan.shard_statement is not None
+    assert plan.output_keys == ("id", "name", "score", "country", "balance")
+    assert "concatenate" in plan.explain()
+
+
+def test_order_by_selected_column_reuses_its_position() -> None:
+    plan = plan_select(select(c.id, c.score).order_by(c.score.desc(), c.id))
+    assert [(k.position, k.descending) for k in plan.merge.sort_keys] == [(1, True), (0, False)]
+    assert plan.merge.row_width == 2
+    assert "ORDER BY users.score DESC, users.id" in sql(plan)
+
+
+def test_order_by_unselected_column_is_appended_hidden() -> None:
+    plan = plan_select(select(c.name).order_by(c.score.nulls_first(), "id"))
+    assert "users.score AS _sk_0" in sql(plan)
+    assert [k.position for k in plan.merge.sort_keys] == [1, 2]
+    assert plan.merge.sort_keys[0].nulls_first is True
+    assert plan.merge.sort_keys[1].nulls_first is None
+    assert plan.merge.output_positions == (0,)
+
+
+def test_order_by_label_name() -> None:
+    plan = plan_select(select(c.id, (c.score * 2).label("double")).order_by(desc("double")))
+    assert [(k.position, k.descending) for k in plan.merge.sort_keys] == [(1, True)]
+
+
+def test_limit_offset_pushed_as_offset_plus_limit() -> None:
+    plan = plan_select(select(users).order_by(c.id).limit(10).offset(5))
+    assert "LIMIT 15" in sql(plan)
+    assert "OFFSET" not in sql(plan)
+    assert (plan.merge.offset, plan.merge.limit) == (5, 10)
+
+
+def test_offset_without_limit_sends_neither() -> None:
+    plan = plan_select(select(users).order_by(c.id).offset(5))
+    assert "LIMIT" not in sql(plan) and "OFFSET" not in sql(plan)
+    assert (plan.merge.offset, plan.merge.limit) == (5, None)
+
+
+def test_avg_becomes_sum_and_count() -> None:
+    plan = plan_select(select(c.country, func.avg(c.score)).group_by(c.country).having(func.count() > 2))
+    s = sql(plan)
+    assert "sum(users.score)" in s and "count(users.score)" in s and "count(*)" in s
+    assert "HAVING" not in s and "GROUP BY users.country" in s
+    agg = plan.merge.aggregate
+    assert agg is not None and [a.kind for a in agg.aggregates] == ["avg", "count"]
+    assert plan.mode == "re-aggregate"
+
+
+def test_count_distinct_groups_by_the_value() -> None:
+    plan = plan_select(select(c.country, func.count(distinct(c.name))).group_by(c.country))
+    assert "GROUP BY users.country, users.name" in sql(plan)
+    assert plan.merge.aggregate is not None
+    assert plan.merge.aggregate.aggregates[0].kind == "count_distinct"
+
+
+def test_grouped_limit_not_pushed_and_order_in_memory() -> None:
+    stmt = select(c.country, func.count().label("n")).group_by(c.country).order_by(desc("n")).limit(3)
+    plan = plan_select(stmt)
+    assert "LIMIT" not in sql(plan) and "ORDER BY" not in sql(plan)
+    assert plan.merge.limit == 3 and plan.merge.sort_keys[0].position == 1
+
+
+def test_group_by_shard_key_pushes_having_and_limit() -> None:
+    stmt = (
+        select(c.id, func.count().label("n"))
+        .group_by(c.id)
+        .having(func.count() > 1)
+        .order_by(func.sum(c.score))
+        .limit(4)
+    )
+    plan = plan_select(stmt, shard_key_columns=[c.id])
+    s = sql(plan)
+    assert plan.mode == "pushdown-groups"
+    assert "HAVING count(*) > 1" in s and "LIMIT 4" in s and "sum(users.score) AS _sk_0" in s
+    assert plan.merge.aggregate is None
+
+
+def test_count_with_select_from() -> None:
+    plan = plan_select(select(func.count()).select_from(users))
+    assert plan.merge.aggregate is not None and plan.merge.aggregate.scalar
+    assert "count(*)" in sql(plan)
+
+
+def test_expression_over_aggregates_is_decomposed() -> None:
+    plan = plan_select(select(func.coalesce(func.sum(c.score), 0) / func.count()).select_from(users))
+    assert plan.merge.aggregate is not None
+    assert [a.kind for a in plan.merge.aggregate.aggregates] == ["sum", "count"]
+    plan = plan_select(select(cast(func.avg(c.score), Float)).select_from(users))
+    assert plan.merge.aggregate is not None
+
+
+def test_orm_entity_and_join() -> None:
+    stmt = select(User, Order).join(Order, Order.user_id == User.id).order_by(Order.total.desc()).limit(5)
+    plan = plan_select(stmt)
+    assert plan.merge.row_width == 3  # two entities + the hidden sort column
+    assert plan.merge.sort_keys[0].position == 2
+    assert plan.output_keys == ("User", "Order")
+    assert "JOIN orders" in sql(plan)
+
+
+def test_orm_columns_grouped() -> None:
+    plan = plan_select(select(User.country, func.avg(User.score)).group_by(User.country))
+    assert plan.merge.aggregate is not None
+    assert plan.output_keys == ("country", "avg")
+
+
+def test_distinct_with_limit_keeps_shard_distinct_limit() -> None:
+    plan = plan_select(select(c.name).distinct().order_by(c.name).limit(3))
+    assert "SELECT DISTINCT" in sql(plan) and "LIMIT 3" in sql(plan)
+    assert plan.merge.distinct
+
+
+def test_explain_renders_for_a_dialect() -> None:
+    text = plan_select(select(users).order_by(c.id).limit(2)).explain("postgresql")
+    assert "LIMIT 2" in text and "k-way" in text
+
+
+@pytest.mark.parametrize(
+    ("stmt", "construct"),
+    [
+        (select(c.id, func.row_number().over(order_by=c.id)), "window function"),
+        (select(func.string_agg(c.name, ",")).select_from(users), "aggregate function string_agg()"),
+        (select(func.array_agg(c.name)).select_from(users), "aggregate function array_agg()"),
+        (select(users).with_for_update(), "FOR UPDATE"),
+        (select(users).order_by(func.random()), "ORDER BY random()"),
+        (select(literal(1)), "SELECT without FROM"),
+        (select(c.country, func.count()).group_by(func.rollup(c.country)), "GROUP BY ROLLUP/CUBE/GROUPING SETS"),
+        (select(select(c.id).limit(3).subquery()), "LIMIT/OFFSET in a subquery"),
+        (select(select(func.count()).select_from(users).subquery()), "aggregate in a subquery"),
+        (select(users).where(c.score > select(func.avg(c.score)).scalar_subquery()), "aggregate in a subquery"),
+        (select(users).fetch(3), "FETCH FIRST"),
+        (select(c.name, func.count()).select_from(users), "column outside an aggregate"),
+        (select(c.name, func.count()).group_by(c.country), "column neither grouped nor aggregated"),
+        (select(c.name).distinct().order_by(c.score), "ORDER BY expression not in the select list of a DISTINCT query"),
+        (select(users).ext(distinct_on(c.country)), "DISTINCT ON"),
+        (
+            select(func.count()).select_from(users).having(func.count() % 2 == 0),
+            "operator mod over aggregates or in HAVING",
+        ),
+        (select(func.upper(func.min(c.name))).select_from(users), "aggregate inside Function"),
+        (select(users).limit(func.abs(3)), "LIMIT given as an expression"),
+        (select(func.max(c.score, c.id)).select_from(users), "max() with several arguments"),
+    ],
+)
+def test_refusals_name_the_construct(stmt: Any, construct: str) -> None:
+    with pytest.raises(UnsupportedQueryError) as info:
+        plan_select(stmt)
+    assert info.value.construct == construct  # type: ignore[attr-defined]
+    assert construct in str(info.value)
+    assert isinstance(info.value, FanoutError)
+
+
+def test_union_refused() -> None:
+    with pytest.raises(UnsupportedQueryError) as info:
+        plan_select(union_all(select(c.id), select(c.id)))  # type: ignore[arg-type]
+    assert "set operation" in info.value.construct  # type: ignore[attr-defined]
+
+
+def test_distinct_on_shard_key_allowed() -> None:
+    plan = plan_select(select(users).ext(distinct_on(c.id)).order_by(c.id), shard_key_columns=[c.id])
+    assert not plan.merge.distinct
