@@ -33,9 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["Cluster", "get_active_cluster"]
 
 _active_global: Cluster | None = None
-_active_local: contextvars.ContextVar[Cluster | None] = contextvars.ContextVar(
-    "shardkit_active_cluster", default=None
-)
+_active_local: contextvars.ContextVar[Cluster | None] = contextvars.ContextVar("shardkit_active_cluster", default=None)
 
 
 def get_active_cluster() -> Cluster:
@@ -149,9 +147,7 @@ class Cluster:
             try:
                 module: Any = importlib.import_module(settings)
             except ImportError as exc:
-                raise ConfigError(
-                    f"settings module {settings!r} does not import: {exc}", settings=settings
-                ) from exc
+                raise ConfigError(f"settings module {settings!r} does not import: {exc}", settings=settings) from exc
         else:
             module = settings
         databases = getattr(module, "DATABASES", None)
@@ -175,9 +171,7 @@ class Cluster:
         """Return ``alias`` if the cluster has it, else raise :class:`UnknownAliasError`."""
         if isinstance(alias, str) and alias in self._specs:
             return alias
-        raise UnknownAliasError(
-            f"unknown database alias {alias!r} (aliases: {', '.join(self._specs)})", alias=alias
-        )
+        raise UnknownAliasError(f"unknown database alias {alias!r} (aliases: {', '.join(self._specs)})", alias=alias)
 
     def engine(self, alias: str = DEFAULT_DB_ALIAS) -> Engine:
         """The engine of ``alias``, created on first use."""
@@ -285,4 +279,3 @@ class Cluster:
 
     def _check_flush(self, session: ShardSession) -> None:
         """Checks made on a flush before anything is written (relations: see issue #5)."""
-

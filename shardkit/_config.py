@@ -140,9 +140,7 @@ def _spec_from_dict(alias: str, entry: Mapping[str, Any]) -> AliasSpec:
         try:
             port = int(port)
         except (TypeError, ValueError):
-            raise ConfigError(
-                f"DATABASES[{alias!r}]: PORT must be a number, got {port!r}", alias=alias
-            ) from None
+            raise ConfigError(f"DATABASES[{alias!r}]: PORT must be a number, got {port!r}", alias=alias) from None
     options = entry.get("OPTIONS") or {}
     engine_options = entry.get("ENGINE_OPTIONS") or {}
     for key in ("OPTIONS", "ENGINE_OPTIONS"):
@@ -175,8 +173,7 @@ def _spec(alias: Any, entry: Any) -> AliasSpec:
     if isinstance(entry, Mapping):
         return _spec_from_dict(alias, entry)
     raise ConfigError(
-        f"DATABASES[{alias!r}] must be a URL string or a dict with ENGINE/NAME/..., "
-        f"got {type(entry).__name__}",
+        f"DATABASES[{alias!r}] must be a URL string or a dict with ENGINE/NAME/..., got {type(entry).__name__}",
         alias=alias,
     )
 

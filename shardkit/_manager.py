@@ -65,9 +65,7 @@ def _session_scope(obj: Any = None) -> Iterator[ShardSession]:
     if session is None:
         session = get_active_cluster().autocommit_session()
     if not isinstance(session, ShardSession):
-        raise ShardkitError(
-            f"{type(obj).__name__} belongs to a plain SQLAlchemy session, not a shardkit session"
-        )
+        raise ShardkitError(f"{type(obj).__name__} belongs to a plain SQLAlchemy session, not a shardkit session")
     autocommit = session is session.cluster.autocommit_session()
     try:
         yield session
@@ -484,4 +482,3 @@ class ModelMixin:
     def delete(self, using: str | None = None) -> None:
         """Delete this object now: from ``using`` if given, else from where it lives."""
         delete_obj(self, using=using)
-

@@ -39,9 +39,7 @@ def import_string(path: str) -> Any:
     try:
         module = importlib.import_module(module_path)
     except ImportError as exc:
-        raise RouterImportError(
-            f"router {path!r} does not import: {exc.__class__.__name__}: {exc}", path=path
-        ) from exc
+        raise RouterImportError(f"router {path!r} does not import: {exc.__class__.__name__}: {exc}", path=path) from exc
     try:
         return getattr(module, attr)
     except AttributeError:

@@ -25,11 +25,12 @@ Core tables that no class maps) go to ``"default"`` unless placed with
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, and_, event, select
+from sqlalchemy import Engine, Select, and_, event, select
 from sqlalchemy.orm import (
     Mapper,
     Session,
@@ -125,7 +126,7 @@ def _set_db(state: InstanceState[Any], alias: str) -> None:
 def _statement_model(orm_context: ORMExecuteState) -> type[Any] | None:
     mapper = orm_context.bind_mapper
     if mapper is not None:
-        return mapper.class_  # type: ignore[no-any-return]
+        return mapper.class_
     return None
 
 
@@ -162,7 +163,7 @@ class ShardSession(Session):
 
     # -- binds ---------------------------------------------------------------
 
-    def get_bind(  # type: ignore[override]
+    def get_bind(
         self,
         mapper: Any = None,
         *,
@@ -300,9 +301,7 @@ class ShardSession(Session):
         state = instance_state(obj)
         mapper = state.mapper
         if state.session_id is not None and state.session_id != self.hash_key:
-            raise ShardkitError(
-                f"{mapper.class_.__name__} instance belongs to another session", model=mapper.class_
-            )
+            raise ShardkitError(f"{mapper.class_.__name__} instance belongs to another session", model=mapper.class_)
         # Load everything now: a copy must not miss expired or deferred columns.
         # No autoflush: the object's pending changes belong to the copy, not to its old alias.
         with self.no_autoflush:
@@ -339,9 +338,7 @@ class ShardSession(Session):
         using = self.cluster.check_alias(using)
         state = instance_state(obj)
         if state.key is None:
-            raise ShardkitError(
-                f"cannot delete a {state.class_.__name__} that was never saved", model=state.class_
-            )
+            raise ShardkitError(f"cannot delete a {state.class_.__name__} that was never saved", model=state.class_)
         if db_of(obj) == using:
             self.delete(obj)
             return
@@ -393,10 +390,8 @@ class ShardSession(Session):
             result = orm_context.invoke_statement(statement=statement, bind_arguments=bind_arguments)
         else:
             result = orm_context.invoke_statement(bind_arguments=bind_arguments)
-        try:
+        with contextlib.suppress(AttributeError):  # a Result class with __slots__
             result.shards = (alias,)  # type: ignore[attr-defined]
-        except AttributeError:  # pragma: no cover
-            pass
         return result
 
     def _execute_routed(self, orm_context: ORMExecuteState) -> Result[Any]:
@@ -428,6 +423,8 @@ class ShardSession(Session):
         """What ``statement`` would do: the alias it runs on, or the SQL each shard gets and the merge plan."""
         from .fanout import plan_select
 
+        if not isinstance(statement, Select):
+            raise ShardkitError(f"explain() takes a SELECT, got {type(statement).__name__}")
         target = self.route(statement)
         if isinstance(target, str):
             dialect = self.cluster.engine(target).dialect
@@ -435,7 +432,14 @@ class ShardSession(Session):
         lines = [f"fan-out over {len(target.statements)} shards ({target.reason or 'routers'})"]
         base = plan_select(statement, shard_key_columns=target.shard_key_columns)
         for alias, stmt in target.statements.items():
-            plan = base if stmt is None else plan_select(stmt, shard_key_columns=target.shard_key_columns)
+            plan = (
+                base
+                if stmt is None
+                else plan_select(
+                    stmt,  # type: ignore[arg-type]
+                    shard_key_columns=target.shard_key_columns,
+                )
+            )
             dialect = self.cluster.engine(alias).dialect
             sql = str(plan.shard_statement.compile(dialect=dialect)).replace("\n", "\n    ")
             lines.append(f"  {alias}:\n    {sql}")
@@ -458,7 +462,7 @@ def _mapper_class(mapper: Any) -> type[Any] | None:
     if mapper is None:
         return None
     if isinstance(mapper, Mapper):
-        return mapper.class_  # type: ignore[no-any-return]
+        return mapper.class_
     if isinstance(mapper, type):
         return mapper
     return None

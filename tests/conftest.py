@@ -75,7 +75,7 @@ class DatabaseFactory:
         if backend == "postgresql":
             require_server(PG_URL, "pg")
             admin_url = PG_URL
-            create = f'CREATE DATABASE "{name}" TEMPLATE template0 ENCODING \'UTF8\' LC_COLLATE \'C\' LC_CTYPE \'C\''
+            create = f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C'"
         elif backend == "mysql":
             require_server(MYSQL_URL, "mysql")
             admin_url = MYSQL_URL

@@ -49,10 +49,17 @@ def build_cluster(folder: Path, shards: int) -> tuple[Cluster, HashRing]:
 
 
 @click.command()
-@click.option("--dir", "folder", type=click.Path(file_okay=False, path_type=Path), default="shardkit-demo",
-              show_default=True, help="Folder for the SQLite shard files.")
-@click.option("--users", type=click.IntRange(1, 1_000_000), default=2000, show_default=True,
-              help="How many users to load.")
+@click.option(
+    "--dir",
+    "folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    default="shardkit-demo",
+    show_default=True,
+    help="Folder for the SQLite shard files.",
+)
+@click.option(
+    "--users", type=click.IntRange(1, 1_000_000), default=2000, show_default=True, help="How many users to load."
+)
 @click.option("--shards", type=click.IntRange(1, 64), default=4, show_default=True, help="How many shards.")
 @click.option("--seed", type=int, default=42, show_default=True, help="Random seed for the data.")
 def demo(folder: Path, users: int, shards: int, seed: int) -> None:
@@ -69,8 +76,7 @@ def demo(folder: Path, users: int, shards: int, seed: int) -> None:
     started = time.perf_counter()
     with cluster.session() as s:
         loaded = [
-            DemoUser(name=f"user{i}", country=rng.choice(COUNTRIES), score=rng.randint(0, 1000))
-            for i in range(users)
+            DemoUser(name=f"user{i}", country=rng.choice(COUNTRIES), score=rng.randint(0, 1000)) for i in range(users)
         ]
         s.add_all(loaded)
         s.commit()
