@@ -16,6 +16,7 @@ from __future__ import annotations
 from . import errors
 from ._cluster import Cluster, get_active_cluster
 from ._config import DEFAULT_DB_ALIAS, AliasSpec
+from ._fanout import ShardedResult, shards_of
 from ._manager import (
     FieldError,
     Manager,
@@ -27,9 +28,8 @@ from ._manager import (
 from ._routing import RouterChain
 from ._session import ShardSession, current_session, db_of, using
 from .errors import ShardkitError
-from .typing import ShardTargets
-
 from .ring import HashRing, HashRingRouter
+from .typing import ShardTargets
 
 __version__ = "0.1.0"
 
@@ -48,10 +48,12 @@ __all__ = [
     "RouterChain",
     "ShardSession",
     "ShardTargets",
+    "ShardedResult",
     "ShardkitError",
     "current_session",
     "db_of",
     "errors",
     "get_active_cluster",
+    "shards_of",
     "using",
 ]
