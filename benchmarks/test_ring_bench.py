@@ -1,0 +1,157 @@
+"""Ring figures: lookup speed against peers, add/remove cost, balance, movement, memory.
+
+Run:  pytest benchmarks/test_ring_bench.py -p no:cacheprovider
+Peers in the same groups: a bare ``mmh3.hash(str)`` call and uhashring's
+``HashRing.get_node``.  The medians and their ratios are printed as one table
+at the end of the run ("shardkit ring figures").  Structural figures
+(balance, movement, memory) are exact and asserted; speed ratios are printed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import mmh3
+import pytest
+import uhashring
+
+from shardkit.ring import IMPLEMENTATION, HashRing
+
+N_KEYS = 1_000_000
+KEY = "user:1234567"
+
+
+def _calls(benchmark: Any, fn: Any, arg: Any, iterations: int = 20_000) -> None:
+    """Same fixed calibration for every peer: many calls per round, so timer overhead vanishes."""
+    benchmark.pedantic(fn, args=(arg,), iterations=iterations, rounds=40, warmup_rounds=2)
+
+
+def _median(benchmark: Any) -> float:
+    return float(benchmark.stats.stats.median)
+
+
+def _ratios(figs: dict[str, Any], shards: int) -> None:
+    base = figs.get(f"median get[{shards}] mmh3.hash(str)")
+    ours = figs.get(f"median get[{shards}] ring.get(str)")
+    peer = figs.get(f"median get[{shards}] uhashring.get_node(str)")
+    if base and ours:
+        figs[f"ratio get[{shards}]: ring.get / mmh3.hash (<=1.3)"] = ours / base
+    if peer and ours:
+        figs[f"ratio get[{shards}]: uhashring / ring.get (>=35)"] = peer / ours
+
+
+@pytest.mark.parametrize("shards", [10, 100])
+@pytest.mark.parametrize("who", ["mmh3.hash(str)", "uhashring.get_node(str)", "ring.get(str)", "ring.get(int)"])
+def test_get(benchmark: Any, ring_figures: dict[str, Any], shards: int, who: str) -> None:
+    benchmark.group = f"ring get, {shards} shards"
+    aliases = [f"s{i}" for i in range(shards)]
+    ring = HashRing(aliases)
+    fn: Any
+    arg: Any = KEY
+    if who == "mmh3.hash(str)":
+        fn = mmh3.hash
+    elif who.startswith("uhashring"):
+        fn = uhashring.HashRing(nodes=aliases).get_node
+    else:
+        fn = ring.get
+        arg = 1234567 if who.endswith("(int)") else KEY
+    _calls(benchmark, fn, arg, 2_000 if who.startswith("uhashring") else 20_000)
+    ring_figures[f"median get[{shards}] {who}"] = _median(benchmark)
+    _ratios(ring_figures, shards)
+
+
+@pytest.mark.parametrize("who", ["mmh3.hash(str)", "get_many(1000 ints)", "get_many(1000 strs)"])
+def test_get_many(benchmark: Any, ring_figures: dict[str, Any], who: str) -> None:
+    benchmark.group = "ring get_many, per call"
+    ring = HashRing([f"s{i}" for i in range(10)])
+    if who == "mmh3.hash(str)":
+        _calls(benchmark, mmh3.hash, KEY)
+        ring_figures["median get_many peer mmh3.hash(str)"] = _median(benchmark)
+        return
+    keys: list[Any] = list(range(10**9, 10**9 + 1000))
+    if "strs" in who:
+        keys = [f"user:{k}" for k in keys]
+    _calls(benchmark, ring.get_many, keys, 50)
+    per_key = _median(benchmark) / len(keys)
+    ring_figures[f"median per key {who}"] = per_key
+    base = ring_figures.get("median get_many peer mmh3.hash(str)")
+    if base:
+        ring_figures[f"ratio per key {who} / mmh3.hash (<=0.7)"] = per_key / base
+
+
+@pytest.fixture(scope="module")
+def big_ring() -> HashRing:
+    return HashRing([f"s{i}" for i in range(1000)], vnodes=160)
+
+
+@pytest.mark.parametrize("op", ["add", "remove"])
+def test_add_remove_1000_shards(benchmark: Any, ring_figures: dict[str, Any], big_ring: HashRing, op: str) -> None:
+    benchmark.group = "ring add/remove, 1000 shards x 160 vnodes"
+    if op == "add":
+
+        def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+            return (big_ring.copy(), "new-shard"), {}
+
+        benchmark.pedantic(lambda ring, alias: ring.add(alias), setup=setup, rounds=60)
+    else:
+
+        def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+            return (big_ring.copy(), "s500"), {}
+
+        benchmark.pedantic(lambda ring, alias: ring.remove(alias), setup=setup, rounds=60)
+    ring_figures[f"median {op} one shard (1000 x 160 points; <=1 ms)"] = _median(benchmark)
+    assert _median(benchmark) < 5e-3  # generous: the target is 1 ms, machines vary
+
+
+# --------------------------------------------------------------- measured figures
+@pytest.fixture(scope="module")
+def million_keys() -> list[int]:
+    rnd = random.Random(1)
+    return [rnd.getrandbits(63) for _ in range(N_KEYS)]
+
+
+def _peak_over_mean(owners: list[str], shards: int) -> float:
+    return max(Counter(owners).values()) / (len(owners) / shards)
+
+
+def test_balance(ring_figures: dict[str, Any], million_keys: list[int]) -> None:
+    ring_figures["implementation"] = IMPLEMENTATION
+    classic = HashRing([f"s{i}" for i in range(10)])
+    value = _peak_over_mean(classic.get_many(million_keys), 10)
+    ring_figures["balance classic 10 shards, 1M keys (<=1.10)"] = value
+    assert value <= 1.10
+    for shards in (10, 100, 1000):
+        ring = HashRing([f"s{i}" for i in range(shards)], mode="buckets")
+        exact = max(Counter(ring._owners).values()) / (ring.buckets / shards)
+        ring_figures[f"balance buckets {shards} shards, hash-space share (<=1.01)"] = exact
+        ring_figures[f"balance buckets {shards} shards, 1M keys"] = _peak_over_mean(ring.get_many(million_keys), shards)
+        assert exact <= 1.01
+
+
+@pytest.mark.parametrize("mode", ["ring", "buckets"])
+def test_movement(ring_figures: dict[str, Any], million_keys: list[int], mode: str) -> None:
+    ring = HashRing([f"s{i}" for i in range(10)], mode=mode)
+    before = ring.get_many(million_keys)
+    ring.add("s10")
+    after = ring.get_many(million_keys)
+    moved = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+    assert all(b == "s10" for _, b in moved), "a key moved between two old shards"
+    ratio_add = len(moved) / N_KEYS * 11
+    ring.remove("s7")
+    final = ring.get_many(million_keys)
+    moved = [(a, b) for a, b in zip(after, final, strict=True) if a != b]
+    assert all(a == "s7" for a, _ in moved)
+    ratio_remove = len(moved) / N_KEYS * 11
+    ring_figures[f"movement {mode}: 10 -> 11, x ideal 1/11 (<=1.05)"] = ratio_add
+    ring_figures[f"movement {mode}: 11 -> 10, x ideal 1/11 (<=1.10)"] = ratio_remove
+    assert ratio_add <= 1.05 and ratio_remove <= 1.10
+
+
+def test_memory(ring_figures: dict[str, Any]) -> None:
+    ring = HashRing([f"s{i}" for i in range(1000)], vnodes=160)
+    ring_figures["memory bytes per ring point (<=8)"] = ring.memory_per_point()
+    ring_figures["memory 1000 x 160 ring, bytes"] = ring.nbytes
+    ring_figures["memory bytes per bucket (65536 buckets)"] = HashRing(["a", "b"], mode="buckets").memory_per_point()
+    assert ring.memory_per_point() <= 8

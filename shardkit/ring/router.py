@@ -1,0 +1,388 @@
+"""HashRingRouter: route sharded models by their shard key through a :class:`HashRing`.
+
+A model is *sharded* when it names its shard key, either with a class
+attribute ``__shard_key__ = "user_id"`` (an attribute name) or through the
+router's ``shard_keys={User: "id", "orders": "user_id"}`` mapping (keys are
+mapped classes or table names).  Every other model gets ``None`` from every
+method, so the next router in the chain decides.
+
+* **Writes** route by the instance's shard key value.  When the shard key is
+  the model's own integer primary key and is still ``None``, an id is taken
+  from the cluster-wide generator (:mod:`shardkit.ids`) and set first.
+* **Reads** route by the statement's WHERE clause: ``col == value``,
+  ``value == col`` and ``col.in_([...])`` on the shard key column, found in
+  the top-level AND chain (conditions under OR / NOT are ignored).  One value
+  gives one alias; an ``IN`` list spanning several shards gives a
+  :class:`~shardkit.typing.ShardTargets` whose per-shard statement keeps only
+  that shard's values; no usable condition gives every shard.  Bound values
+  given only at execution time (``bindparam("x")`` without a value) are not
+  seen, so such reads go to every shard.
+* Keys are hashed by Python type (see :mod:`shardkit.ring._keys`): compare an
+  integer column with ints, not with digit strings.
+
+Limits: only the shard key column of the model's own table (or an alias of
+it) is looked at; keys reached through joins or subqueries are not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Table, inspect
+from sqlalchemy.exc import NoInspectionAvailable
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, Grouping
+from sqlalchemy.sql.visitors import replacement_traverse
+
+from ..errors import ConfigError, RoutingError
+from ..typing import ShardTargets
+
+if TYPE_CHECKING:
+    from sqlalchemy.sql.elements import ColumnElement
+
+    from ._ring import HashRing
+
+__all__ = ["HashRingRouter"]
+
+
+class _Spec:
+    """What the router knows about one sharded model or table."""
+
+    __slots__ = ("attr", "column", "int_pk", "label", "table")
+
+    def __init__(self, label: str, attr: str, table: Table | None, column: Any, int_pk: bool) -> None:
+        self.label = label
+        self.attr = attr
+        self.table = table
+        self.column = column
+        self.int_pk = int_pk
+
+
+class _Constraint:
+    """One shard-key condition of the WHERE clause: the values it allows."""
+
+    __slots__ = ("bind", "values")
+
+    def __init__(self, values: list[Any], bind: BindParameter[Any] | None) -> None:
+        self.values = values
+        self.bind = bind  # the expanding IN parameter, to rewrite per shard
+
+
+def _is_int_type(column: Any) -> bool:
+    try:
+        return column.type.python_type is int
+    except (NotImplementedError, AttributeError):
+        return False
+
+
+class HashRingRouter:
+    """A router for sharded models, backed by a :class:`~shardkit.ring.HashRing`.
+
+    :param ring: the ring that maps shard keys to aliases.
+    :param shard_keys: ``{Model or table name: attribute name}`` for models
+        that do not declare ``__shard_key__`` (the mapping wins over the attribute).
+    :param ids: the id source for integer primary-key shard keys that are
+        ``None`` at write time: an :class:`~shardkit.ids.IdGenerator` or any
+        zero-argument callable returning an int (default: :func:`shardkit.ids.next_id`).
+
+    >>> router = HashRingRouter(HashRing(["s0", "s1"]), shard_keys={"orders": "user_id"})
+    >>> router.shard_for("orders", 42) in ("s0", "s1")
+    True
+    """
+
+    def __init__(
+        self,
+        ring: HashRing,
+        shard_keys: Mapping[type[Any] | str, str] | None = None,
+        ids: Callable[[], int] | None = None,
+    ) -> None:
+        self.ring = ring
+        self._model_keys: dict[type[Any], str] = {}
+        self._table_keys: dict[str, str] = {}
+        for target, attr in (shard_keys or {}).items():
+            if not isinstance(attr, str) or not attr:
+                raise ConfigError(f"shard key of {target!r} must be an attribute name, not {attr!r}")
+            if isinstance(target, str):
+                self._table_keys[target] = attr
+            elif isinstance(target, Table):
+                self._table_keys[target.fullname] = attr
+            elif isinstance(target, type):
+                self._model_keys[target] = attr
+            else:
+                raise ConfigError(f"shard_keys keys must be mapped classes or table names, not {target!r}")
+        if ids is None:
+            from ..ids import next_id
+
+            ids = next_id
+        self._ids = ids
+        self._specs: dict[Any, _Spec | None] = {}
+
+    # --------------------------------------------------------------- introspection
+    def is_sharded(self, model: Any) -> bool:
+        """True when ``model`` (a mapped class, a Table or a table name) has a shard key."""
+        return self._spec(model) is not None
+
+    def shard_for(self, model_or_table: Any, key: Any) -> str:
+        """The alias that holds the rows of ``model_or_table`` whose shard key is ``key``.
+
+        :raises RoutingError: the model or table is not sharded.
+        :raises InvalidKeyError: ``key`` is not a valid shard key.
+        """
+        if self._spec(model_or_table) is None:
+            raise RoutingError(f"{model_or_table!r} is not sharded: it has no shard key", model=model_or_table)
+        return self.ring.get(key)
+
+    def _spec(self, model: Any) -> _Spec | None:
+        cache_key: Any = model
+        try:
+            return self._specs[cache_key]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable: not a model
+            return None
+        spec = self._build_spec(model)
+        self._specs[cache_key] = spec
+        return spec
+
+    def _build_spec(self, model: Any) -> _Spec | None:
+        if isinstance(model, str):
+            attr = self._table_keys.get(model)
+            return None if attr is None else _Spec(model, attr, None, None, False)
+        if isinstance(model, Table):
+            attr = self._table_keys.get(model.fullname) or self._table_keys.get(model.name)
+            if attr is None:
+                for cls, cls_attr in self._model_keys.items():
+                    if getattr(cls, "__table__", None) is model:
+                        attr = cls_attr
+                if attr is None:
+                    return None
+            column = model.c.get(attr)
+            return _Spec(model.fullname, attr, model, column, self._int_pk(model, column))
+        if not isinstance(model, type):
+            return None
+        try:
+            mapper: Any = inspect(model)
+        except NoInspectionAvailable:
+            mapper = None
+        table = getattr(mapper, "local_table", None) if mapper is not None else None
+        if not isinstance(table, Table):
+            table = None
+        attr = self._model_keys.get(model)
+        if attr is None:
+            for cls, cls_attr in self._model_keys.items():
+                if issubclass(model, cls):
+                    attr = cls_attr
+                    break
+        if attr is None and table is not None:
+            attr = self._table_keys.get(table.fullname) or self._table_keys.get(table.name)
+        if attr is None:
+            attr = getattr(model, "__shard_key__", None)
+        if attr is None:
+            return None
+        if not isinstance(attr, str) or not attr:
+            raise ConfigError(f"{model.__name__}.__shard_key__ must be an attribute name, not {attr!r}")
+        column = None
+        if mapper is not None:
+            prop = mapper.attrs.get(attr)
+            columns = getattr(prop, "columns", None)
+            if not columns:
+                raise ConfigError(
+                    f"shard key {model.__name__}.{attr} is not a mapped column attribute",
+                    model=model,
+                    attribute=attr,
+                )
+            column = columns[0]
+        return _Spec(model.__name__, attr, table, column, self._int_pk(table, column))
+
+    @staticmethod
+    def _int_pk(table: Table | None, column: Any) -> bool:
+        if table is None or column is None:
+            return False
+        return bool(column.primary_key) and _is_int_type(column)
+
+    # ------------------------------------------------------------------- writes
+    def db_for_write(self, model: type[Any], **hints: Any) -> str | None:
+        """The alias that stores ``hints["instance"]`` (or the ``shard_key=`` hint, or the
+        single shard a statement's WHERE pins); ``None`` for unsharded models.
+
+        :raises RoutingError: the instance's shard key is ``None`` and is not an
+            integer primary key that can be generated.
+        """
+        spec = self._spec(model)
+        if spec is None:
+            return None
+        if hints.get("shard_key") is not None:
+            return self.ring.get(hints["shard_key"])
+        instance = hints.get("instance")
+        if instance is not None:
+            key = getattr(instance, spec.attr, None)
+            if key is None:
+                if not spec.int_pk:
+                    raise RoutingError(
+                        f"cannot route {spec.label}: its shard key {spec.attr!r} is None",
+                        model=model,
+                        attribute=spec.attr,
+                        instance=instance,
+                    )
+                key = self._ids()
+                setattr(instance, spec.attr, key)
+            return self.ring.get(key)
+        statement = hints.get("statement")
+        if statement is not None:
+            target = self._route_statement(spec, statement)
+            if isinstance(target, str):
+                return target
+        return None
+
+    # -------------------------------------------------------------------- reads
+    def db_for_read(self, model: type[Any], **hints: Any) -> str | ShardTargets | None:
+        """Route a read of a sharded model: one alias, a :class:`ShardTargets`, or ``None``.
+
+        ``instance=`` (a lazy load from a loaded object of a sharded model)
+        gives ``None``, so the session uses that object's own database.
+        """
+        spec = self._spec(model)
+        if spec is None:
+            return None
+        if hints.get("shard_key") is not None:
+            return self.ring.get(hints["shard_key"])
+        instance = hints.get("instance")
+        if instance is not None and self.is_sharded(type(instance)):
+            return None
+        return self._route_statement(spec, hints.get("statement"))
+
+    def _every_shard(self, reason: str, spec: _Spec) -> ShardTargets:
+        return ShardTargets(
+            statements=dict.fromkeys(self.ring),
+            reason=reason,
+            all_shards=True,
+            shard_key_columns=self._key_columns(spec),
+        )
+
+    @staticmethod
+    def _key_columns(spec: _Spec) -> tuple[Any, ...]:
+        return () if spec.column is None else (spec.column,)
+
+    def _route_statement(self, spec: _Spec, statement: Any) -> str | ShardTargets:
+        if statement is None or spec.column is None:
+            return self._every_shard("no shard key in WHERE", spec)
+        constraints: list[_Constraint] = []
+        for criterion in getattr(statement, "_where_criteria", ()):
+            self._collect(criterion, spec.column, constraints)
+        if not constraints:
+            return self._every_shard("no shard key in WHERE", spec)
+        ring_get = self.ring.get
+        owners: list[dict[str, list[Any]]] = []
+        for constraint in constraints:
+            by_alias: dict[str, list[Any]] = {}
+            for value in constraint.values:
+                by_alias.setdefault(ring_get(value), []).append(value)
+            owners.append(by_alias)
+        aliases = set(owners[0])
+        for by_alias in owners[1:]:
+            aliases &= set(by_alias)
+        if not aliases:
+            union: set[str] = set().union(*owners)
+            if not union:  # only empty IN lists: no row can match, any one shard answers
+                for alias in self.ring:
+                    return alias
+                return self._every_shard("empty ring", spec)
+            aliases = union  # contradictory keys: no row matches; asking each shard is still right
+        ordered = [a for a in self.ring if a in aliases]
+        if len(ordered) == 1:
+            return ordered[0]
+        statements: dict[str, Any] = {}
+        for alias in ordered:
+            replace: dict[int, BindParameter[Any]] = {}
+            for constraint, by_alias in zip(constraints, owners, strict=True):
+                bind: Any = constraint.bind
+                if bind is not None:
+                    replace[id(bind)] = bind._with_value(by_alias.get(alias, []), maintain_key=True)
+            statements[alias] = self._rewrite(statement, replace) if replace else None
+        label = f"{spec.label}.{spec.attr}"
+        return ShardTargets(
+            statements=statements,
+            reason=f"shard key {label} values span {len(ordered)} shards",
+            shard_key_columns=self._key_columns(spec),
+        )
+
+    @staticmethod
+    def _rewrite(statement: Any, replace: Mapping[int, BindParameter[Any]]) -> Any:
+        def swap(element: Any, **kw: Any) -> Any:
+            return replace.get(id(element))
+
+        new = statement._generate()
+        new._where_criteria = tuple(
+            replacement_traverse(criterion, {}, swap) for criterion in statement._where_criteria
+        )
+        return new
+
+    def _collect(self, clause: Any, column: Any, out: list[_Constraint]) -> None:
+        """Append the shard-key conditions of a top-level AND chain to ``out``."""
+        if isinstance(clause, BooleanClauseList):
+            if clause.operator is operators.and_:
+                for sub in clause.clauses:
+                    self._collect(sub, column, out)
+            return  # OR: no key
+        if isinstance(clause, Grouping):
+            self._collect(clause.element, column, out)
+            return
+        if not isinstance(clause, BinaryExpression):
+            return
+        op = clause.operator
+        left, right = clause.left, clause.right
+        if op is operators.eq:
+            if self._is_column(right, column) and isinstance(left, BindParameter):
+                left, right = right, left
+            if not (self._is_column(left, column) and isinstance(right, BindParameter)):
+                return
+            value = self._bound_value(right)
+            if value is not None:
+                out.append(_Constraint([value], None))
+        elif op is operators.in_op and self._is_column(left, column) and isinstance(right, BindParameter):
+            values = self._bound_value(right)
+            if values is None:
+                return
+            if not isinstance(values, Iterable) or isinstance(values, str | bytes):
+                values = [values]
+            kept = [v for v in values if v is not None]  # NULL never matches IN
+            out.append(_Constraint(kept, right if right.expanding else None))
+
+    @staticmethod
+    def _is_column(element: ColumnElement[Any] | Any, column: Any) -> bool:
+        proxy_set = getattr(element, "proxy_set", None)
+        return proxy_set is not None and column in proxy_set
+
+    @staticmethod
+    def _bound_value(bind: BindParameter[Any]) -> Any:
+        if bind.callable is None and bind.value is None:
+            return None  # supplied at execution time (or NULL): unknown here
+        return bind.effective_value
+
+    # ---------------------------------------------------------- relations/migrate
+    def allow_relation(self, obj1: Any, obj2: Any, **hints: Any) -> bool | None:
+        """For two sharded objects: True when they are on the same alias, False when not.
+
+        Their aliases come from the ``db1``/``db2`` hints the session passes (where each
+        object really is or will be written), else from their shard keys; None when a key
+        is still unknown, and None for anything that is not sharded."""
+        spec1, spec2 = self._spec(type(obj1)), self._spec(type(obj2))
+        if spec1 is None or spec2 is None:
+            return None
+        db1, db2 = hints.get("db1"), hints.get("db2")
+        if db1 is not None and db2 is not None:  # where they really are (using() may overrule the ring)
+            return bool(db1 == db2)
+        key1, key2 = getattr(obj1, spec1.attr, None), getattr(obj2, spec2.attr, None)
+        if key1 is None or key2 is None:
+            return None
+        return self.ring.get(key1) == self.ring.get(key2)
+
+    def allow_migrate(self, db: str, model: Any, **hints: Any) -> bool | None:
+        """Sharded tables live on the ring's shards only; None for everything else."""
+        if model is None or self._spec(model) is None:
+            return None
+        return db in self.ring
+
+    def __repr__(self) -> str:
+        return f"<HashRingRouter ring={self.ring!r}>"
