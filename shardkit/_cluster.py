@@ -25,7 +25,8 @@ from sqlalchemy.orm import DeclarativeBase, registry
 from ._config import DEFAULT_DB_ALIAS, AliasSpec, parse_databases
 from ._routing import RouterChain
 from ._session import ShardSession, _db_of_or_none
-from .errors import ConfigError, UnknownAliasError
+from ._relations import check_flush_relations
+from .errors import ConfigError, CrossShardWriteError, UnknownAliasError
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -113,6 +114,10 @@ class Cluster:
     :param routers: Django's ``DATABASE_ROUTERS``: dotted paths, classes or instances.
     :param engine_options: keyword arguments for every ``create_engine()`` call.
     :param deadline: default deadline in seconds for a read that spans shards.
+    :param partial: by default, return the healthy shards' rows of a failed fan-out (marked incomplete).
+    :param cross_shard_writes: ``"allow"`` (a commit touching several aliases commits on each, one
+        after the other, as SQLAlchemy does with several binds) or ``"refuse"`` (such a flush is
+        refused with :class:`~shardkit.errors.CrossShardWriteError` before anything is written).
 
     >>> cluster = Cluster({"default": "sqlite://"})
     >>> cluster.aliases
@@ -127,6 +132,7 @@ class Cluster:
         engine_options: Mapping[str, Any] | None = None,
         deadline: float | None = None,
         partial: bool = False,
+        cross_shard_writes: str = "allow",
     ) -> None:
         self._specs: dict[str, AliasSpec] = parse_databases(databases)
         self._engine_options = dict(engine_options or {})
@@ -135,6 +141,12 @@ class Cluster:
         self.router = RouterChain(routers or (), self._specs, db_of=_db_of_or_none, default=DEFAULT_DB_ALIAS)
         self.deadline = deadline
         self.partial = partial
+        if cross_shard_writes not in ("allow", "refuse"):
+            raise ConfigError(
+                f"cross_shard_writes must be 'allow' or 'refuse', got {cross_shard_writes!r}",
+                setting="cross_shard_writes",
+            )
+        self.cross_shard_writes = cross_shard_writes
         self._autocommit = threading.local()
 
     @classmethod
@@ -278,4 +290,13 @@ class Cluster:
     # -- hooks the session calls ---------------------------------------------------
 
     def _check_flush(self, session: ShardSession) -> None:
-        """Checks made on a flush before anything is written (relations: see issue #5)."""
+        """Checks made on a flush before anything is written: relations, then cross-shard writes."""
+        check_flush_relations(session)
+        if self.cross_shard_writes == "refuse":
+            aliases = session._tx_write_aliases | set(session._flush_aliases.values())
+            if len(aliases) > 1:
+                raise CrossShardWriteError(
+                    f"this transaction would write to {len(aliases)} databases ({', '.join(sorted(aliases))}) "
+                    "and the cluster refuses cross-shard writes (cross_shard_writes='refuse'); nothing was written",
+                    aliases=sorted(aliases),
+                )

@@ -160,11 +160,16 @@ class RouterChain:
         :param fallback: where to go when every router passes and the instance has no db
             (``"default"`` if not given); it is not passed to the routers.
         """
+        target = self.read_opinion(model, **hints)
+        return target if target is not None else self._fallback(hints, fallback)
+
+    def read_opinion(self, model: Any, **hints: Any) -> str | ShardTargets | None:
+        """What the routers say about a read of ``model``; ``None`` if every router passes."""
         for router, method in self._read:
             target = method(model, **hints)
             if target is not None:
                 return self._check_target(target, router, model, "db_for_read")
-        return self._fallback(hints, fallback)
+        return None
 
     def db_for_write(self, model: Any, *, fallback: str | None = None, **hints: Any) -> str | ShardTargets:
         """The alias a write of ``model`` goes to.
@@ -172,6 +177,11 @@ class RouterChain:
         A write of one instance always has one alias; a write by statement
         (``update(User)`` with no shard key) may span several.
         """
+        target = self.write_opinion(model, **hints)
+        return target if target is not None else self._fallback(hints, fallback)
+
+    def write_opinion(self, model: Any, **hints: Any) -> str | ShardTargets | None:
+        """What the routers say about a write of ``model``; ``None`` if every router passes."""
         for router, method in self._write:
             target = method(model, **hints)
             if target is not None:
@@ -184,7 +194,7 @@ class RouterChain:
                         router=router,
                     )
                 return checked
-        return self._fallback(hints, fallback)
+        return None
 
     def allow_relation(self, obj1: Any, obj2: Any, **hints: Any) -> bool:
         """Whether ``obj1`` and ``obj2`` may be related (a foreign key between them)."""

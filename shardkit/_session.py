@@ -146,6 +146,7 @@ class ShardSession(Session):
         self.cluster = cluster
         self.pinned = cluster.check_alias(using) if using is not None else None
         self._flush_aliases: dict[InstanceState[Any], str] = {}
+        self._tx_write_aliases: set[str] = set()  # aliases written in the current transaction
         self._context_tokens: list[contextvars.Token[ShardSession | None]] = []
 
     # -- context manager: makes the session "current" for the manager API --
@@ -234,6 +235,16 @@ class ShardSession(Session):
             # a new row: its identity (and so where it is found again) is this alias
             state.identity_token = alias
         return alias
+
+    def placement_of(self, obj: Any) -> str | None:
+        """Where ``obj`` lives or is placed, without defaults: its db, ``save(using=)``, a pinned
+        session, or a router's answer; ``None`` for a new object nothing has placed yet."""
+        state = instance_state(obj)
+        db = self._flush_aliases.get(state) or _db_of_or_none(obj) or state.info.get(_USING) or self.pinned
+        if db is not None:
+            return str(db)
+        target = self.cluster.router.write_opinion(state.class_, instance=obj)
+        return target if isinstance(target, str) else None
 
     def write_alias_of(self, obj: Any) -> str:
         """Where ``obj`` would be written at the next flush (asks the routers; writes nothing)."""
@@ -496,4 +507,12 @@ def _after_flush(session: Session, flush_context: Any) -> None:
     for state, alias in session._flush_aliases.items():
         state.info.pop(_USING, None)
         _set_db(state, alias)
+    session._tx_write_aliases.update(session._flush_aliases.values())
     session._flush_aliases.clear()
+
+
+@event.listens_for(ShardSession, "after_transaction_end")
+def _after_transaction(session: Session, transaction: Any) -> None:
+    if transaction.parent is None:  # the outermost transaction ended: a new one starts clean
+        assert isinstance(session, ShardSession)
+        session._tx_write_aliases.clear()

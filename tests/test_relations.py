@@ -1,0 +1,125 @@
+"""allow_relation enforced at assignment and at flush; the cross-shard write setting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from sqlalchemy import text
+
+import shardkit
+from shardkit.errors import CrossShardWriteError, RelationError
+
+from .app.models import Author, Base, Book
+
+
+@pytest.fixture
+def cluster(make_urls: Callable[..., dict[str, str]]) -> Iterator[shardkit.Cluster]:
+    # no routers: objects go where save(using=) puts them, and the default
+    # allow_relation allows two objects only when they are on the same database
+    cluster = shardkit.Cluster(make_urls("default", "other"))
+    cluster.create_all(Base)
+    yield cluster
+    cluster.dispose()
+
+
+def rows(cluster: shardkit.Cluster, alias: str, table: str) -> int:
+    with cluster.engine(alias).connect() as conn:
+        return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+def test_many_to_one_set_across_databases_is_refused_at_assignment(cluster: shardkit.Cluster) -> None:
+    with cluster.session() as s:
+        author = Author(id=1, name="far")
+        s.save(author, using="other")
+        s.commit()
+        book = Book(id=1, title="t", author_id=None)
+        s.save(book, using="default")
+        # the backref fires too: either side of the relationship may be the one named
+        with pytest.raises(RelationError, match=r"(Book\.author|Author\.books) refused") as info:
+            book.author = author
+        assert {info.value.alias1, info.value.alias2} == {"default", "other"}
+        assert {info.value.model1, info.value.model2} == {Author, Book}
+        assert book.author is None  # the assignment did not happen
+        s.expunge(book)
+        s.commit()
+    assert rows(cluster, "default", "blog_book") == 0
+    assert rows(cluster, "other", "blog_book") == 0
+
+
+def test_one_to_many_append_across_databases_is_refused(cluster: shardkit.Cluster) -> None:
+    with cluster.session() as s:
+        author = Author(id=1, name="here")
+        s.save(author, using="default")
+        s.commit()
+        s.save(Author(id=1, name="twin"), using="other")  # so the stray's own FK holds there
+        s.commit()
+        stray = Book(id=2, title="elsewhere", author_id=1)
+        s.save(stray, using="other")
+        s.commit()
+        with pytest.raises(RelationError, match=r"(Author\.books|Book\.author) refused"):
+            author.books.append(stray)
+        assert author.books == []
+
+
+def test_same_database_relations_are_allowed(cluster: shardkit.Cluster) -> None:
+    with cluster.session() as s:
+        author = Author(id=1, name="a")
+        s.save(author, using="other")
+        s.commit()
+        book = Book(id=1, title="t")
+        book.author = author  # a new book follows its author
+        s.add(book)
+        s.commit()
+        assert shardkit.db_of(book) == "other"
+    assert rows(cluster, "other", "blog_book") == 1
+
+
+def test_refusal_at_flush_writes_nothing_anywhere(cluster: shardkit.Cluster) -> None:
+    class Router:
+        """Places authors by id parity, so a parent can be found from a foreign key alone."""
+
+        def db_for_read(self, model: type, **hints: object) -> str | None:
+            return None
+
+        def allow_relation(self, obj1: object, obj2: object, **hints: object) -> bool | None:
+            return None
+
+    with cluster.session() as s:
+        author = Author(id=1, name="a")
+        s.save(author, using="other")
+        s.commit()
+        # the relationship is set on a new object whose database is decided only at flush
+        book = Book(id=5, title="late")
+        s.add(book)
+        book.author = author  # the book has no placement yet: it follows its author (allowed)
+        other_author = Author(id=2, name="b")
+        s.save(other_author, using="default")
+        book2 = Book(id=6, title="wrong", author=author)
+        s.save(book2, using="default")  # explicitly placed away from its author
+        with pytest.raises(RelationError, match=r"Book\.author"):
+            s.flush()
+        s.rollback()
+    assert rows(cluster, "default", "blog_book") == 0
+    assert rows(cluster, "other", "blog_book") == 0
+    assert rows(cluster, "default", "blog_author") == 0
+
+
+def test_refuse_cross_shard_writes(make_urls: Callable[..., dict[str, str]]) -> None:
+    cluster = shardkit.Cluster(make_urls("default", "other"), cross_shard_writes="refuse")
+    cluster.create_all(Base)
+    with cluster.session() as s:
+        s.save(Author(id=1, name="x"), using="default")
+        s.save(Author(id=2, name="y"), using="other")
+        with pytest.raises(CrossShardWriteError, match="default, other"):
+            s.commit()
+        s.rollback()
+        s.save(Author(id=3, name="one place"), using="other")
+        s.commit()  # one database per transaction is fine
+        s.save(Author(id=4, name="second transaction"), using="default")
+        s.commit()
+    assert rows(cluster, "default", "blog_author") == 1
+    assert rows(cluster, "other", "blog_author") == 1
+    cluster.dispose()
+    with pytest.raises(shardkit.errors.ConfigError, match="cross_shard_writes"):
+        shardkit.Cluster({"default": "sqlite://"}, cross_shard_writes="sometimes")
