@@ -23,9 +23,9 @@ from sqlalchemy import Engine, MetaData, Table
 from sqlalchemy.orm import DeclarativeBase, registry
 
 from ._config import DEFAULT_DB_ALIAS, AliasSpec, parse_databases
+from ._relations import check_flush_relations
 from ._routing import RouterChain
 from ._session import ShardSession, _db_of_or_none
-from ._relations import check_flush_relations
 from .errors import ConfigError, CrossShardWriteError, UnknownAliasError
 
 if TYPE_CHECKING:

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, Select, and_, event, select
+from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.orm import (
     Mapper,
     Session,
@@ -147,6 +148,7 @@ class ShardSession(Session):
         self.pinned = cluster.check_alias(using) if using is not None else None
         self._flush_aliases: dict[InstanceState[Any], str] = {}
         self._tx_write_aliases: set[str] = set()  # aliases written in the current transaction
+        self._bulk_alias: str | None = None  # the alias of a bulk statement being run
         self._context_tokens: list[contextvars.Token[ShardSession | None]] = []
 
     # -- context manager: makes the session "current" for the manager API --
@@ -175,6 +177,8 @@ class ShardSession(Session):
     ) -> Engine:
         if shard_id is not None:
             return self.cluster.engine(shard_id)
+        if self._bulk_alias is not None:  # SQLAlchemy's bulk paths ask with the mapper only
+            return self.cluster.engine(self._bulk_alias)
         if instance is not None:
             return self.cluster.engine(self._write_alias(instance_state(instance)))
         if self.pinned is not None:
@@ -186,7 +190,13 @@ class ShardSession(Session):
                 return self.cluster.engine(target)
         return self.cluster.engine(self.cluster.router.default)
 
-    def connection_callable(self, mapper: Any = None, instance: Any = None, **kw: Any) -> Connection:
+    @property
+    def connection_callable(self) -> Any:  # type: ignore[override]
+        """Per-instance connections for the unit of work; off while one alias runs a bulk statement
+        (SQLAlchemy's bulk paths refuse to run while it is set, and there the alias is known)."""
+        return None if self._bulk_alias is not None else self._flush_connection
+
+    def _flush_connection(self, mapper: Any = None, instance: Any = None, **kw: Any) -> Connection:
         """The connection the unit of work flushes ``instance`` with: its write alias."""
         alias = self._write_alias(instance_state(instance)) if instance is not None else None
         if alias is None:
@@ -397,19 +407,81 @@ class ShardSession(Session):
         bind_arguments = dict(orm_context.bind_arguments)
         bind_arguments["shard_id"] = alias
         orm_context.update_execution_options(identity_token=alias)
+        kwargs: dict[str, Any] = {"bind_arguments": bind_arguments}
         if statement is not None:
-            result = orm_context.invoke_statement(statement=statement, bind_arguments=bind_arguments)
-        else:
-            result = orm_context.invoke_statement(bind_arguments=bind_arguments)
+            kwargs["statement"] = statement
+        if orm_context.is_select:
+            result = orm_context.invoke_statement(**kwargs)
+        else:  # a bulk INSERT/UPDATE/DELETE on one known alias
+            previous, self._bulk_alias = self._bulk_alias, alias
+            try:
+                result = orm_context.invoke_statement(**kwargs)
+            finally:
+                self._bulk_alias = previous
         with contextlib.suppress(AttributeError):  # a Result class with __slots__
             result.shards = (alias,)  # type: ignore[attr-defined]
         return result
 
     def _execute_routed(self, orm_context: ORMExecuteState) -> Result[Any]:
+        if orm_context.is_insert and isinstance(orm_context.parameters, list) and not self._placed(orm_context):
+            model = _statement_model(orm_context)
+            if model is not None:
+                return self._bulk_insert(orm_context, model, orm_context.parameters)
         target = self._route(orm_context)
         if isinstance(target, str):
             return self._invoke_on(orm_context, target)
         return self._fanout(orm_context, target)
+
+    def _placed(self, orm_context: ORMExecuteState) -> bool:
+        return (
+            self.pinned is not None
+            or "shardkit_using" in orm_context.execution_options
+            or "shard_id" in orm_context.bind_arguments
+            or any(isinstance(opt, using) for opt in orm_context._non_compile_orm_options)
+        )
+
+    def _bulk_insert(self, orm_context: ORMExecuteState, model: type[Any], rows: list[Any]) -> Result[Any]:
+        """``session.execute(insert(User), rows)``: each row routed as its object would be, one batch per alias.
+
+        Each row is shown to the routers as a stand-in instance (so a ring router reads its shard
+        key, and may assign an id); rows are grouped per alias and each alias gets one executemany.
+        """
+        from ._fanout import ShardedResult
+
+        router = self.cluster.router
+        mapper = _mapper_of(model)
+        keys = {c.key: mapper.get_property_by_column(c).key for c in mapper.columns if c.key is not None}
+        groups: dict[str, list[Any]] = {}
+        new_instance = mapper.class_manager.new_instance
+        for row in rows:
+            stand_in = new_instance()
+            st = instance_state(stand_in)
+            st.dict.update({keys.get(k, k): v for k, v in row.items()})
+            alias = router.db_for_write(model, instance=stand_in)
+            if not isinstance(alias, str):  # pragma: no cover - RouterChain refuses this
+                raise RoutingError(f"db_for_write gave several aliases for one {model.__name__} row")
+            for col_key, attr in keys.items():  # a router may have filled in the key (an id)
+                if col_key not in row and st.dict.get(attr) is not None:
+                    row = {**row, col_key: st.dict[attr]}
+            groups.setdefault(alias, []).append(row)
+        total = 0
+        for alias, batch in groups.items():
+            self._bulk_alias = alias
+            try:
+                part = self.execute(
+                    orm_context.statement,
+                    batch,
+                    execution_options=orm_context.local_execution_options,
+                    bind_arguments={**orm_context.bind_arguments, "shard_id": alias},
+                )
+            finally:
+                self._bulk_alias = None
+            part.close()
+            total += len(batch)  # every row was sent, or execute() raised
+        result = ShardedResult(SimpleResultMetaData([]), iter(()))
+        result.shards = tuple(groups)
+        result.rowcount = total  # type: ignore[attr-defined]
+        return result
 
     def _fanout(self, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
         from ._fanout import execute_fanout
@@ -467,6 +539,12 @@ def _many_to_one_keys(mapper: Mapper[Any]) -> tuple[str, ...]:
         keys = tuple(r.key for r in mapper.relationships if r.direction is MANYTOONE)
         _M2O_CACHE[mapper] = keys
     return keys
+
+
+def _mapper_of(model: type[Any]) -> Mapper[Any]:
+    from sqlalchemy import inspect
+
+    return inspect(model)  # type: ignore[no-any-return]
 
 
 def _mapper_class(mapper: Any) -> type[Any] | None:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import click
-from sqlalchemy import String, func, select, text
+from sqlalchemy import BigInteger, String, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .._cluster import Cluster
@@ -32,7 +32,7 @@ class DemoUser(DemoBase):
     __tablename__ = "users"
     __shard_key__ = "id"
 
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(String(40))
     country: Mapped[str] = mapped_column(String(2))
     score: Mapped[int]
