@@ -19,11 +19,14 @@ Execution options (per statement, or per cluster as ``Cluster(deadline=, partial
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 
+from .errors import ShardQueryError
 from .fanout import CallableTask, FanoutPlan, merge_rows, pg_statement_timeout_sql, plan_select, run_parallel
 from .typing import ShardTargets
 
@@ -47,21 +50,25 @@ class ShardedResult(IteratorResult[Any]):
 
     shards: tuple[str, ...] = ()
     complete: bool = True
-    errors: Mapping[str, BaseException] = {}  # noqa: RUF012 - replaced per instance
+    errors: Mapping[str, BaseException] = {}
     plan: FanoutPlan | None = None
 
 
 def shards_of(result: Any) -> tuple[str, ...]:
-    """The aliases a result came from (one for a routed statement, several for a fan-out)."""
-    return tuple(getattr(result, "shards", ()))
+    """The aliases a result came from (one for a routed statement, several for a fan-out).
 
-
-def _mark(result: Result[Any], aliases: tuple[str, ...]) -> Result[Any]:
-    try:
-        result.shards = aliases  # type: ignore[attr-defined]
-    except AttributeError:  # pragma: no cover - a Result class with __slots__
-        pass
-    return result
+    Also looks through the filtering wrappers of a result (``ScalarResult`` from
+    ``session.scalars()``, ``MappingResult``, ``TupleResult``), which do not
+    carry the ``shards`` attribute themselves.
+    """
+    seen = 0
+    while result is not None and seen < 8:
+        shards = getattr(result, "shards", None)
+        if shards is not None:
+            return tuple(shards)
+        result = getattr(result, "_real_result", None)
+        seen += 1
+    return ()
 
 
 def _cancel(conn: Connection) -> None:
@@ -72,6 +79,22 @@ def _cancel(conn: Connection) -> None:
         dbapi.cancel()
     elif hasattr(dbapi, "interrupt"):  # sqlite3
         dbapi.interrupt()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+#: SQLSTATE of a statement cancelled by statement_timeout or a cancel request.
+_PG_QUERY_CANCELED = "57014"
+
+
+def _is_timeout(exc: sa_exc.DBAPIError, deadline_at: float) -> bool:
+    """True when ``exc`` is the server (or our cancel) stopping a statement at the deadline."""
+    if getattr(exc.orig, "pgcode", None) == _PG_QUERY_CANCELED:
+        return True
+    return time.monotonic() >= deadline_at - 0.01
 
 
 def _deadline(session: ShardSession, options: Mapping[str, Any]) -> float | None:
@@ -92,32 +115,61 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
         else plan_select(stmt, shard_key_columns=targets.shard_key_columns).shard_statement  # type: ignore[arg-type]
         for alias, stmt in targets.statements.items()
     }
+    partial = bool(options.get("shardkit_partial", session.cluster.partial))
+    deadline = _deadline(session, options)
     # Connections are taken here, in the calling thread: the session is not thread-safe.
-    conns = {alias: session.connection(bind_arguments={"shard_id": alias}) for alias in shard_statements}
+    # A shard that cannot be reached is a shard failure like any other (named, or
+    # skipped in partial mode), not a bare driver error.
+    conns: dict[str, Connection] = {}
+    unreachable: dict[str, BaseException] = {}
+    for alias in shard_statements:
+        try:
+            conns[alias] = session.connection(bind_arguments={"shard_id": alias})
+        except sa_exc.DBAPIError as exc:
+            unreachable[alias] = exc
+            if not partial:
+                break
+    if unreachable and (not partial or not conns):
+        detail = "; ".join(f"{a}: {type(e).__name__}: {_first_line(e)}" for a, e in unreachable.items())
+        raise ShardQueryError(
+            f"fan-out failed on shard(s) {', '.join(repr(a) for a in unreachable)}: cannot connect ({detail})",
+            errors=unreachable,
+            aliases=tuple(unreachable),
+        )
     base_bind_args = dict(orm_context.bind_arguments)
 
     def task(alias: str) -> CallableTask[Result[Any]]:
         conn = conns[alias]
+        pg = conn.dialect.name == "postgresql"
 
         def run(remaining: float | None) -> Result[Any]:
-            if remaining is not None and conn.dialect.name == "postgresql":
-                conn.exec_driver_sql(pg_statement_timeout_sql(remaining))
-            result = orm_context.invoke_statement(
-                statement=shard_statements[alias],
-                execution_options={"identity_token": alias},
-                bind_arguments={**base_bind_args, "shard_id": alias},
-            )
-            if remaining is not None and conn.dialect.name == "postgresql":
-                conn.exec_driver_sql("SET LOCAL statement_timeout = DEFAULT")
+            started = time.monotonic()
+            try:
+                if remaining is not None and pg:
+                    conn.exec_driver_sql(pg_statement_timeout_sql(remaining))
+                result = orm_context.invoke_statement(
+                    statement=shard_statements[alias],
+                    execution_options={"identity_token": alias},
+                    bind_arguments={**base_bind_args, "shard_id": alias},
+                )
+                if remaining is not None and pg:
+                    conn.exec_driver_sql("SET LOCAL statement_timeout = DEFAULT")
+            except sa_exc.DBAPIError as exc:
+                if remaining is not None and _is_timeout(exc, started + remaining):
+                    raise TimeoutError(
+                        f"shard {alias!r} did not answer within {deadline}s (server cancelled the statement)"
+                    ) from exc
+                raise
             return result
 
         return CallableTask(run, lambda: _cancel(conn))
 
     outcome = run_parallel(
-        {alias: task(alias) for alias in shard_statements},
-        deadline=_deadline(session, options),
-        partial=bool(options.get("shardkit_partial", session.cluster.partial)),
+        {alias: task(alias) for alias in conns},
+        deadline=deadline,
+        partial=partial,
     )
+    outcome.errors.update(unreachable)
     answered = tuple(a for a in shard_statements if a in outcome.results)
     streams = []
     for alias in answered:
@@ -130,7 +182,7 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     result = ShardedResult(SimpleResultMetaData(plan.output_keys), rows)
     result.shards = answered
     result.complete = outcome.complete
-    result.errors = dict(outcome.errors)
+    result.errors = {a: outcome.errors[a] for a in shard_statements if a in outcome.errors}
     result.plan = plan
     return result
 

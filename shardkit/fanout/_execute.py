@@ -243,11 +243,14 @@ def run_parallel(
             errors[alias] = TimeoutError(f"shard {alias!r} did not answer within {deadline}s")
     if errors and (not partial or not results):
         ordered = {a: errors[a] for a in tasks if a in errors}
-        if timed_out and not (set(ordered) - set(late)):
+        # A task may itself report the deadline (a server-side statement
+        # timeout set from ``remaining_seconds``): that is a timeout too.
+        slow = [a for a, e in ordered.items() if isinstance(e, TimeoutError)]
+        if deadline is not None and slow and len(slow) == len(ordered):
             raise FanoutTimeoutError(
-                f"fan-out deadline of {deadline}s passed; no answer from shard(s) {_names(late)}",
+                f"fan-out deadline of {deadline}s passed; no answer from shard(s) {_names(slow)}",
                 errors=ordered,
-                aliases=tuple(late),
+                aliases=tuple(slow),
             )
         failed = [a for a in ordered if a not in late] if timed_out else list(ordered)
         detail = "; ".join(f"{a}: {type(e).__name__}: {e}" for a, e in ordered.items())

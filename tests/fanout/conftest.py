@@ -1,12 +1,11 @@
 """Fixtures of the fan-out tests: 4 shard databases + 1 holding every row.
 
-``pg_url_or_skip()`` is the reusable reachability check: an unreachable
-PostgreSQL server skips the test loudly, or fails it when ``CI=true``.
+The PostgreSQL server is ``tests.conftest.PG_URL``; ``require_server`` skips
+loudly when it is unreachable, or fails under ``CI=true``.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,32 +15,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
+from ..conftest import PG_URL, require_server
 from .strategies import metadata, users
 
-DEFAULT_PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 N_SHARDS = 4
-
-
-def pg_url_or_skip(env: str = "SHARDKIT_PG_URL", default: str = DEFAULT_PG_URL) -> str:
-    """The PostgreSQL server URL from ``env``, checked by connecting.
-
-    Unreachable: ``pytest.skip`` with the reason, except with ``CI=true`` where
-    the test fails (CI must never silently skip the PostgreSQL suite).
-    """
-    url = os.environ.get(env, default)
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except Exception as err:
-        shown = make_url(url).render_as_string(hide_password=True)
-        reason = f"PostgreSQL NOT REACHABLE at {shown} ({type(err).__name__}); set {env}. Skipping PG tests!"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    finally:
-        engine.dispose()
-    return url
 
 
 class Layout:
@@ -80,7 +57,8 @@ def sqlite_layout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Layout]:
 
 @pytest.fixture(scope="session")
 def pg_layout() -> Iterator[Layout]:
-    url = make_url(pg_url_or_skip())
+    require_server(PG_URL, "pg")
+    url = make_url(PG_URL)
     admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
     names = [f"shardkit_t_{secrets.token_hex(4)}_{i}" for i in range(N_SHARDS + 1)]
     engines: list[Engine] = []
