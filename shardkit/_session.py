@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, Select, and_, event, select
@@ -396,12 +396,15 @@ class ShardSession(Session):
             return router.default
         statement = orm_context.statement
         parent_state = orm_context.lazy_loaded_from if orm_context.is_select else None
+        params = orm_context.parameters
+        hints: dict[str, Any] = {"statement": statement, "session": self}
+        if isinstance(params, Mapping) and params:
+            hints["parameters"] = params  # values bound only at execution (selectin loads)
         if parent_state is not None:
-            parent = parent_state.obj()
-            return router.db_for_read(model, instance=parent, statement=statement, session=self)
+            return router.db_for_read(model, instance=parent_state.obj(), **hints)
         if orm_context.is_select:
-            return router.db_for_read(model, statement=statement, session=self)
-        return router.db_for_write(model, statement=statement, session=self)
+            return router.db_for_read(model, **hints)
+        return router.db_for_write(model, **hints)
 
     def _invoke_on(self, orm_context: ORMExecuteState, alias: str, statement: Any = None) -> Result[Any]:
         bind_arguments = dict(orm_context.bind_arguments)
@@ -423,10 +426,10 @@ class ShardSession(Session):
         return result
 
     def _execute_routed(self, orm_context: ORMExecuteState) -> Result[Any]:
-        if orm_context.is_insert and isinstance(orm_context.parameters, list) and not self._placed(orm_context):
+        if orm_context.is_insert and not self._placed(orm_context):
             model = _statement_model(orm_context)
             if model is not None:
-                return self._bulk_insert(orm_context, model, orm_context.parameters)
+                return self._routed_insert(orm_context, model)
         target = self._route(orm_context)
         if isinstance(target, str):
             return self._invoke_on(orm_context, target)
@@ -440,6 +443,62 @@ class ShardSession(Session):
             or any(isinstance(opt, using) for opt in orm_context._non_compile_orm_options)
         )
 
+    def _routed_insert(self, orm_context: ORMExecuteState, model: type[Any]) -> Result[Any]:
+        """An INSERT statement: to where the routers send the statement, else row by row."""
+        opinion = self.cluster.router.write_opinion(model, statement=orm_context.statement, session=self)
+        if isinstance(opinion, str):
+            return self._invoke_on(orm_context, opinion)
+        params = orm_context.parameters
+        if isinstance(opinion, ShardTargets):  # e.g. a reference table: the same rows on every alias
+            return self._broadcast(orm_context, opinion)
+        if isinstance(params, list):
+            return self._bulk_insert(orm_context, model, params)
+        single: dict[str, Any] = dict(params or {})  # type: ignore[arg-type]
+        row = dict(single)
+        for col, bind in (getattr(orm_context.statement, "_values", None) or {}).items():
+            key = getattr(col, "key", col)
+            row.setdefault(str(key), getattr(bind, "value", bind))
+        alias, filled = self._route_row(model, row)
+        extra = {k: v for k, v in filled.items() if k not in row}
+        if extra:
+            return self._invoke_on_with_params(orm_context, alias, {**single, **extra})
+        return self._invoke_on(orm_context, alias)
+
+    def _invoke_on_with_params(self, orm_context: ORMExecuteState, alias: str, params: dict[str, Any]) -> Result[Any]:
+        previous, self._bulk_alias = self._bulk_alias, alias
+        try:
+            result = orm_context.invoke_statement(
+                params=params, bind_arguments={**orm_context.bind_arguments, "shard_id": alias}
+            )
+        finally:
+            self._bulk_alias = previous
+        return result
+
+    def _broadcast(self, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
+        from ._fanout import ShardedResult
+
+        for alias in targets.statements:
+            self._invoke_on(orm_context, alias).close()
+        result = ShardedResult(SimpleResultMetaData([]), iter(()))
+        result.shards = tuple(targets.statements)
+        return result
+
+    def _route_row(self, model: type[Any], row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The alias of one row to insert, shown to the routers as a stand-in instance; the row is
+        returned with any key a router filled in (a generated id)."""
+        mapper = _mapper_of(model)
+        keys = _column_attr_keys(mapper)
+        stand_in = mapper.class_manager.new_instance()
+        st = instance_state(stand_in)
+        st.dict.update({keys.get(k, k): v for k, v in row.items()})
+        alias = self.cluster.router.db_for_write(model, instance=stand_in)
+        if not isinstance(alias, str):  # pragma: no cover - RouterChain refuses this
+            raise RoutingError(f"db_for_write gave several aliases for one {model.__name__} row")
+        for col_key, attr in keys.items():
+            if col_key not in row and st.dict.get(attr) is not None:
+                row = {**row, col_key: st.dict[attr]}
+        return alias, row
+
     def _bulk_insert(self, orm_context: ORMExecuteState, model: type[Any], rows: list[Any]) -> Result[Any]:
         """``session.execute(insert(User), rows)``: each row routed as its object would be, one batch per alias.
 
@@ -448,22 +507,10 @@ class ShardSession(Session):
         """
         from ._fanout import ShardedResult
 
-        router = self.cluster.router
-        mapper = _mapper_of(model)
-        keys = {c.key: mapper.get_property_by_column(c).key for c in mapper.columns if c.key is not None}
         groups: dict[str, list[Any]] = {}
-        new_instance = mapper.class_manager.new_instance
         for row in rows:
-            stand_in = new_instance()
-            st = instance_state(stand_in)
-            st.dict.update({keys.get(k, k): v for k, v in row.items()})
-            alias = router.db_for_write(model, instance=stand_in)
-            if not isinstance(alias, str):  # pragma: no cover - RouterChain refuses this
-                raise RoutingError(f"db_for_write gave several aliases for one {model.__name__} row")
-            for col_key, attr in keys.items():  # a router may have filled in the key (an id)
-                if col_key not in row and st.dict.get(attr) is not None:
-                    row = {**row, col_key: st.dict[attr]}
-            groups.setdefault(alias, []).append(row)
+            alias, filled = self._route_row(model, row)
+            groups.setdefault(alias, []).append(filled)
         total = 0
         for alias, batch in groups.items():
             self._bulk_alias = alias
@@ -545,6 +592,18 @@ def _mapper_of(model: type[Any]) -> Mapper[Any]:
     from sqlalchemy import inspect
 
     return inspect(model)  # type: ignore[no-any-return]
+
+
+_ATTR_KEYS: dict[Mapper[Any], dict[str, str]] = {}
+
+
+def _column_attr_keys(mapper: Mapper[Any]) -> dict[str, str]:
+    """column key -> attribute key, for the mapper's columns."""
+    keys = _ATTR_KEYS.get(mapper)
+    if keys is None:
+        keys = {c.key: mapper.get_property_by_column(c).key for c in mapper.columns if c.key is not None}
+        _ATTR_KEYS[mapper] = keys
+    return keys
 
 
 def _mapper_class(mapper: Any) -> type[Any] | None:

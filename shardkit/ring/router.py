@@ -17,6 +17,14 @@ method, so the next router in the chain decides.
   that shard's values; no usable condition gives every shard.  Bound values
   given only at execution time (``bindparam("x")`` without a value) are not
   seen, so such reads go to every shard.
+* **Co-location**: a child whose shard key is its foreign key to a parent
+  (``Order.__shard_key__ = "user_id"``) lives with its parent; a new child
+  whose key is still unset takes it from the parent it is attached to.
+* **Reference tables** (``__reference_table__ = True`` or ``reference_tables=``)
+  are present in full on every shard: reads go to one shard, relations to
+  them are always allowed, statement writes (``insert``/``update``/``delete``)
+  go to every shard, and a unit-of-work write of one object is refused with
+  a clear error (one object cannot be in every database at once).
 * Keys are hashed by Python type (see :mod:`shardkit.ring._keys`): compare an
   integer column with ints, not with digit strings.
 
@@ -85,6 +93,8 @@ class HashRingRouter:
     :param ids: the id source for integer primary-key shard keys that are
         ``None`` at write time: an :class:`~shardkit.ids.IdGenerator` or any
         zero-argument callable returning an int (default: :func:`shardkit.ids.next_id`).
+    :param reference_tables: models (or table names) present in full on every shard,
+        like countries or plans; a model can also say ``__reference_table__ = True``.
 
     >>> router = HashRingRouter(HashRing(["s0", "s1"]), shard_keys={"orders": "user_id"})
     >>> router.shard_for("orders", 42) in ("s0", "s1")
@@ -96,8 +106,10 @@ class HashRingRouter:
         ring: HashRing,
         shard_keys: Mapping[type[Any] | str, str] | None = None,
         ids: Callable[[], int] | None = None,
+        reference_tables: Iterable[type[Any] | str] = (),
     ) -> None:
         self.ring = ring
+        self._reference: set[Any] = set(reference_tables)
         self._model_keys: dict[type[Any], str] = {}
         self._table_keys: dict[str, str] = {}
         for target, attr in (shard_keys or {}).items():
@@ -201,14 +213,67 @@ class HashRingRouter:
             return False
         return bool(column.primary_key) and _is_int_type(column)
 
+    def is_reference(self, model: Any) -> bool:
+        """True for a reference table: a model present in full on every shard."""
+        if isinstance(model, str):
+            return model in self._reference
+        if isinstance(model, Table):
+            return model.name in self._reference or model.fullname in self._reference
+        if not isinstance(model, type):
+            return False
+        if model in self._reference or getattr(model, "__reference_table__", False):
+            return True
+        table = getattr(model, "__table__", None)
+        return isinstance(table, Table) and (table.name in self._reference or table.fullname in self._reference)
+
+    def _every_alias(self, reason: str) -> ShardTargets:
+        return ShardTargets(statements=dict.fromkeys(self.ring), reason=reason, all_shards=True)
+
+    def _key_from_parent(self, model: type[Any], spec: _Spec, instance: Any) -> Any:
+        """Co-location: a new child whose shard key is the foreign key to a parent takes the
+        parent's key (routing the parent first, so a parent id not yet generated is made now)."""
+        if spec.column is None:
+            return None
+        try:
+            mapper: Any = inspect(model)
+        except NoInspectionAvailable:
+            return None
+        for rel in mapper.relationships:
+            if rel.direction.name != "MANYTOONE":
+                continue
+            for local, remote in rel.local_remote_pairs or ():
+                if local is not spec.column:
+                    continue
+                parent = instance.__dict__.get(rel.key)
+                if parent is None:
+                    continue
+                parent_attr = rel.mapper.get_property_by_column(remote).key
+                value = getattr(parent, parent_attr, None)
+                if value is None and self._spec(type(parent)) is not None:
+                    self.db_for_write(type(parent), instance=parent)  # may generate the parent's id
+                    value = getattr(parent, parent_attr, None)
+                if value is not None:
+                    return value
+        return None
+
     # ------------------------------------------------------------------- writes
-    def db_for_write(self, model: type[Any], **hints: Any) -> str | None:
+    def db_for_write(self, model: type[Any], **hints: Any) -> str | ShardTargets | None:
         """The alias that stores ``hints["instance"]`` (or the ``shard_key=`` hint, or the
         single shard a statement's WHERE pins); ``None`` for unsharded models.
 
         :raises RoutingError: the instance's shard key is ``None`` and is not an
             integer primary key that can be generated.
         """
+        if self.is_reference(model):
+            if hints.get("instance") is not None:
+                raise RoutingError(
+                    f"{getattr(model, '__name__', model)} is a reference table, present on every shard: "
+                    f"write it with a statement (session.execute(insert({getattr(model, '__name__', 'Model')}), "
+                    "rows), update(...), delete(...)), which goes to every shard, or place one copy "
+                    "explicitly with save(using=alias)",
+                    model=model,
+                )
+            return self._every_alias(f"reference table {getattr(model, '__name__', model)}: every shard")
         spec = self._spec(model)
         if spec is None:
             return None
@@ -218,6 +283,10 @@ class HashRingRouter:
         if instance is not None:
             key = getattr(instance, spec.attr, None)
             if key is None:
+                key = self._key_from_parent(model, spec, instance)
+                if key is not None:
+                    setattr(instance, spec.attr, key)
+                    return self.ring.get(key)
                 if not spec.int_pk:
                     raise RoutingError(
                         f"cannot route {spec.label}: its shard key {spec.attr!r} is None",
@@ -229,10 +298,10 @@ class HashRingRouter:
                 setattr(instance, spec.attr, key)
             return self.ring.get(key)
         statement = hints.get("statement")
-        if statement is not None:
-            target = self._route_statement(spec, statement)
-            if isinstance(target, str):
-                return target
+        if statement is not None and not getattr(statement, "is_insert", False):
+            # an UPDATE / DELETE by statement: the shards its WHERE pins, else every shard
+            # (an INSERT is routed row by row, by the session, from each row's key)
+            return self._route_statement(spec, statement, hints.get("parameters"))
         return None
 
     # -------------------------------------------------------------------- reads
@@ -242,6 +311,13 @@ class HashRingRouter:
         ``instance=`` (a lazy load from a loaded object of a sharded model)
         gives ``None``, so the session uses that object's own database.
         """
+        if self.is_reference(model):
+            instance = hints.get("instance")
+            if instance is not None:  # a lazy load from a sharded object: its own shard has a copy
+                return None
+            for alias in self.ring:  # every shard holds every row: the first one answers
+                return alias
+            return None
         spec = self._spec(model)
         if spec is None:
             return None
@@ -250,7 +326,7 @@ class HashRingRouter:
         instance = hints.get("instance")
         if instance is not None and self.is_sharded(type(instance)):
             return None
-        return self._route_statement(spec, hints.get("statement"))
+        return self._route_statement(spec, hints.get("statement"), hints.get("parameters"))
 
     def _every_shard(self, reason: str, spec: _Spec) -> ShardTargets:
         return ShardTargets(
@@ -264,12 +340,12 @@ class HashRingRouter:
     def _key_columns(spec: _Spec) -> tuple[Any, ...]:
         return () if spec.column is None else (spec.column,)
 
-    def _route_statement(self, spec: _Spec, statement: Any) -> str | ShardTargets:
+    def _route_statement(self, spec: _Spec, statement: Any, params: Any = None) -> str | ShardTargets:
         if statement is None or spec.column is None:
             return self._every_shard("no shard key in WHERE", spec)
         constraints: list[_Constraint] = []
         for criterion in getattr(statement, "_where_criteria", ()):
-            self._collect(criterion, spec.column, constraints)
+            self._collect(criterion, spec.column, constraints, params if isinstance(params, Mapping) else None)
         if not constraints:
             return self._every_shard("no shard key in WHERE", spec)
         ring_get = self.ring.get
@@ -318,15 +394,17 @@ class HashRingRouter:
         )
         return new
 
-    def _collect(self, clause: Any, column: Any, out: list[_Constraint]) -> None:
+    def _collect(
+        self, clause: Any, column: Any, out: list[_Constraint], params: Mapping[str, Any] | None = None
+    ) -> None:
         """Append the shard-key conditions of a top-level AND chain to ``out``."""
         if isinstance(clause, BooleanClauseList):
             if clause.operator is operators.and_:
                 for sub in clause.clauses:
-                    self._collect(sub, column, out)
+                    self._collect(sub, column, out, params)
             return  # OR: no key
         if isinstance(clause, Grouping):
-            self._collect(clause.element, column, out)
+            self._collect(clause.element, column, out, params)
             return
         if not isinstance(clause, BinaryExpression):
             return
@@ -337,11 +415,11 @@ class HashRingRouter:
                 left, right = right, left
             if not (self._is_column(left, column) and isinstance(right, BindParameter)):
                 return
-            value = self._bound_value(right)
+            value = self._bound_value(right, params)
             if value is not None:
                 out.append(_Constraint([value], None))
         elif op is operators.in_op and self._is_column(left, column) and isinstance(right, BindParameter):
-            values = self._bound_value(right)
+            values = self._bound_value(right, params)
             if values is None:
                 return
             if not isinstance(values, Iterable) or isinstance(values, str | bytes):
@@ -355,7 +433,9 @@ class HashRingRouter:
         return proxy_set is not None and column in proxy_set
 
     @staticmethod
-    def _bound_value(bind: BindParameter[Any]) -> Any:
+    def _bound_value(bind: BindParameter[Any], params: Mapping[str, Any] | None = None) -> Any:
+        if params is not None and bind.key in params:  # supplied at execution (selectin loads do this)
+            return params[bind.key]
         if bind.callable is None and bind.value is None:
             return None  # supplied at execution time (or NULL): unknown here
         return bind.effective_value
@@ -367,6 +447,8 @@ class HashRingRouter:
         Their aliases come from the ``db1``/``db2`` hints the session passes (where each
         object really is or will be written), else from their shard keys; None when a key
         is still unknown, and None for anything that is not sharded."""
+        if self.is_reference(type(obj1)) or self.is_reference(type(obj2)):
+            return True  # a reference table is on every shard: relations to it never cross
         spec1, spec2 = self._spec(type(obj1)), self._spec(type(obj2))
         if spec1 is None or spec2 is None:
             return None
@@ -380,6 +462,8 @@ class HashRingRouter:
 
     def allow_migrate(self, db: str, model: Any, **hints: Any) -> bool | None:
         """Sharded tables live on the ring's shards only; None for everything else."""
+        if model is not None and self.is_reference(model):
+            return db in self.ring
         if model is None or self._spec(model) is None:
             return None
         return db in self.ring

@@ -119,7 +119,9 @@ def test_write_with_missing_non_pk_key_names_model_and_attribute(router: HashRin
 
 def test_write_by_statement(router: HashRingRouter) -> None:
     assert router.db_for_write(User, statement=update(User).where(User.id == 4).values(name="x")) == RING.get(4)
-    assert router.db_for_write(User, statement=update(User).values(name="x")) is None
+    # no key in WHERE: the update must reach every shard (never a silent "default")
+    every = router.db_for_write(User, statement=update(User).values(name="x"))
+    assert isinstance(every, ShardTargets) and every.all_shards and set(every.aliases) == set(RING)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,189 @@
+"""Relations on a ring: children live with their parents, loads follow the instance,
+reference tables are everywhere, nothing crosses shards (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from sqlalchemy import BigInteger, ForeignKey, String, event, func, insert, select, text, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship, selectinload
+
+import shardkit
+from shardkit.errors import RelationError, RoutingError
+
+SHARDS = ["s0", "s1", "s2", "s3"]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Country(Base):
+    __tablename__ = "countries"
+    __reference_table__ = True
+    code: Mapped[str] = mapped_column(String(2), primary_key=True)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+class Customer(Base):
+    __tablename__ = "customers"
+    __shard_key__ = "id"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+    country_code: Mapped[str | None] = mapped_column(ForeignKey("countries.code"))
+    country: Mapped[Country | None] = relationship()
+    orders: Mapped[list[Purchase]] = relationship(back_populates="customer", order_by="Purchase.id")
+
+
+class Purchase(Base):
+    __tablename__ = "purchases"
+    __shard_key__ = "customer_id"  # co-located: a purchase lives with its customer
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    customer_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("customers.id"))
+    amount: Mapped[int] = mapped_column(default=0)
+    customer: Mapped[Customer] = relationship(back_populates="orders")
+
+
+class Log:
+    def __init__(self, cluster: shardkit.Cluster) -> None:
+        self.seen: list[tuple[str, str]] = []
+        for alias in cluster.aliases:
+            event.listen(cluster.engine(alias), "before_cursor_execute", self._hook(alias))
+
+    def _hook(self, alias: str) -> Callable[..., None]:
+        def hook(conn: object, cursor: object, statement: str, *args: object) -> None:
+            self.seen.append((alias, statement))
+
+        return hook
+
+    def aliases(self, table: str) -> list[str]:
+        return [a for a, s in self.seen if f"FROM {table}" in s or f"INTO {table}" in s]
+
+
+@pytest.fixture
+def ring() -> shardkit.HashRing:
+    return shardkit.HashRing(SHARDS)
+
+
+@pytest.fixture
+def cluster(make_urls: Callable[..., dict[str, str]], ring: shardkit.HashRing) -> Iterator[shardkit.Cluster]:
+    cluster = shardkit.Cluster(make_urls("default", *SHARDS), routers=[shardkit.HashRingRouter(ring)])
+    cluster.create_all(Base)
+    with cluster.session() as s:
+        s.execute(insert(Country), [{"code": "de", "name": "Germany"}, {"code": "jp", "name": "Japan"}])
+        s.commit()
+    yield cluster
+    cluster.dispose()
+
+
+def on_shard(cluster: shardkit.Cluster, alias: str, sql: str) -> list[tuple[object, ...]]:
+    with cluster.engine(alias).connect() as conn:
+        return [tuple(r) for r in conn.execute(text(sql))]
+
+
+def test_reference_table_is_on_every_shard(cluster: shardkit.Cluster) -> None:
+    for alias in SHARDS:
+        assert on_shard(cluster, alias, "SELECT code FROM countries ORDER BY code") == [("de",), ("jp",)]
+    assert on_shard(cluster, "default", "SELECT 1") == [(1,)]
+    with cluster.session() as s:
+        assert [c.code for c in s.scalars(select(Country).order_by(Country.code))] == ["de", "jp"]
+        s.execute(update(Country).where(Country.code == "jp").values(name="Nippon"))
+        s.commit()
+        s.add(Country(code="fr", name="France"))
+        with pytest.raises(RoutingError, match="reference table"):
+            s.flush()
+        s.rollback()
+    for alias in SHARDS:
+        assert on_shard(cluster, alias, "SELECT name FROM countries WHERE code = 'jp'") == [("Nippon",)]
+
+
+def test_children_follow_their_parents(cluster: shardkit.Cluster, ring: shardkit.HashRing) -> None:
+    customers = [Customer(name=f"c{i}", country_code="de" if i % 2 else "jp") for i in range(1000)]
+    purchases = [Purchase(id=i + 1, customer=customers[i % 1000], amount=i) for i in range(10_000)]
+    with cluster.session(expire_on_commit=False) as s:
+        s.add_all(customers)
+        s.add_all(purchases)
+        s.commit()
+    owner = {c.id: ring.get(c.id) for c in customers}
+    total = 0
+    for alias in SHARDS:
+        rows = on_shard(
+            cluster, alias, "SELECT p.customer_id FROM purchases p JOIN customers c ON c.id = p.customer_id"
+        )
+        count = on_shard(cluster, alias, "SELECT count(*) FROM purchases")[0][0]
+        assert len(rows) == count  # every purchase found its customer on its own shard
+        assert all(owner[customer_id] == alias for (customer_id,) in rows)  # type: ignore[index]
+        total += int(count)  # type: ignore[call-overload]
+    assert total == 10_000
+
+
+def test_loads_follow_the_instance(cluster: shardkit.Cluster, ring: shardkit.HashRing) -> None:
+    with cluster.session(expire_on_commit=False) as s:
+        people = [Customer(name=f"p{i}", orders=[Purchase(id=100 + 10 * i + j) for j in range(3)]) for i in range(8)]
+        s.add_all(people)
+        s.commit()
+        ids = [p.id for p in people]
+    log = Log(cluster)
+    with cluster.session() as s:
+        one = s.scalars(select(Customer).where(Customer.id == ids[0])).one()
+        log.seen.clear()
+        assert len(one.orders) == 3  # lazy load
+        assert log.aliases("purchases") == [ring.get(ids[0])]
+        assert {shardkit.db_of(o) for o in one.orders} == {ring.get(ids[0])}
+        assert one.orders[0].customer is one  # many-to-one from the identity map, no query
+    for option in (selectinload, joinedload):
+        with cluster.session() as s:
+            log.seen.clear()
+            stmt = select(Customer).where(Customer.id == ids[1]).options(option(Customer.orders))
+            loaded = s.scalars(stmt).unique().one()
+            assert len(loaded.orders) == 3
+            assert set(log.aliases("purchases")) | set(log.aliases("customers")) == {ring.get(ids[1])}
+    with cluster.session() as s:  # a fan-out with selectin: each shard's children from that shard
+        log.seen.clear()
+        everyone = s.scalars(select(Customer).options(selectinload(Customer.orders))).all()
+        assert sorted(len(c.orders) for c in everyone) == [3] * 8
+        for c in everyone:
+            assert {shardkit.db_of(o) for o in c.orders} == {shardkit.db_of(c)}
+
+
+def test_cross_shard_assignment_is_refused_and_nothing_written(
+    cluster: shardkit.Cluster, ring: shardkit.HashRing
+) -> None:
+    with cluster.session() as s:
+        a = Customer(name="a")
+        s.add(a)
+        s.commit()
+        home = shardkit.db_of(a)
+        away = next(alias for alias in SHARDS if alias != home)
+        stray = Purchase(id=1, customer_id=a.id)
+        s.save(stray, using=away)  # placed by hand on the wrong shard
+        with pytest.raises(RelationError, match=rf"'{away}'.*'{home}'|'{home}'.*'{away}'"):
+            stray.customer = a
+        with pytest.raises(RelationError, match=r"Purchase\.customer"):
+            s.flush()  # the foreign key column alone names a customer on another shard
+        s.rollback()
+    for alias in SHARDS:
+        assert on_shard(cluster, alias, "SELECT count(*) FROM purchases") == [(0,)]
+
+
+def test_statement_writes_reach_every_shard(cluster: shardkit.Cluster) -> None:
+    with cluster.session() as s:
+        s.add_all([Customer(name=f"x{i}") for i in range(40)])
+        s.commit()
+        result = s.execute(update(Customer).values(name="renamed"))
+        assert result.rowcount == 40
+        s.commit()
+        assert s.scalar(select(func.count()).select_from(Customer).where(Customer.name == "renamed")) == 40
+
+
+def test_relation_to_a_reference_row_is_allowed(cluster: shardkit.Cluster) -> None:
+    with cluster.session() as s:
+        de = s.scalars(select(Country).where(Country.code == "de")).one()
+        c = Customer(name="with country")
+        c.country = de  # a reference row: allowed whatever shard the customer lands on
+        s.add(c)
+        s.commit()
+        assert on_shard(cluster, shardkit.db_of(c) or "", f"SELECT country_code FROM customers WHERE id = {c.id}") == [
+            ("de",)
+        ]
