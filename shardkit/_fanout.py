@@ -171,11 +171,20 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     )
     outcome.errors.update(unreachable)
     answered = tuple(a for a in shard_statements if a in outcome.results)
+    # An ordered merge with a LIMIT keeps only offset+limit rows of all the shards'
+    # offset+limit each: build ORM objects in small chunks, as the merge pulls rows,
+    # so the rows it throws away are never turned into objects.
+    merge = plan.merge
+    lazy_chunk = (
+        16 if merge.sort_keys and merge.limit is not None and merge.aggregate is None and not merge.distinct else None
+    )
     streams = []
     for alias in answered:
         shard_result = outcome.results[alias]
         if getattr(shard_result, "_unique_filter_state", None) is not None:
             shard_result = shard_result.unique()  # joined eager loads of collections
+        elif lazy_chunk is not None and "yield_per" not in options:
+            shard_result = shard_result.yield_per(lazy_chunk)
         streams.append(shard_result)
     dialect_name = conns[answered[0]].dialect.name
     rows = merge_rows(plan.merge, streams, dialect_name=dialect_name)

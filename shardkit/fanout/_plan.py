@@ -452,6 +452,9 @@ def _plan_rows(
     distinct = bool(stmt._distinct) and not distinct_on
     for o in orders:
         position = o.position
+        attribute = None
+        if position is None and not distinct:
+            position, attribute = _entity_attribute(o.expr, elems)
         if position is None:
             if distinct:
                 raise _refuse(
@@ -460,7 +463,7 @@ def _plan_rows(
                 )
             position = width + len(hidden)
             hidden.append(o.expr.label(f"_sk_{len(hidden)}"))
-        sort_keys.append(SortKey(position, o.descending, o.nulls_first, _short(o.expr)))
+        sort_keys.append(SortKey(position, o.descending, o.nulls_first, _short(o.expr), attribute))
 
     shard = stmt
     if hidden:
@@ -482,6 +485,25 @@ def _plan_rows(
     else:
         mode = "ordered" if sort_keys else "rows"
     return FanoutPlan(shard, merge, keys, stmt, mode)
+
+
+def _entity_attribute(expr: Any, elems: Sequence[_Element]) -> tuple[int | None, str | None]:
+    """(position, attribute) when ``expr`` is a loaded column of an ORM entity in the row."""
+    column = _unwrap(expr)
+    entity = getattr(column, "_annotations", {}).get("parententity")
+    if entity is None or not isinstance(column, elements.ColumnClause):
+        return None, None
+    for position, elem in enumerate(elems):
+        if elem.entity is not entity:
+            continue
+        try:
+            prop = entity.get_property_by_column(column)
+        except Exception:  # not a column of this mapper (an expression over it, say)
+            return None, None
+        if getattr(prop, "deferred", False) or len(getattr(prop, "columns", ())) != 1:
+            return None, None  # reading it would load it row by row
+        return position, prop.key
+    return None, None
 
 
 def _short(expr: Any) -> str:
