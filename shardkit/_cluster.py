@@ -26,6 +26,7 @@ from ._config import DEFAULT_DB_ALIAS, AliasSpec, parse_databases
 from ._relations import check_flush_relations
 from ._routing import RouterChain
 from ._session import ShardSession, _db_of_or_none
+from ._twophase import InDoubt, check_twophase_aliases, recover
 from .errors import ConfigError, CrossShardWriteError, UnknownAliasError
 
 if TYPE_CHECKING:
@@ -115,9 +116,12 @@ class Cluster:
     :param engine_options: keyword arguments for every ``create_engine()`` call.
     :param deadline: default deadline in seconds for a read that spans shards.
     :param partial: by default, return the healthy shards' rows of a failed fan-out (marked incomplete).
-    :param cross_shard_writes: ``"allow"`` (a commit touching several aliases commits on each, one
-        after the other, as SQLAlchemy does with several binds) or ``"refuse"`` (such a flush is
-        refused with :class:`~shardkit.errors.CrossShardWriteError` before anything is written).
+    :param cross_shard_writes: what a transaction that writes to several aliases does:
+        ``"allow"`` commits on each, one after the other, as SQLAlchemy does with several binds
+        (a crash in between can leave some committed and some not); ``"refuse"`` refuses such a
+        flush with :class:`~shardkit.errors.CrossShardWriteError` before anything is written;
+        ``"twophase"`` commits atomically with PostgreSQL's two-phase commit (see
+        :mod:`shardkit._twophase` and :meth:`recover_twophase`).
 
     >>> cluster = Cluster({"default": "sqlite://"})
     >>> cluster.aliases
@@ -141,9 +145,9 @@ class Cluster:
         self.router = RouterChain(routers or (), self._specs, db_of=_db_of_or_none, default=DEFAULT_DB_ALIAS)
         self.deadline = deadline
         self.partial = partial
-        if cross_shard_writes not in ("allow", "refuse"):
+        if cross_shard_writes not in ("allow", "refuse", "twophase"):
             raise ConfigError(
-                f"cross_shard_writes must be 'allow' or 'refuse', got {cross_shard_writes!r}",
+                f"cross_shard_writes must be 'allow', 'refuse' or 'twophase', got {cross_shard_writes!r}",
                 setting="cross_shard_writes",
             )
         self.cross_shard_writes = cross_shard_writes
@@ -287,16 +291,25 @@ class Cluster:
             done[alias] = [t.name for t in tables]
         return done
 
+    def recover_twophase(self, *, min_age: float = 60.0, dry_run: bool = False) -> list[InDoubt]:
+        """Resolve two-phase transactions left in doubt by a crash: committed everywhere if their
+        decision was logged, else rolled back everywhere (see :func:`shardkit._twophase.recover`)."""
+        return recover(self, min_age=min_age, dry_run=dry_run)
+
     # -- hooks the session calls ---------------------------------------------------
 
     def _check_flush(self, session: ShardSession) -> None:
         """Checks made on a flush before anything is written: relations, then cross-shard writes."""
         check_flush_relations(session)
-        if self.cross_shard_writes == "refuse":
-            aliases = session._tx_write_aliases | set(session._flush_aliases.values())
-            if len(aliases) > 1:
-                raise CrossShardWriteError(
-                    f"this transaction would write to {len(aliases)} databases ({', '.join(sorted(aliases))}) "
-                    "and the cluster refuses cross-shard writes (cross_shard_writes='refuse'); nothing was written",
-                    aliases=sorted(aliases),
-                )
+        self._check_write_aliases(session._tx_write_aliases | set(session._flush_aliases.values()))
+
+    def _check_write_aliases(self, aliases: set[str]) -> None:
+        """Refuse, before anything is written, a transaction the cross-shard setting forbids."""
+        if self.cross_shard_writes == "twophase":
+            check_twophase_aliases(self, aliases)
+        if self.cross_shard_writes == "refuse" and len(aliases) > 1:
+            raise CrossShardWriteError(
+                f"this transaction would write to {len(aliases)} databases ({', '.join(sorted(aliases))}) "
+                "and the cluster refuses cross-shard writes (cross_shard_writes='refuse'); nothing was written",
+                aliases=sorted(aliases),
+            )

@@ -164,6 +164,18 @@ class ShardSession(Session):
             if self._context_tokens:
                 _current_session.reset(self._context_tokens.pop())
 
+    def commit(self) -> None:
+        """Commit; with ``cross_shard_writes="twophase"`` a commit that wrote to several
+        aliases is made atomic by two-phase commit first."""
+        if self.cluster.cross_shard_writes == "twophase" and self._transaction is not None:
+            self.flush()
+            aliases = sorted(self._tx_write_aliases)
+            if len(aliases) > 1:
+                from ._twophase import two_phase_commit
+
+                two_phase_commit(self, aliases)
+        super().commit()
+
     # -- binds ---------------------------------------------------------------
 
     def get_bind(
@@ -416,6 +428,7 @@ class ShardSession(Session):
         if orm_context.is_select:
             result = orm_context.invoke_statement(**kwargs)
         else:  # a bulk INSERT/UPDATE/DELETE on one known alias
+            self._note_statement_write(alias)
             previous, self._bulk_alias = self._bulk_alias, alias
             try:
                 result = orm_context.invoke_statement(**kwargs)
@@ -434,6 +447,13 @@ class ShardSession(Session):
         if isinstance(target, str):
             return self._invoke_on(orm_context, target)
         return self._fanout(orm_context, target)
+
+    def _note_statement_write(self, alias: str) -> None:
+        """A write statement is about to run on ``alias``: apply the cross-shard write setting."""
+        if alias in self._tx_write_aliases:
+            return
+        self.cluster._check_write_aliases(self._tx_write_aliases | {alias})
+        self._tx_write_aliases.add(alias)
 
     def _placed(self, orm_context: ORMExecuteState) -> bool:
         return (
