@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, event, select
+from sqlalchemy import and_, bindparam, event, select
 from sqlalchemy.orm import Mapper, object_session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.interfaces import MANYTOONE
@@ -109,26 +109,55 @@ def _many_to_ones(mapper: Mapper[Any]) -> tuple[RelationshipProperty[Any], ...]:
     return rels
 
 
+_FK_LOOKUPS: dict[RelationshipProperty[Any], Any] = {}
+
+
+def _fk_lookup(prop: RelationshipProperty[Any]) -> Any:
+    """``select(Parent).where(parent_col == :shardkit_fk_0 ...)``, built once per relationship:
+    the routers read the values from the ``parameters`` hint."""
+    stmt = _FK_LOOKUPS.get(prop)
+    if stmt is None:
+        pairs = prop.local_remote_pairs or []
+        stmt = select(prop.mapper).where(
+            and_(*[remote == bindparam(f"shardkit_fk_{i}") for i, (_local, remote) in enumerate(pairs)])
+        )
+        _FK_LOOKUPS[prop] = stmt
+    return stmt
+
+
+_LOCAL_ATTRS: dict[tuple[Mapper[Any], RelationshipProperty[Any]], tuple[str, ...]] = {}
+
+
+def _local_attrs(mapper: Mapper[Any], prop: RelationshipProperty[Any]) -> tuple[str, ...]:
+    key = (mapper, prop)
+    attrs = _LOCAL_ATTRS.get(key)
+    if attrs is None:
+        attrs = tuple(mapper.get_property_by_column(local).key for local, _r in prop.local_remote_pairs or ())
+        _LOCAL_ATTRS[key] = attrs
+    return attrs
+
+
 def _parent_db_by_fk(session: ShardSession, state: InstanceState[Any], prop: RelationshipProperty[Any]) -> Any:
     """(stand-in parent, its alias) for a many-to-one named only by its foreign key columns."""
     pairs = prop.local_remote_pairs or []
-    values = []
-    for local, remote in pairs:
-        value = state.dict.get(state.mapper.get_property_by_column(local).key)
+    if not pairs:
+        return None
+    params: dict[str, Any] = {}
+    for i, attr in enumerate(_local_attrs(state.mapper, prop)):
+        value = state.dict.get(attr)
         if value is None:
             return None
-        values.append((remote, value))
-    if not values:
-        return None
+        params[f"shardkit_fk_{i}"] = value
     target = prop.mapper
-    stmt = select(target).where(and_(*[remote == value for remote, value in values]))
-    where = session.cluster.router.read_opinion(target.class_, statement=stmt, session=session)
+    where = session.cluster.router.read_opinion(
+        target.class_, statement=_fk_lookup(prop), parameters=params, session=session
+    )
     if not isinstance(where, str):
         return None  # no router places the parent, or it could be on any shard: nothing to check
     stand_in = target.class_manager.new_instance()
-    for remote, value in values:
-        prop_key = target.get_property_by_column(remote).key
-        instance_state(stand_in).dict[prop_key] = value
+    stand_in_dict = instance_state(stand_in).dict
+    for i, (_local, remote) in enumerate(pairs):
+        stand_in_dict[target.get_property_by_column(remote).key] = params[f"shardkit_fk_{i}"]
     return stand_in, where
 
 

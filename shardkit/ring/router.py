@@ -34,6 +34,7 @@ it) is looked at; keys reached through joins or subqueries are not.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +111,8 @@ class HashRingRouter:
     ) -> None:
         self.ring = ring
         self._reference: set[Any] = set(reference_tables)
+        self._reference_cache: dict[Any, bool] = {}
+        self._param_key_cache: dict[int, tuple[Any, str | None]] = {}
         self._model_keys: dict[type[Any], str] = {}
         self._table_keys: dict[str, str] = {}
         for target, attr in (shard_keys or {}).items():
@@ -215,6 +218,16 @@ class HashRingRouter:
 
     def is_reference(self, model: Any) -> bool:
         """True for a reference table: a model present in full on every shard."""
+        try:
+            return self._reference_cache[model]
+        except (KeyError, TypeError):
+            pass
+        found = self._is_reference(model)
+        with contextlib.suppress(TypeError):  # unhashable: not a model, nothing to cache
+            self._reference_cache[model] = found
+        return found
+
+    def _is_reference(self, model: Any) -> bool:
         if isinstance(model, str):
             return model in self._reference
         if isinstance(model, Table):
@@ -343,9 +356,15 @@ class HashRingRouter:
     def _route_statement(self, spec: _Spec, statement: Any, params: Any = None) -> str | ShardTargets:
         if statement is None or spec.column is None:
             return self._every_shard("no shard key in WHERE", spec)
+        params = params if isinstance(params, Mapping) else None
+        fast = self._single_param_key(statement, spec) if params is not None else None
+        if fast is not None and fast in params:  # `key == :param`, value given at execution
+            value = params[fast]
+            if value is not None and not isinstance(value, list | tuple | set):
+                return self.ring.get(value)
         constraints: list[_Constraint] = []
         for criterion in getattr(statement, "_where_criteria", ()):
-            self._collect(criterion, spec.column, constraints, params if isinstance(params, Mapping) else None)
+            self._collect(criterion, spec.column, constraints, params)
         if not constraints:
             return self._every_shard("no shard key in WHERE", spec)
         ring_get = self.ring.get
@@ -382,6 +401,33 @@ class HashRingRouter:
             reason=f"shard key {label} values span {len(ordered)} shards",
             shard_key_columns=self._key_columns(spec),
         )
+
+    def _single_param_key(self, statement: Any, spec: _Spec) -> str | None:
+        """For a statement whose whole WHERE is ``shard_key == :param`` (a bind with no value of its
+        own), the parameter's name; cached per statement, so repeated lookups (the foreign-key checks
+        of a flush, selectin loads) skip walking the clause."""
+        cached = self._param_key_cache.get(id(statement))
+        if cached is not None and cached[0] is statement:
+            return cached[1]
+        key: str | None = None
+        criteria: tuple[Any, ...] = tuple(getattr(statement, "_where_criteria", ()))
+        if len(criteria) == 1 and isinstance(criteria[0], BinaryExpression):
+            clause = criteria[0]
+            left, right = clause.left, clause.right
+            if isinstance(left, BindParameter):
+                left, right = right, left
+            if (
+                clause.operator is operators.eq
+                and isinstance(right, BindParameter)
+                and right.value is None
+                and right.callable is None
+                and self._is_column(left, spec.column)
+            ):
+                key = right.key
+        if len(self._param_key_cache) > 512:
+            self._param_key_cache.clear()
+        self._param_key_cache[id(statement)] = (statement, key)
+        return key
 
     @staticmethod
     def _rewrite(statement: Any, replace: Mapping[int, BindParameter[Any]]) -> Any:
