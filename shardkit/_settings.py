@@ -1,0 +1,303 @@
+"""Settings: a cluster and its hash ring, loaded from a settings module or a TOML file.
+
+Two forms, one result (:class:`Settings`):
+
+* a **Python module** (``myproject.settings``), Django-style::
+
+      DATABASES = {"default": "sqlite:///default.db", "s0": {...}, "s1": {...}}
+      DATABASE_ROUTERS = ["myproject.routers.AuthRouter"]
+      SHARDKIT_RING = HashRing(["s0", "s1"])   # or its to_dict() dict, or a JSON string
+      SHARDKIT_SHARD_KEYS = {"orders": "user_id"}  # optional, for the ring's router
+      SHARDKIT_METADATA = "myproject.models:Base"  # optional, for `shardkit migrate`
+
+* a **TOML file** (``path/to/shardkit.toml``)::
+
+      routers = ["myproject.routers.AuthRouter"]
+      metadata = "myproject.models:Base"
+
+      [databases]
+      default = "sqlite:///default.db"
+      s0 = { ENGINE = "postgresql", NAME = "s0", HOST = "127.0.0.1" }
+
+      [ring]
+      shards = ["s0", "s1"]     # or a table alias -> weight
+      vnodes = 1024             # mode = "buckets" + buckets = 4096 for the balanced mode
+      shard_keys = { orders = "user_id" }
+
+Which one is meant: a path ending in ``.toml``, or naming an existing file, is
+a TOML file; anything else is a dotted module path.  With no argument, the
+environment variable ``SHARDKIT_SETTINGS`` names either.
+
+The ring and the router chain: when the settings define a ring and no router
+of ``DATABASE_ROUTERS`` is a :class:`~shardkit.HashRingRouter`, a
+``HashRingRouter(ring, shard_keys=...)`` is appended to the chain (after the
+listed routers, so they are asked first).  When they define no ring but a
+listed router is a ``HashRingRouter``, its ring is the settings' ring.  Every
+shard of the ring must be an alias of ``DATABASES``.
+
+Every mistake (a path that does not exist, a module that does not import, a
+TOML syntax error, an unknown key, a ring shard missing from ``DATABASES``) is
+a :class:`~shardkit.errors.ConfigError` with a one-line message that never
+contains a password.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ._cluster import Cluster
+from .errors import ConfigError
+from .ring import HashRing, HashRingRouter
+
+__all__ = ["ENV_VAR", "Settings", "import_object", "load_settings"]
+
+ENV_VAR = "SHARDKIT_SETTINGS"
+"""The environment variable naming the settings (a dotted module path or a TOML file)."""
+
+_TOML_KEYS = frozenset({"databases", "routers", "ring", "metadata"})
+_RING_KEYS = frozenset({"version", "generation", "mode", "shards", "vnodes", "buckets", "table"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a settings module or file describes.
+
+    :param cluster: the :class:`~shardkit.Cluster` built from ``DATABASES`` and the routers.
+    :param ring: the hash ring (``SHARDKIT_RING`` / ``[ring]`` / the ``HashRingRouter``'s), or ``None``.
+    :param metadata: ``SHARDKIT_METADATA`` / ``metadata``: a ``"module:attr"`` path or the object, or ``None``.
+    :param source: where the settings came from (a module name or a file path), for messages.
+    """
+
+    cluster: Cluster
+    ring: HashRing | None = None
+    metadata: Any = None
+    source: str = ""
+
+    def get_metadata(self, override: Any = None) -> Any:
+        """The MetaData or declarative base to migrate: ``override`` if given, else the settings'.
+
+        Strings (``"package.module:Base"`` or ``"package.module.Base"``) are imported.
+
+        :raises ConfigError: neither is given, or the path does not import.
+        """
+        target = override if override is not None else self.metadata
+        if target is None:
+            raise ConfigError(
+                f"no metadata to migrate: pass --metadata package.module:Base or set SHARDKIT_METADATA "
+                f"(`metadata = ...` in a TOML file) in {self.source or 'the settings'}"
+            )
+        return import_object(target) if isinstance(target, str) else target
+
+    def require_ring(self) -> HashRing:
+        """The ring, or a :class:`ConfigError` saying how to define one."""
+        if self.ring is None:
+            raise ConfigError(
+                f"{self.source or 'the settings'} define no hash ring: set SHARDKIT_RING (a HashRing or its "
+                "to_dict()), a [ring] table in a TOML file, or put a HashRingRouter in DATABASE_ROUTERS"
+            )
+        return self.ring
+
+
+def import_object(path: str) -> Any:
+    """Import ``"package.module:attr"`` (or ``"package.module.attr"``) and return the attribute.
+
+    :raises ConfigError: the module or the attribute does not exist.
+
+    >>> import_object("shardkit:HashRing").__name__
+    'HashRing'
+    """
+    if ":" in path:
+        module_path, _, attr = path.partition(":")
+    else:
+        module_path, _, attr = path.rpartition(".")
+    if not module_path or not attr:
+        raise ConfigError(f"{path!r} is not a path to an object: use 'package.module:name'", path=path)
+    try:
+        module = importlib.import_module(module_path)
+    except Exception as exc:  # any failure while importing user code is a settings mistake
+        raise ConfigError(f"{path!r} does not import: {_one_line(exc)}", path=path) from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(
+                f"{path!r} does not import: {module_path!r} has no attribute {attr!r}", path=path
+            ) from None
+    return obj
+
+
+def load_settings(source: str | os.PathLike[str] | ModuleType | None = None, **cluster_options: Any) -> Settings:
+    """Load a cluster and its ring from a settings module or a TOML file.
+
+    :param source: a dotted module path, the module itself, or the path of a TOML
+        file; ``None`` reads the environment variable ``SHARDKIT_SETTINGS``.
+    :param cluster_options: keyword arguments for :class:`~shardkit.Cluster`
+        (``engine_options``, ``deadline`` ...).
+    :raises ConfigError: the settings cannot be found, read or validated.
+
+    >>> settings = load_settings("myproject.settings")  # doctest: +SKIP
+    >>> settings.cluster.aliases, settings.ring  # doctest: +SKIP
+    """
+    if source is None:
+        source = os.environ.get(ENV_VAR) or None
+        if source is None:
+            raise ConfigError(f"no settings given: pass --settings (a module or a .toml file) or set {ENV_VAR}")
+    if isinstance(source, ModuleType):
+        return _from_module(source, cluster_options)
+    text = os.fspath(source)
+    if not text.strip():
+        raise ConfigError("the settings name is empty")
+    if _looks_like_file(text):
+        return _from_toml(Path(text), cluster_options)
+    return _from_module(_import_settings(text), cluster_options)
+
+
+# ----------------------------------------------------------------------------- sources
+def _looks_like_file(text: str) -> bool:
+    return text.endswith(".toml") or os.sep in text or "/" in text or Path(text).is_file()
+
+
+def _import_settings(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and name.startswith(exc.name):
+            raise ConfigError(
+                f"settings module {name!r} not found (is its folder on sys.path? a TOML file needs the .toml suffix)",
+                settings=name,
+            ) from exc
+        raise ConfigError(f"settings module {name!r} does not import: {_one_line(exc)}", settings=name) from exc
+    except Exception as exc:  # a syntax error or a crash inside the user's module
+        raise ConfigError(f"settings module {name!r} does not import: {_one_line(exc)}", settings=name) from exc
+
+
+def _from_module(module: ModuleType, options: Mapping[str, Any]) -> Settings:
+    source = module.__name__
+    databases = getattr(module, "DATABASES", None)
+    if databases is None:
+        raise ConfigError(f"settings module {source!r} defines no DATABASES", settings=source)
+    routers = list(getattr(module, "DATABASE_ROUTERS", ()) or ())
+    ring = _ring_from_value(getattr(module, "SHARDKIT_RING", None), f"{source}.SHARDKIT_RING")
+    shard_keys = getattr(module, "SHARDKIT_SHARD_KEYS", None)
+    metadata = getattr(module, "SHARDKIT_METADATA", None)
+    return _build(source, databases, routers, ring, shard_keys, metadata, options)
+
+
+def _from_toml(path: Path, options: Mapping[str, Any]) -> Settings:
+    source = str(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"settings file {source!r} does not exist", settings=source) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"settings file {source!r} cannot be read: {_one_line(exc)}", settings=source) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"settings file {source!r} is not valid TOML: {exc}", settings=source) from None
+    unknown = sorted(set(data) - _TOML_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_TOML_KEYS))})",
+            settings=source,
+            keys=unknown,
+        )
+    databases = data.get("databases")
+    if not isinstance(databases, Mapping):
+        raise ConfigError(f"{source}: a [databases] table is required", settings=source)
+    databases = {alias: _toml_alias(source, alias, entry) for alias, entry in databases.items()}
+    routers = data.get("routers", [])
+    if not isinstance(routers, list) or not all(isinstance(r, str) for r in routers):
+        raise ConfigError(f"{source}: 'routers' must be a list of dotted paths", settings=source)
+    ring_data = data.get("ring")
+    shard_keys = None
+    ring = None
+    if ring_data is not None:
+        if not isinstance(ring_data, Mapping):
+            raise ConfigError(f"{source}: 'ring' must be a table", settings=source)
+        ring_data = dict(ring_data)
+        shard_keys = ring_data.pop("shard_keys", None)
+        ring = _ring_from_value(ring_data, f"{source} [ring]")
+    metadata = data.get("metadata")
+    if metadata is not None and not isinstance(metadata, str):
+        raise ConfigError(f"{source}: 'metadata' must be a 'package.module:Base' string", settings=source)
+    return _build(source, databases, routers, ring, shard_keys, metadata, options)
+
+
+def _toml_alias(source: str, alias: str, entry: Any) -> Any:
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, Mapping):
+        # Django's keys are upper case; TOML users may write them in lower case
+        return {str(k).upper(): v for k, v in entry.items()}
+    raise ConfigError(f"{source}: databases.{alias} must be a URL string or a table of ENGINE/NAME/...", alias=alias)
+
+
+def _ring_from_value(value: Any, where: str) -> HashRing | None:
+    if value is None or isinstance(value, HashRing):
+        return value
+    if isinstance(value, str | bytes):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"{where}: a string ring must be the JSON of HashRing.to_dict()") from None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a HashRing, its to_dict() dict or its JSON, not {type(value).__name__}")
+    unknown = sorted(set(value) - _RING_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(_RING_KEYS))}, shard_keys)"
+        )
+    try:
+        return HashRing.from_dict(value)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _build(
+    source: str,
+    databases: Any,
+    routers: list[Any],
+    ring: HashRing | None,
+    shard_keys: Any,
+    metadata: Any,
+    options: Mapping[str, Any],
+) -> Settings:
+    if shard_keys is not None and not isinstance(shard_keys, Mapping):
+        raise ConfigError(f"{source}: shard keys must map table names (or models) to attribute names")
+    cluster = Cluster(databases, routers, **options)
+    ring_routers = [r for r in cluster.router.routers if isinstance(r, HashRingRouter)]
+    if ring is None:
+        if ring_routers:
+            ring = ring_routers[0].ring
+    elif ring_routers:
+        if ring_routers[0].ring != ring:
+            raise ConfigError(
+                f"{source}: SHARDKIT_RING and the ring of the HashRingRouter in DATABASE_ROUTERS differ; "
+                "define the ring once (the router's ring is used when SHARDKIT_RING is not set)"
+            )
+    else:
+        # routers as loaded (paths imported, classes instantiated) plus the ring's router
+        cluster = Cluster(databases, [*cluster.router.routers, HashRingRouter(ring, shard_keys=shard_keys)], **options)
+    if ring is not None:
+        missing = [alias for alias in ring if alias not in cluster.aliases]
+        if missing:
+            raise ConfigError(
+                f"{source}: ring shard(s) {', '.join(missing)} not in DATABASES "
+                f"(aliases: {', '.join(cluster.aliases)})",
+                aliases=missing,
+            )
+    return Settings(cluster=cluster, ring=ring, metadata=metadata, source=source)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

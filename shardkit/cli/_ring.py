@@ -1,0 +1,513 @@
+"""``shardkit ring show | distribution | diff``: look at a hash ring's layout, load and movement.
+
+The ring comes from the settings (``SHARDKIT_RING``, a TOML ``[ring]`` table or
+the ``HashRingRouter`` in ``DATABASE_ROUTERS``) or from ``--ring FILE.json``
+(the JSON of ``HashRing.to_dict()``).  Shares are exact (arc lengths of the
+classic ring, bucket counts in buckets mode); key distributions are counted
+with ``ring.get_many``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import click
+from sqlalchemy import MetaData, Table, inspect, select
+
+from .._settings import Settings, import_object
+from ..errors import ConfigError
+from ..ring import IMPLEMENTATION, HashRing
+from ._common import CliError, echo_json, json_option, load, progress, settings_option
+from ._ringstats import bucket_ranges, exact_movement, exact_shares, ideal_shares, units
+
+__all__ = ["ring"]
+
+KINDS = ("int", "uuid", "str")
+_CHUNK = 50_000
+
+
+def _ring_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--ring",
+        "ring_path",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        help="Read the ring from this JSON file (HashRing.to_dict()) instead of the settings.",
+    )(fn)
+
+
+def _get_ring(settings_path: str | None, ring_path: Path | None) -> tuple[HashRing, Settings | None]:
+    if ring_path is not None:
+        try:
+            data = json.loads(ring_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CliError(f"{ring_path}: not a JSON ring description ({exc})") from None
+        try:
+            return HashRing.from_dict(data), None
+        except ConfigError as exc:
+            raise CliError(f"{ring_path}: {exc}") from None
+    settings = load(settings_path)
+    return settings.require_ring(), settings
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.3f}%"
+
+
+@click.group()
+def ring() -> None:
+    """Inspect the hash ring: layout, key distribution, movement on add/remove."""
+
+
+# ----------------------------------------------------------------------------- show
+@ring.command()
+@settings_option
+@_ring_option
+@json_option
+def show(settings_path: str | None, ring_path: Path | None, as_json: bool) -> None:
+    """Shards, weights, virtual nodes or buckets, version, and each shard's exact share."""
+    hr, _ = _get_ring(settings_path, ring_path)
+    shares = exact_shares(hr)
+    ideal = ideal_shares(hr.weights)
+    per = units(hr)
+    unit = "buckets" if hr.mode == "buckets" else "points"
+    rows: list[dict[str, Any]] = [
+        {
+            "alias": alias,
+            "weight": weight,
+            unit: per[alias],
+            "share": float(shares[alias]),
+            "ideal": float(ideal[alias]),
+            "ratio": float(shares[alias] / ideal[alias]) if ideal[alias] else None,
+        }
+        for alias, weight in hr.weights.items()
+    ]
+    peak = max((r["ratio"] for r in rows if r["ratio"] is not None), default=None)
+    data: dict[str, Any] = {
+        "mode": hr.mode,
+        "version": hr.version,
+        "generation": hr.generation,
+        "implementation": IMPLEMENTATION,
+        "shards": rows,
+        "peak_over_ideal": peak,
+    }
+    if hr.mode == "buckets":
+        data["buckets"] = hr.buckets
+    else:
+        data["vnodes"] = hr.vnodes
+        data["points"] = sum(per.values())
+    if as_json:
+        echo_json(data)
+        return
+    size = f"{hr.buckets} buckets" if hr.mode == "buckets" else f"{hr.vnodes} vnodes per unit of weight"
+    click.echo(f"ring: mode {hr.mode}, {size}, {len(hr)} shards, version {hr.version}, generation {hr.generation}")
+    if not rows:
+        click.echo("(no shards)")
+        return
+    width = max(5, *(len(r["alias"]) for r in rows))
+    click.echo(f"{'shard':<{width}}  {'weight':>6}  {unit:>8}  {'share':>9}  {'ideal':>9}  share/ideal")
+    for r in rows:
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.4f}"
+        click.echo(
+            f"{r['alias']:<{width}}  {r['weight']!s:>6}  {r[unit]:>8}  {_pct(r['share']):>9}  "
+            f"{_pct(r['ideal']):>9}  {ratio}"
+        )
+    click.echo(f"peak share / ideal: {peak:.4f}" if peak is not None else "")
+
+
+# ----------------------------------------------------------------------- key sources
+def _synthetic(kind: str, n: int, seed: int) -> Iterator[Any]:
+    if kind == "int":
+        yield from range(1, n + 1)
+    elif kind == "str":
+        yield from (f"user:{i}" for i in range(1, n + 1))
+    else:
+        rng = random.Random(seed)
+        yield from (uuid.UUID(int=rng.getrandbits(128), version=4) for _ in range(n))
+
+
+def _coerce(kind: str | None) -> Callable[[Any], Any]:
+    if kind == "int":
+        return lambda v: v if isinstance(v, int) else int(str(v).strip())
+    if kind == "uuid":
+        return lambda v: v if isinstance(v, uuid.UUID) else uuid.UUID(str(v).strip())
+    if kind == "str":
+        return lambda v: v if isinstance(v, str) else str(v)
+    return lambda v: v
+
+
+def _chunks(keys: Iterator[Any]) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for key in keys:
+        chunk.append(key)
+        if len(chunk) >= _CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _file_keys(path: Path, kind: str | None) -> Iterator[Any]:
+    convert = _coerce(kind or "str")
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            text = line.rstrip("\r\n")
+            if not text:
+                continue
+            try:
+                yield convert(text)
+            except ValueError:
+                raise CliError(f"{path}:{number}: {text[:40]!r} is not a {kind} key") from None
+
+
+def _resolve_table(settings: Settings, target: str, column: str | None) -> tuple[Any, str]:
+    """(table, shard-key column name) for a model path, a Table path or a table name."""
+    obj: Any = None
+    if ":" in target or "." in target:
+        obj = import_object(target)
+    else:
+        metadata = None
+        if settings.metadata is not None:
+            meta_obj = settings.get_metadata()
+            metadata = meta_obj if isinstance(meta_obj, MetaData) else getattr(meta_obj, "metadata", None)
+            registry = getattr(meta_obj, "registry", None)
+            if registry is not None:
+                for mapper in registry.mappers:
+                    if getattr(mapper.local_table, "name", None) == target:
+                        obj = mapper.class_
+                        break
+        if obj is None and metadata is not None:
+            obj = metadata.tables.get(target)
+        if obj is None:
+            obj = target
+    if isinstance(obj, Table):
+        table: Any = obj
+    elif isinstance(obj, type) and isinstance(getattr(obj, "__table__", None), Table):
+        model: Any = obj
+        table = model.__table__
+        column = column or getattr(model, "__shard_key__", None)
+        attrs = model.__mapper__.attrs
+        if column is not None and column in attrs and hasattr(attrs[column], "columns"):
+            column = attrs[column].columns[0].name  # the attribute's column may have another name
+    elif isinstance(obj, str):
+        table = None
+    else:
+        raise CliError(f"{target!r} is not a mapped class, a Table or a table name")
+    if column is None:
+        raise CliError(f"which column of {target!r} holds the shard key? pass --column NAME")
+    if table is not None and column not in table.c:
+        raise CliError(f"table {table.name!r} has no column {column!r}")
+    return (table if table is not None else target), column
+
+
+def _table_keys(
+    settings: Settings, hr: HashRing, target: str, column: str | None, kind: str | None
+) -> tuple[Counter[str], Counter[str], int, int]:
+    """Read the shard-key column on every shard: (keys per owner, rows per shard, misplaced, nulls)."""
+    cluster = settings.cluster
+    table, column_name = _resolve_table(settings, target, column)
+    convert = _coerce(kind)
+    owners: Counter[str] = Counter()
+    found: Counter[str] = Counter()
+    misplaced = nulls = 0
+    with progress(list(hr), label="reading shards") as bar:
+        for alias in bar:
+            engine = cluster.engine(alias)
+            if isinstance(table, str):
+                names = inspect(engine).get_table_names()
+                if table not in names:
+                    raise CliError(f"shard {alias!r} has no table {table!r}")
+                reflected = Table(table, MetaData(), autoload_with=engine)
+                col: Any = reflected.c[column_name]
+            else:
+                if not inspect(engine).has_table(table.name, schema=table.schema):
+                    raise CliError(f"shard {alias!r} has no table {table.name!r} (run shardkit migrate?)")
+                col = table.c[column_name]
+            stmt = select(col)
+            with engine.connect() as conn:
+                result = conn.execution_options(stream_results=True, yield_per=_CHUNK).execute(stmt)
+                for part in result.partitions():
+                    keys = []
+                    for (value,) in part:
+                        if value is None:
+                            nulls += 1
+                        else:
+                            keys.append(convert(value))
+                    placed = hr.get_many(keys)
+                    owners.update(placed)
+                    found[alias] += len(keys)
+                    misplaced += sum(1 for a in placed if a != alias)
+    return owners, found, misplaced, nulls
+
+
+# --------------------------------------------------------------------- distribution
+def _stats(counts: dict[str, int], hr: HashRing) -> dict[str, Any]:
+    total = sum(counts.values())
+    n = len(counts)
+    mean = total / n if n else 0.0
+    ideal = ideal_shares(hr.weights)
+    stddev = math.sqrt(sum((c - mean) ** 2 for c in counts.values()) / n) if n else 0.0
+    rows = [
+        {
+            "alias": alias,
+            "keys": c,
+            "share": c / total if total else 0.0,
+            "expected": float(total * ideal[alias]),
+            "ratio": (c / float(total * ideal[alias])) if total else None,
+        }
+        for alias, c in counts.items()
+    ]
+    peak = max(counts.values(), default=0)
+    return {
+        "keys": total,
+        "shards": rows,
+        "mean": mean,
+        "peak": peak,
+        "peak_mean": peak / mean if mean else None,
+        "stddev": stddev,
+        "relative_stddev": stddev / mean if mean else None,
+        "peak_over_expected": max((r["ratio"] for r in rows if r["ratio"] is not None), default=None),
+    }
+
+
+def _histogram(stats: dict[str, Any], width: int = 40) -> list[str]:
+    rows = stats["shards"]
+    peak = max((r["keys"] for r in rows), default=0) or 1
+    name = max((len(r["alias"]) for r in rows), default=5)
+    digits = max((len(f"{r['keys']:,}") for r in rows), default=1)
+    return [
+        f"{r['alias']:<{name}}  {r['keys']:>{digits},}  {'#' * round(width * r['keys'] / peak):<{width}}  "
+        f"{100 * r['share']:6.2f}%"
+        for r in rows
+    ]
+
+
+@ring.command()
+@settings_option
+@_ring_option
+@click.option("--keys", "nkeys", type=click.IntRange(1, 100_000_000), default=None, help="Synthetic keys  [100000].")
+@click.option("--kind", type=click.Choice(KINDS), default=None, help="Key type: synthetic keys, or how to read keys.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Random seed for synthetic uuid keys.")
+@click.option(
+    "--from-file",
+    "from_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Keys from a file, one per line (str unless --kind).",
+)
+@click.option("--from-table", "from_table", metavar="MODEL_OR_TABLE", help="Keys from a table on every shard.")
+@click.option("--column", help="The shard-key column for --from-table (default: the model's __shard_key__).")
+@click.option(
+    "--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a histogram PNG (needs matplotlib)."
+)
+@json_option
+def distribution(
+    settings_path: str | None,
+    ring_path: Path | None,
+    nkeys: int | None,
+    kind: str | None,
+    seed: int,
+    from_file: Path | None,
+    from_table: str | None,
+    column: str | None,
+    plot: Path | None,
+    as_json: bool,
+) -> None:
+    """Keys per shard: peak/mean, standard deviation, a histogram (and --plot PNG).
+
+    Synthetic keys (--keys N --kind int|uuid|str: ints 1..N, strs "user:1".., random
+    uuids), a file of keys (--from-file), or the shard-key column of a table read
+    over every shard (--from-table; also counts rows sitting on the wrong shard).
+    """
+    if from_file and from_table:
+        raise click.UsageError("give --from-file or --from-table, not both")
+    if nkeys is not None and (from_file or from_table):
+        raise click.UsageError("--keys is for synthetic keys; --from-file/--from-table read every key")
+    if plot is not None:
+        from ._plot import require_matplotlib
+
+        require_matplotlib()
+    if from_table is not None:
+        if ring_path is not None:
+            raise click.UsageError("--from-table reads the shards of the settings: drop --ring")
+        settings = load(settings_path)
+        hr = settings.require_ring()
+        owners, found, misplaced, nulls = _table_keys(settings, hr, from_table, column, kind)
+        source = f"table {from_table}"
+        extra: dict[str, Any] = {
+            "rows_per_shard": {a: found.get(a, 0) for a in hr},
+            "misplaced": misplaced,
+            "null_keys": nulls,
+        }
+    else:
+        hr, _ = _get_ring(settings_path, ring_path)
+        owners = Counter()
+        extra = {}
+        if from_file is not None:
+            keys: Iterator[Any] = _file_keys(from_file, kind)
+            source = f"file {from_file}"
+            length = None
+        else:
+            nkeys = nkeys or 100_000
+            keys = _synthetic(kind or "int", nkeys, seed)
+            source = f"{nkeys} synthetic {kind or 'int'} keys"
+            length = nkeys
+        with progress(length=length or 0, label="hashing keys") as bar:
+            for chunk in _chunks(keys):
+                owners.update(hr.get_many(chunk))
+                bar.update(len(chunk))
+    counts = {alias: owners.get(alias, 0) for alias in hr}
+    stats = _stats(counts, hr)
+    data = {"source": source, "mode": hr.mode, "version": hr.version, **stats, **extra}
+    if plot is not None:
+        from ._plot import plot_distribution
+
+        plot_distribution(stats, plot, title=f"Keys per shard ({source})")
+        data["plot"] = str(plot)
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(f"{stats['keys']:,} keys from {source}, {len(counts)} shards (ring version {hr.version})")
+    for line in _histogram(stats):
+        click.echo("  " + line)
+    pm = stats["peak_mean"]
+    rel = stats["relative_stddev"]
+    click.echo(
+        f"mean {stats['mean']:,.1f}  peak {stats['peak']:,}  peak/mean {pm:.4f}  "
+        f"stddev {stats['stddev']:,.1f} ({100 * rel:.2f}% of mean)"
+        if pm is not None and rel is not None
+        else "no keys"
+    )
+    if extra:
+        click.echo(f"rows on a shard the ring does not give them: {misplaced:,}; NULL keys skipped: {nulls:,}")
+    if plot is not None:
+        click.echo(f"histogram written to {plot}")
+
+
+# ------------------------------------------------------------------------------ diff
+@ring.command()
+@settings_option
+@_ring_option
+@click.option("--add", "add", metavar="ALIAS", help="Add this shard.")
+@click.option("--weight", type=click.FloatRange(min=0, min_open=True), default=None, help="Weight of the added shard.")
+@click.option("--remove", "remove", metavar="ALIAS", help="Remove this shard.")
+@click.option("--keys", "nkeys", type=click.IntRange(1, 100_000_000), default=100_000, show_default=True)
+@click.option("--kind", type=click.Choice(KINDS), default="int", show_default=True, help="Synthetic key type.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--all-buckets", is_flag=True, help="List every moved bucket range (buckets mode).")
+@json_option
+def diff(
+    settings_path: str | None,
+    ring_path: Path | None,
+    add: str | None,
+    weight: float | None,
+    remove: str | None,
+    nkeys: int,
+    kind: str,
+    seed: int,
+    all_buckets: bool,
+    as_json: bool,
+) -> None:
+    """What moves on --add ALIAS [--weight W] or --remove ALIAS, against the ideal.
+
+    Exact (hash-space arcs, or the buckets that change owner) and sampled over
+    --keys synthetic keys.  The ideal is the new shard's share on add (1/(n+1)
+    for equal weights) and the removed shard's share on remove.
+    """
+    if (add is None) == (remove is None):
+        raise click.UsageError("give exactly one of --add ALIAS or --remove ALIAS")
+    if weight is not None and add is None:
+        raise click.UsageError("--weight goes with --add")
+    old, _ = _get_ring(settings_path, ring_path)
+    new = old.copy()
+    w: int | float = 1 if weight is None else (int(weight) if float(weight).is_integer() else weight)
+    if add is not None:
+        new.add(add, w)
+        ideal = Fraction(new.weights[add]) / sum(Fraction(x) for x in new.weights.values())
+        operation, alias = "add", add
+    else:
+        assert remove is not None
+        new.remove(remove)  # UnknownAliasError for a shard not in the ring
+        ideal = ideal_shares(old.weights)[remove]
+        operation, alias = "remove", remove
+    moves, moved_buckets = exact_movement(old, new)
+    exact_total = sum(moves.values(), Fraction(0))
+    staying = set(old.weights) & set(new.weights)
+    between_exact = sum((v for (a, b), v in moves.items() if a in staying and b in staying), Fraction(0))
+
+    sampled: Counter[tuple[str, str]] = Counter()
+    with progress(length=nkeys, label="sampling keys") as bar:
+        for chunk in _chunks(_synthetic(kind, nkeys, seed)):
+            for a, b in zip(old.get_many(chunk), new.get_many(chunk), strict=True):
+                if a != b:
+                    sampled[a, b] += 1
+            bar.update(len(chunk))
+    sampled_total = sum(sampled.values())
+    between_sampled = sum(v for (a, b), v in sampled.items() if a in staying and b in staying)
+    pairs = sorted(set(moves) | set(sampled))
+    rows = []
+    for a, b in pairs:
+        row: dict[str, Any] = {"from": a, "to": b, "share": float(moves.get((a, b), 0)), "keys": sampled.get((a, b), 0)}
+        if old.mode == "buckets":
+            row["buckets"] = len(moved_buckets.get((a, b), []))
+            row["bucket_ranges"] = [list(r) for r in bucket_ranges(moved_buckets.get((a, b), []))]
+        rows.append(row)
+    data: dict[str, Any] = {
+        "operation": operation,
+        "alias": alias,
+        "weight": w if add is not None else old.weights[alias],
+        "mode": old.mode,
+        "from_version": old.version,
+        "to_version": new.version,
+        "ideal": float(ideal),
+        "exact": {
+            "moved": float(exact_total),
+            "ratio": float(exact_total / ideal) if ideal else None,
+            "between_staying": float(between_exact),
+        },
+        "sampled": {
+            "keys": nkeys,
+            "kind": kind,
+            "moved": sampled_total,
+            "fraction": sampled_total / nkeys,
+            "ratio": (sampled_total / nkeys) / float(ideal) if ideal else None,
+            "between_staying": between_sampled,
+        },
+        "moves": rows,
+    }
+    if old.mode == "buckets":
+        data["exact"]["buckets"] = sum(len(v) for v in moved_buckets.values())
+        data["exact"]["of_buckets"] = old.buckets
+    if as_json:
+        echo_json(data)
+        return
+    what = f"add {alias} (weight {data['weight']})" if add is not None else f"remove {alias}"
+    click.echo(f"ring diff: {what}; {len(old)} -> {len(new)} shards, mode {old.mode}")
+    click.echo(
+        f"exact:   {_pct(float(exact_total))} of the key space moves; ideal {_pct(float(ideal))} "
+        f"(ratio {data['exact']['ratio']:.4f})"
+    )
+    if old.mode == "buckets":
+        click.echo(f"         {data['exact']['buckets']} of {old.buckets} buckets change owner")
+    click.echo(
+        f"sampled: {sampled_total:,} of {nkeys:,} {kind} keys move ({_pct(sampled_total / nkeys)}, "
+        f"ratio {data['sampled']['ratio']:.4f})"
+    )
+    width = max([4, *(len(a) for a, _ in pairs)])
+    width_to = max([2, *(len(b) for _, b in pairs)])
+    click.echo(f"  {'from':<{width}}  {'to':<{width_to}}  {'exact share':>11}  {'sampled keys':>12}")
+    for row in rows:
+        click.echo(f"  {row['from']:<{width}}  {row['to']:<{width_to}}  {_pct(row['share']):>11}  {row['keys']:>12,}")
+        if old.mode == "buckets":
+            ranges = [f"{a}" if a == b else f"{a}-{b}" for a, b in row["bucket_ranges"]]
+            shown = ranges if all_buckets else ranges[:8]
+            more = "" if len(shown) == len(ranges) else f" ... ({len(ranges) - len(shown)} more ranges, --all-buckets)"
+            click.echo(f"  {'':<{width}}  buckets: {', '.join(shown)}{more}")
+    click.echo(f"moved between shards that stay: exact {_pct(float(between_exact))}, sampled {between_sampled:,} keys")

@@ -1,0 +1,46 @@
+"""``shardkit twophase recover``: resolve two-phase commits left in doubt by a crash.
+
+A transaction whose decision was logged on ``default`` is committed on every
+shard; any other is rolled back on every shard (presumed abort), so no write
+is left half applied.  Only transactions prepared at least ``--min-age``
+seconds ago are touched, so a commit still in progress is never raced.
+"""
+
+from __future__ import annotations
+
+import click
+
+from ._common import echo_json, json_option, load, settings_option
+
+__all__ = ["twophase"]
+
+
+@click.group()
+def twophase() -> None:
+    """Two-phase commit across PostgreSQL shards (cross_shard_writes='twophase')."""
+
+
+@twophase.command()
+@settings_option
+@json_option
+@click.option(
+    "--min-age",
+    type=click.FloatRange(0),
+    default=60.0,
+    show_default=True,
+    help="Only transactions prepared at least this many seconds ago.",
+)
+@click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing.")
+def recover(settings_path: str | None, as_json: bool, min_age: float, dry_run: bool) -> None:
+    """Commit or roll back prepared transactions left in doubt after a crash."""
+    settings = load(settings_path)
+    found = settings.cluster.recover_twophase(min_age=min_age, dry_run=dry_run)
+    if as_json:
+        echo_json([{"alias": d.alias, "gid": d.gid, "txid": d.txid, "action": d.action} for d in found])
+        return
+    if not found:
+        click.echo("no prepared transactions in doubt")
+        return
+    verb = "would" if dry_run else "did"
+    for d in found:
+        click.echo(f"  {d.alias:<12} {d.gid}  {verb} {d.action}")
