@@ -1,0 +1,48 @@
+"""Resharding: move the rows a new ring gives to other shards, verify, cut over, clean up.
+
+::
+
+    from shardkit.reshard import Resharder, FencingRouter, load_current_ring
+
+    plan = Resharder(cluster, add="s4", models=[User]).plan()   # measured row counts
+    print(plan.render())
+    Resharder(cluster, add="s4", models=[User]).run()           # resumable; see docs/reshard.md
+
+Limits: one reshard at a time per cluster; tables need a primary key; the rows are compared
+by primary key, so a primary key must be unique across the cluster; writes are fenced only
+in processes whose router chain starts with a :class:`FencingRouter`.
+"""
+
+from __future__ import annotations
+
+from ._errors import ReshardLockedError, ReshardVerifyError, ShardMovingError
+from ._fence import FencingRouter
+from ._resharder import (
+    Move,
+    ProgressEvent,
+    RangeCheck,
+    Resharder,
+    ReshardPlan,
+    ReshardResult,
+    VerifyReport,
+    reshard,
+)
+from ._state import load_current_ring
+from ._tables import MovingTable
+
+__all__ = [
+    "FencingRouter",
+    "Move",
+    "MovingTable",
+    "ProgressEvent",
+    "RangeCheck",
+    "ReshardLockedError",
+    "ReshardPlan",
+    "ReshardResult",
+    "ReshardVerifyError",
+    "Resharder",
+    "ShardMovingError",
+    "VerifyReport",
+    "load_current_ring",
+    "reshard",
+]
