@@ -81,6 +81,8 @@ class RouterChain:
         self._read = self._methods("db_for_read")
         self._write = self._methods("db_for_write")
         self._relation = self._methods("allow_relation")
+        self._write_rows = self._methods("db_for_write_rows")
+        self._write_rows_complete = all(hasattr(r, "db_for_write_rows") for r, _m in self._write)
         self._migrate: list[tuple[Any, Callable[..., Any], bool]] = []
         for router in self.routers:
             if (method := getattr(router, "allow_migrate", None)) is not None:
@@ -195,6 +197,33 @@ class RouterChain:
                     )
                 return checked
         return None
+
+    def db_for_write_rows(self, model: Any, rows: list[dict[str, Any]], **hints: Any) -> list[str] | None:
+        """Aliases for a batch of rows to insert (column key -> value dicts), or ``None``.
+
+        Answered only when every router that has ``db_for_write`` also has
+        ``db_for_write_rows(model, rows, **hints)`` (a router may fill in missing keys
+        in ``rows``); otherwise the caller routes row by row.  A router that returns
+        ``None`` passes the whole batch to the next one, as ``db_for_write`` does.
+        """
+        if not self._write_rows_complete:
+            return None
+        for router, method in self._write_rows:
+            aliases = method(model, rows, **hints)
+            if aliases is None:
+                continue
+            aliases = list(aliases)
+            if len(aliases) != len(rows):
+                raise InvalidRouteError(
+                    f"router {_router_name(router)}.db_for_write_rows returned {len(aliases)} aliases "
+                    f"for {len(rows)} rows of {model_name(model)}",
+                    model=model,
+                    router=router,
+                )
+            for alias in set(aliases):
+                self.check_alias(alias, router=router, model=model, method="db_for_write_rows")
+            return aliases
+        return [self.default] * len(rows)
 
     def allow_relation(self, obj1: Any, obj2: Any, **hints: Any) -> bool:
         """Whether ``obj1`` and ``obj2`` may be related (a foreign key between them)."""

@@ -532,9 +532,15 @@ class ShardSession(Session):
         from ._fanout import ShardedResult
 
         groups: dict[str, list[Any]] = {}
-        for row in rows:
-            alias, filled = self._route_row(model, row)
-            groups.setdefault(alias, []).append(filled)
+        batch_rows = [dict(row) for row in rows]  # a router may fill in keys (generated ids)
+        aliases = self.cluster.router.db_for_write_rows(model, batch_rows, session=self)
+        if aliases is not None:  # every router answered for the whole batch at once
+            for alias, row in zip(aliases, batch_rows, strict=True):
+                groups.setdefault(alias, []).append(row)
+        else:
+            for row in rows:
+                alias, filled = self._route_row(model, row)
+                groups.setdefault(alias, []).append(filled)
         total = 0
         for alias, batch in groups.items():
             self._bulk_alias = alias

@@ -317,6 +317,32 @@ class HashRingRouter:
             return self._route_statement(spec, statement, hints.get("parameters"))
         return None
 
+    def db_for_write_rows(self, model: type[Any], rows: list[dict[str, Any]], **hints: Any) -> list[str] | None:
+        """Aliases of a batch of rows to insert (``{column key: value}``), hashed in one C call.
+
+        Missing integer primary-key shard keys are generated and written into ``rows``;
+        ``None`` for models that are not sharded (and for reference tables).
+        """
+        if self.is_reference(model):
+            return None
+        spec = self._spec(model)
+        if spec is None:
+            return None
+        name = spec.column.key if spec.column is not None else spec.attr
+        keys = [row.get(name) for row in rows]
+        if None in keys:
+            if not spec.int_pk:
+                missing = next(i for i, k in enumerate(keys) if k is None)
+                raise RoutingError(
+                    f"cannot route row {missing} of {spec.label}: its shard key {spec.attr!r} is missing or None",
+                    model=model,
+                    attribute=spec.attr,
+                )
+            for i, key in enumerate(keys):
+                if key is None:
+                    keys[i] = rows[i][name] = self._ids()
+        return self.ring.get_many(keys)
+
     # -------------------------------------------------------------------- reads
     def db_for_read(self, model: type[Any], **hints: Any) -> str | ShardTargets | None:
         """Route a read of a sharded model: one alias, a :class:`ShardTargets`, or ``None``.
