@@ -27,7 +27,9 @@ from ._manager import (
 )
 from ._routing import RouterChain
 from ._session import ShardSession, current_session, db_of, using
+from ._settings import Settings, load_settings
 from .errors import ShardkitError
+from .ids import IdGenerator, next_id
 from .ring import HashRing, HashRingRouter
 from .typing import ShardTargets
 
@@ -40,12 +42,14 @@ __all__ = [
     "FieldError",
     "HashRing",
     "HashRingRouter",
+    "IdGenerator",
     "Manager",
     "ModelMixin",
     "MultipleObjectsReturned",
     "ObjectDoesNotExist",
     "QuerySet",
     "RouterChain",
+    "Settings",
     "ShardSession",
     "ShardTargets",
     "ShardedResult",
@@ -54,6 +58,8 @@ __all__ = [
     "db_of",
     "errors",
     "get_active_cluster",
+    "load_settings",
+    "next_id",
     "shards_of",
     "using",
 ]

@@ -296,6 +296,15 @@ class Cluster:
         decision was logged, else rolled back everywhere (see :func:`shardkit._twophase.recover`)."""
         return recover(self, min_age=min_age, dry_run=dry_run)
 
+    def reshard(self, new_ring: Any = None, **kwargs: Any) -> Any:
+        """Move rows to the shards a new ring names: see :func:`shardkit.reshard.reshard`.
+
+        :param new_ring: the target :class:`~shardkit.HashRing` (or pass ``add=``/``remove=``).
+        """
+        from .reshard import reshard
+
+        return reshard(self, new_ring, **kwargs)
+
     # -- hooks the session calls ---------------------------------------------------
 
     def _check_flush(self, session: ShardSession) -> None:

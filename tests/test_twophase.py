@@ -160,3 +160,23 @@ def test_crash_after_the_decision_is_committed_everywhere(urls: dict[str, str]) 
     assert prepared(urls["a"]) == prepared(urls["b"]) == []
     with create_engine(urls["default"]).connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM shardkit_twophase_log")).scalar() == 0
+
+
+def test_cli_recover(urls: dict[str, str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from shardkit.cli import cli
+
+    assert crash_at("after_decision", urls) == -9
+    (tmp_path / "tpc_settings.py").write_text(f"DATABASES = {urls!r}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runner = CliRunner()
+    planned = runner.invoke(cli, ["twophase", "recover", "--settings", "tpc_settings", "--min-age", "0", "--dry-run"])
+    assert planned.exit_code == 0, planned.output
+    assert planned.output.count("would commit") == 2
+    done = runner.invoke(cli, ["twophase", "recover", "--settings", "tpc_settings", "--min-age", "0", "--json"])
+    assert done.exit_code == 0, done.output
+    assert sorted((d["alias"], d["action"]) for d in json.loads(done.output)) == [("a", "commit"), ("b", "commit")]
+    assert rows(urls["a"]) == [(1, "on a")] and rows(urls["b"]) == [(2, "on b")]
+    again = runner.invoke(cli, ["twophase", "recover", "--settings", "tpc_settings", "--min-age", "0"])
+    assert "no prepared transactions in doubt" in again.output

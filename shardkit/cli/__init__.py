@@ -14,7 +14,6 @@ see :func:`shardkit._settings.load_settings`.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import Any
 
@@ -26,7 +25,9 @@ from ._check import check
 from ._common import CliError, one_line, scrub
 from ._demo import demo
 from ._migrate import migrate
+from ._reshard import reshard
 from ._ring import ring
+from ._twophase import twophase
 
 __all__ = ["cli", "main"]
 
@@ -60,21 +61,8 @@ cli.add_command(demo)
 cli.add_command(check)
 cli.add_command(ring)
 cli.add_command(migrate)
-
-
-def _add_optional_commands() -> None:
-    """Commands whose module may not exist yet (``reshard``): absent is fine, broken is not."""
-    name = f"{__name__}._reshard"
-    try:
-        module = importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == name:
-            return
-        raise
-    cli.add_command(module.reshard)
-
-
-_add_optional_commands()
+cli.add_command(reshard)
+cli.add_command(twophase)
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -138,6 +138,11 @@ class HashRingRouter:
         """True when ``model`` (a mapped class, a Table or a table name) has a shard key."""
         return self._spec(model) is not None
 
+    def shard_key_column(self, model_or_table: Any) -> tuple[str, Any] | None:
+        """``(attribute name, Column)`` of a sharded model's (or table's) shard key; ``None`` if not sharded."""
+        spec = self._spec(model_or_table)
+        return None if spec is None else (spec.attr, spec.column)
+
     def shard_for(self, model_or_table: Any, key: Any) -> str:
         """The alias that holds the rows of ``model_or_table`` whose shard key is ``key``.
 
