@@ -137,49 +137,66 @@ def _local_attrs(mapper: Mapper[Any], prop: RelationshipProperty[Any]) -> tuple[
     return attrs
 
 
-def _parent_db_by_fk(session: ShardSession, state: InstanceState[Any], prop: RelationshipProperty[Any]) -> Any:
-    """(stand-in parent, its alias) for a many-to-one named only by its foreign key columns."""
-    pairs = prop.local_remote_pairs or []
-    if not pairs:
-        return None
-    params: dict[str, Any] = {}
-    for i, attr in enumerate(_local_attrs(state.mapper, prop)):
-        value = state.dict.get(attr)
-        if value is None:
-            return None
-        params[f"shardkit_fk_{i}"] = value
+def _stand_in(prop: RelationshipProperty[Any], values: tuple[Any, ...]) -> Any:
+    """A transient parent carrying only the key the foreign key names (for the routers to look at)."""
     target = prop.mapper
-    where = session.cluster.router.read_opinion(
-        target.class_, statement=_fk_lookup(prop), parameters=params, session=session
-    )
-    if not isinstance(where, str):
-        return None  # no router places the parent, or it could be on any shard: nothing to check
     stand_in = target.class_manager.new_instance()
     stand_in_dict = instance_state(stand_in).dict
-    for i, (_local, remote) in enumerate(pairs):
-        stand_in_dict[target.get_property_by_column(remote).key] = params[f"shardkit_fk_{i}"]
-    return stand_in, where
+    for (_local, remote), value in zip(prop.local_remote_pairs or (), values, strict=True):
+        stand_in_dict[target.get_property_by_column(remote).key] = value
+    return stand_in
+
+
+def _parent_aliases_by_fk(
+    session: ShardSession,
+    prop: RelationshipProperty[Any],
+    pending: list[tuple[InstanceState[Any], str, tuple[Any, ...]]],
+) -> list[str | None]:
+    """Where the parents named by foreign keys live: one batch question to the routers
+    (``db_for_write_rows``: where a parent row with that key is written), else one read
+    question per child."""
+    target = prop.mapper
+    remote_keys = [str(remote.key) for _local, remote in prop.local_remote_pairs or ()]
+    rows = [dict(zip(remote_keys, values, strict=True)) for _state, _alias, values in pending]
+    batch = session.cluster.router.db_for_write_rows(target.class_, rows, session=session)
+    if batch is not None and session.cluster.router._write_rows:
+        return list(batch)
+    out: list[str | None] = []
+    lookup = _fk_lookup(prop)
+    for _state, _alias, values in pending:
+        params = {f"shardkit_fk_{i}": v for i, v in enumerate(values)}
+        where = session.cluster.router.read_opinion(target.class_, statement=lookup, parameters=params, session=session)
+        out.append(where if isinstance(where, str) else None)
+    return out
 
 
 def check_flush_relations(session: ShardSession) -> None:
     """Refuse the flush if any object is related to one on another database."""
     router = session.cluster.router
     deleted = {instance_state(obj) for obj in session.deleted}
+    by_fk: dict[RelationshipProperty[Any], list[tuple[InstanceState[Any], str, tuple[Any, ...]]]] = {}
     for state, alias in session._flush_aliases.items():
         if state.obj() is None or state in deleted:
             continue
         for prop in _many_to_ones(state.mapper):
             parent = state.dict.get(prop.key)
-            if parent is not None:
-                parent_state = instance_state(parent)
-                parent_alias = session._flush_aliases.get(parent_state) or _db(session, parent)
-            else:
-                found = _parent_db_by_fk(session, state, prop)
-                if found is None:
-                    continue
-                parent, parent_alias = found
+            if parent is None:  # named only by its foreign key: checked below, in batches
+                values = tuple(state.dict.get(attr) for attr in _local_attrs(state.mapper, prop))
+                if values and None not in values:
+                    by_fk.setdefault(prop, []).append((state, alias, values))
+                continue
+            parent_alias = session._flush_aliases.get(instance_state(parent)) or _db(session, parent)
             if parent_alias is None:
                 continue
             child = state.obj()
+            if not router.allow_relation(child, parent, db1=alias, db2=parent_alias, relationship=prop.key):
+                raise relation_error(child, alias, parent, parent_alias, f"{state.class_.__name__}.{prop.key}")
+    for prop, pending in by_fk.items():
+        for (state, alias, values), parent_alias in zip(
+            pending, _parent_aliases_by_fk(session, prop, pending), strict=True
+        ):
+            if parent_alias is None:
+                continue
+            child, parent = state.obj(), _stand_in(prop, values)
             if not router.allow_relation(child, parent, db1=alias, db2=parent_alias, relationship=prop.key):
                 raise relation_error(child, alias, parent, parent_alias, f"{state.class_.__name__}.{prop.key}")

@@ -104,13 +104,19 @@ def db_of(obj: Any) -> str | None:
         state = instance_state(obj)
     except NO_STATE:
         raise ShardkitError(f"{type(obj).__name__} is not a mapped object", model=type(obj)) from None
-    db = state.info.get(_DB)
+    db = _info_get(state, _DB)
     if db is not None:
         return str(db)
     if state.key is not None and state.key[2] is not None:
         return str(state.key[2])
     token = state.identity_token
     return str(token) if token is not None else None
+
+
+def _info_get(state: InstanceState[Any], key: str) -> Any:
+    """``state.info.get(key)`` without creating ``info`` (a dict per object) when it is unset."""
+    info = state.__dict__.get("info")
+    return None if info is None else info.get(key)
 
 
 def _db_of_or_none(obj: Any) -> str | None:
@@ -221,7 +227,7 @@ class ShardSession(Session):
         return conn
 
     def _decide_write_alias(self, state: InstanceState[Any]) -> str:
-        explicit = state.info.get(_USING)
+        explicit = _info_get(state, _USING)
         if explicit is not None:
             return self.cluster.check_alias(explicit)
         if self.pinned is not None:
@@ -242,7 +248,7 @@ class ShardSession(Session):
             if parent is None:
                 continue
             pstate = instance_state(parent)
-            alias = self._flush_aliases.get(pstate) or pstate.info.get(_USING) or _db_of_or_none(parent)
+            alias = self._flush_aliases.get(pstate) or _info_get(pstate, _USING) or _db_of_or_none(parent)
             if alias is None and id(pstate) not in _seen:
                 alias = self._parent_alias(pstate, _seen | {id(state)})
                 if alias is None:
@@ -266,7 +272,7 @@ class ShardSession(Session):
         """Where ``obj`` lives or is placed, without defaults: its db, ``save(using=)``, a pinned
         session, or a router's answer; ``None`` for a new object nothing has placed yet."""
         state = instance_state(obj)
-        db = self._flush_aliases.get(state) or _db_of_or_none(obj) or state.info.get(_USING) or self.pinned
+        db = self._flush_aliases.get(state) or _db_of_or_none(obj) or _info_get(state, _USING) or self.pinned
         if db is not None:
             return str(db)
         target = self.cluster.router.write_opinion(state.class_, instance=obj)
@@ -691,8 +697,15 @@ def _group_inserts_by_alias(session: ShardSession) -> None:
 def _after_flush(session: Session, flush_context: Any) -> None:
     assert isinstance(session, ShardSession)
     for state, alias in session._flush_aliases.items():
-        state.info.pop(_USING, None)
-        _set_db(state, alias)
+        info = state.__dict__.get("info")
+        if info is not None:
+            info.pop(_USING, None)
+        key = state.key
+        if key is not None and key[2] == alias:  # its identity already says where it lives
+            if info is not None:
+                info.pop(_DB, None)
+        else:
+            _set_db(state, alias)
     session._tx_write_aliases.update(session._flush_aliases.values())
     session._flush_aliases.clear()
     session._flush_conns.clear()
