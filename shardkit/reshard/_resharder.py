@@ -25,10 +25,13 @@ A killed run (even SIGKILL) started again continues from its stored phase and pr
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +39,7 @@ from sqlalchemy import func, inspect, select
 
 from ..errors import ConfigError, ReshardError
 from ..ring import HashRing, HashRingRouter
-from . import _copy
+from . import _copy, _pg
 from ._errors import ReshardVerifyError
 from ._fence import FencingRouter, find_ring_router
 from ._state import Lease, ReshardState, StateStore, load_current_ring
@@ -61,6 +64,14 @@ __all__ = [
 logger = logging.getLogger("shardkit.reshard")
 
 DEFAULT_BATCH = 10_000
+DEFAULT_WORKERS = 4
+
+Emit = Callable[..., None]
+Job = Callable[[Emit], Any]
+
+
+class _Stopped(Exception):
+    """A worker was told to stop (another one failed, or the run was interrupted)."""
 
 
 # --------------------------------------------------------------------------- results
@@ -253,7 +264,10 @@ class Resharder:
     :param fence_grace: seconds to wait after raising the write fence before the in-flight
         barrier (covers the gap between routing a write and sending it; for other processes
         watching the state, make it >= their ``poll_interval`` + longest write transaction).
-    :param progress: called with a :class:`ProgressEvent` as batches go.
+    :param progress: called with a :class:`ProgressEvent` as batches go (always from the
+        calling thread, one table and source at a time).
+    :param workers: (all shards PostgreSQL) table/source-shard tasks run at once by the copy,
+        the catch-up, the verify and the delete; ``1`` runs them one after the other.
 
     >>> Resharder(cluster, add="s4", models=[User]).run()  # doctest: +SKIP
     """
@@ -273,6 +287,7 @@ class Resharder:
         fence_grace: float = 0.2,
         lease_ttl: float = 60.0,
         progress: Callable[[ProgressEvent], None] | None = None,
+        workers: int = DEFAULT_WORKERS,
     ) -> None:
         if sum(x is not None for x in (new_ring, add, remove)) != 1:
             raise ConfigError("say what the new ring is: exactly one of new_ring=, add=, remove=")
@@ -286,10 +301,14 @@ class Resharder:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be positive, not {batch_size!r}")
         self.batch_size = batch_size
+        if workers < 1:
+            raise ConfigError(f"workers must be positive, not {workers!r}")
+        self.workers = workers
         self.fence_grace = fence_grace
         self.progress = progress
         self.store = StateStore(cluster)
         self.lease_ttl = lease_ttl
+        self._lock = threading.Lock()
 
     # -- rings ------------------------------------------------------------------------
     def _requested(self, base: HashRing) -> HashRing:
@@ -447,18 +466,16 @@ class Resharder:
                     _copy.barrier(
                         engines[source], [t.table for t in self.tables if _has(engines[source], t.table.name)]
                     )
-                report = VerifyReport()
-                for mt in self.tables:
-                    for source in old:
-                        result.repaired += self._compare(engines, mt, source, new, report, repair=True)
+                t1 = time.perf_counter()
+                _, result.repaired = self._compare_all(engines, old, new, lease, repair=True)
+                result.seconds["catch-up"] = time.perf_counter() - t1
                 if before_verify is not None:
                     before_verify(self)
-                report = VerifyReport()
-                for mt in self.tables:
-                    for source in old:
-                        self._compare(engines, mt, source, new, report, repair=False)
+                t1 = time.perf_counter()
+                report, _ = self._compare_all(engines, old, new, lease, repair=False)
+                result.seconds["verify"] = time.perf_counter() - t1
                 result.verify = report
-                result.seconds["catch-up+verify"] = time.perf_counter() - t0
+                result.seconds["fenced"] = time.perf_counter() - t0
                 if not report.ok:
                     raise ReshardVerifyError(
                         "verify failed: the cut-over did not happen\n" + report.render(), report=report
@@ -505,6 +522,15 @@ class Resharder:
         lease: Lease,
         result: ReshardResult,
     ) -> None:
+        if self._fast(engines):
+            jobs = [
+                self._copy_job(engines, mt, source, new, state, result)
+                for mt in self.tables
+                for source in old
+                if not self.store.progress(state, "copy", mt.name, source).done and _has(engines[source], mt.table.name)
+            ]
+            self._parallel(jobs, lease)
+            return
         for mt in self.tables:
             fast = _copy.use_copy(engines, mt)
             cols = list(mt.table.columns)
@@ -549,6 +575,256 @@ class Resharder:
                         lease.beat()
                         self._emit("advance", "copy", mt.name, source, scanned, total, moved, time.perf_counter() - t0)
                 self._emit("end", "copy", mt.name, source, scanned, total, moved, time.perf_counter() - t0)
+
+    # -- the PostgreSQL fast path: parallel table/source tasks (see _pg) -------------------------
+    def _fast(self, engines: dict[str, Engine]) -> bool:
+        return all(_pg.fast_ok(engines, mt) for mt in self.tables)
+
+    def _parallel(self, jobs: Sequence[Job], lease: Lease | None) -> list[Any]:
+        """Run ``jobs`` in up to ``workers`` threads; return their results in order.
+
+        Each job gets an ``emit(*ProgressEvent fields)``; the events are passed on from this
+        thread, job after job (a job's events wait until the jobs before it have ended), so a
+        progress display sees one table and source at a time.  The lease is kept alive from
+        here.  The first failure stops the other jobs (at their next batch) and is raised.
+        """
+        if not jobs:
+            return []
+        if self.workers == 1 or self.store.engine.dialect.name == "sqlite":  # one after the other, here
+            # (progress rows go to default; SQLite takes one writer at a time)
+
+            def emit(*fields: Any) -> None:
+                self._emit(*fields)
+                if lease is not None:
+                    lease.beat()
+
+            return [job(emit) for job in jobs]
+        events: queue.SimpleQueue[tuple[int, tuple[Any, ...]]] = queue.SimpleQueue()
+        stop = threading.Event()
+
+        def start(i: int, job: Job) -> Any:
+            def emit(*fields: Any) -> None:
+                if stop.is_set():
+                    raise _Stopped
+                events.put((i, fields))
+
+            return job(emit)
+
+        pending: list[list[tuple[Any, ...]]] = [[] for _ in jobs]
+        current = 0
+
+        def flush(ended: set[int]) -> None:
+            nonlocal current
+            while True:
+                try:
+                    i, fields = events.get_nowait()
+                except queue.Empty:
+                    break
+                pending[i].append(fields)
+            while current < len(jobs):
+                for fields in pending[current]:
+                    self._emit(*fields)
+                pending[current] = []
+                if current not in ended:
+                    return
+                current += 1
+
+        workers = min(self.workers, len(jobs))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardkit-reshard") as pool:
+            futures: list[Future[Any]] = [pool.submit(start, i, job) for i, job in enumerate(jobs)]
+            try:
+                while True:
+                    _, running = wait(futures, timeout=0.25, return_when=FIRST_EXCEPTION)
+                    ended = {i for i, f in enumerate(futures) if f.done()}  # before reading the events
+                    for f in futures:
+                        if f.done() and f.exception() is not None:
+                            raise f.exception()  # type: ignore[misc]
+                    flush(ended)
+                    if lease is not None:
+                        lease.beat()
+                    if not running:
+                        return [f.result() for f in futures]
+            except BaseException:
+                stop.set()
+                for f in futures:
+                    f.cancel()
+                raise
+
+    def _copy_job(
+        self, engines: dict[str, Engine], mt: MovingTable, source: str, new: HashRing, state: ReshardState,
+        result: ReshardResult,
+    ) -> Job:  # fmt: skip
+        """Copy the moving rows of ``mt`` on ``source`` into the targets' shadow tables."""
+        lock = self._lock
+
+        def job(emit: Emit) -> None:
+            prog = self.store.progress(state, "copy", mt.name, source)
+            last = int(prog.last_pk[0]) if prog.last_pk is not None else None
+            moved, scanned, t0 = prog.rows, 0, time.perf_counter()
+            engine = engines[source]
+            src = engine.raw_connection()
+            targets: dict[str, Any] = {}
+            try:
+                total = _count(engine, src, mt.table)
+                mode = _pg.scan_mode(engine, src, mt, total)
+                emit("start", "copy", mt.name, source, 0, total, moved, 0.0)
+                while True:
+                    batch = _pg.scan(engine, src, mt, last, self.batch_size, mode)
+                    n = 0
+                    for target, mask in batch.moving(new, source).items():
+                        if batch.extra is not None:  # "rows": the lines are here
+                            lines = _pg.pick(batch.extra, mask)
+                        else:
+                            ids = _pg.pick(batch.pks, mask)
+                            lines = _pg.copy_out_ids(engine, src, mt, ids).split(b"\n")[:-1]
+                        if target not in targets:
+                            targets[target] = engines[target].raw_connection()
+                        _pg.copy_in_shadow(engines[target], targets[target], mt, _pg.shadow_lines(lines, source))
+                        n += len(lines)
+                    done = batch.size < self.batch_size
+                    last = batch.last if batch.last is not None else last
+                    moved += n
+                    scanned += batch.size
+                    with lock:
+                        result.copied[mt.name] = result.copied.get(mt.name, 0) + n
+                    self.store.save_progress(
+                        state, "copy", mt.name, source, None if last is None else [last], moved, done
+                    )
+                    emit("advance", "copy", mt.name, source, scanned, total, moved, time.perf_counter() - t0)
+                    if done:
+                        break
+                emit("end", "copy", mt.name, source, scanned, total, moved, time.perf_counter() - t0)
+            finally:
+                src.close()
+                for raw in targets.values():
+                    raw.close()
+
+        return job
+
+    def _compare_all(
+        self, engines: dict[str, Engine], old: HashRing, new: HashRing, lease: Lease | None, *, repair: bool
+    ) -> tuple[VerifyReport, int]:
+        """Compare every moving row with its copy: repair (catch-up) or report (verify)."""
+        report = VerifyReport()
+        repaired = 0
+        if self._fast(engines):
+            pairs = [(mt, s) for mt in self.tables for s in old if _has(engines[s], mt.table.name)]
+            shadows = {t: {mt.name for mt in self.tables if _has(engines[t], mt.shadow.name)} for t in new}
+            jobs = [self._compare_job(engines, mt, s, new, shadows, repair=repair) for mt, s in pairs]
+            for part, n in self._parallel(jobs, lease):  # in table, source order
+                repaired += n
+                report.rows += part.rows
+                report.ranges += part.ranges
+                report.missing += part.missing
+                report.extra += part.extra
+                report.different += part.different
+            return report, repaired
+        for mt in self.tables:
+            for source in old:
+                repaired += self._compare(engines, mt, source, new, report, repair=repair)
+        return report, repaired
+
+    def _compare_job(
+        self, engines: dict[str, Engine], mt: MovingTable, source: str, new: HashRing,
+        shadows: dict[str, set[str]], *, repair: bool,
+    ) -> Job:  # fmt: skip
+        """:meth:`_compare` on raw COPY: moving rows as COPY lines (or server md5s) on both sides."""
+
+        def job(emit: Emit) -> tuple[VerifyReport, int]:
+            report = VerifyReport()
+            engine = engines[source]
+            targets = [t for t in new if t != source and t in engines]
+            src: dict[str, dict[Any, bytes]] = {t: {} for t in targets}
+            raw = engine.raw_connection()
+            try:
+                mode = _pg.scan_mode(engine, raw, mt, _count(engine, raw, mt.table))
+                last: int | None = None
+                while True:
+                    batch = _pg.scan(engine, raw, mt, last, self.batch_size, mode, digests=True)
+                    extra = batch.extra
+                    assert extra is not None
+                    for target, mask in batch.moving(new, source).items():
+                        into = src.setdefault(target, {})
+                        into.update(zip(_pg.pick(batch.pks, mask), _pg.pick(extra, mask), strict=True))
+                    last = batch.last if batch.last is not None else last
+                    if batch.size < self.batch_size:
+                        break
+            finally:
+                raw.close()
+            repaired = 0
+            for target in targets:
+                tgt: dict[Any, bytes] = {}
+                if mt.name in shadows.get(target, set()):
+                    raw = engines[target].raw_connection()
+                    try:
+                        for pks, values in _pg.shadow_rows(engines[target], raw, mt, source, mode, self.batch_size):
+                            tgt.update(zip(pks, values, strict=True))
+                    finally:
+                        raw.close()
+                s, t = src[target], tgt
+                missing = [(pk,) for pk in s if pk not in t]
+                extra_ = [(pk,) for pk in t if pk not in s]
+                different = [(pk,) for pk, v in s.items() if pk in t and t[pk] != v]
+                if repair:
+                    if missing or extra_ or different:
+                        with engine.connect() as sconn:
+                            rows = _copy.fetch_rows(sconn, mt, missing + different)
+                        with engines[target].begin() as tconn:
+                            _copy.delete_keys(tconn, mt, mt.shadow, extra_ + different)
+                            _copy.insert_shadow(tconn, mt, rows, source)
+                        repaired += len(missing) + len(extra_) + len(different)
+                    continue
+                report.rows += len(s)
+                report.missing += [(mt.name, source, target, pk) for pk in sorted(missing)]
+                report.extra += [(mt.name, source, target, pk) for pk in sorted(extra_)]
+                report.different += [(mt.name, source, target, pk) for pk in sorted(different)]
+                sd = {(pk,): _pg.line_digest(v, mode) for pk, v in s.items()}
+                td = {(pk,): _pg.line_digest(v, mode) for pk, v in t.items()}
+                report.ranges += _ranges(mt.name, source, target, sd, td, self.batch_size)
+            return report, repaired
+
+        return job
+
+    def _delete_job(
+        self, engines: dict[str, Engine], source: str, new: HashRing, state: ReshardState, result: ReshardResult
+    ) -> Job:
+        """Delete from ``source`` the rows the new ring gives elsewhere, children first."""
+        lock = self._lock
+
+        def job(emit: Emit) -> None:
+            engine = engines[source]
+            for mt in reversed(self.tables):
+                prog = self.store.progress(state, "delete", mt.name, source)
+                if prog.done or not _has(engine, mt.table.name):
+                    continue
+                last = int(prog.last_pk[0]) if prog.last_pk is not None else None
+                deleted, scanned, t0 = prog.rows, 0, time.perf_counter()
+                emit("start", "delete", mt.name, source, 0, 0, deleted, 0.0)
+                raw = engine.raw_connection()
+                try:
+                    while True:
+                        batch = _pg.scan(engine, raw, mt, last, self.batch_size, "keys")
+                        gone = sorted(
+                            pk for mask in batch.moving(new, source).values() for pk in _pg.pick(batch.pks, mask)
+                        )
+                        _pg.delete_ids(engine, raw, mt.table, mt.pk[0].name, gone)
+                        done = batch.size < self.batch_size
+                        last = batch.last if batch.last is not None else last
+                        deleted += len(gone)
+                        scanned += batch.size
+                        with lock:
+                            result.deleted[mt.name] = result.deleted.get(mt.name, 0) + len(gone)
+                        self.store.save_progress(
+                            state, "delete", mt.name, source, None if last is None else [last], deleted, done
+                        )
+                        emit("advance", "delete", mt.name, source, scanned, 0, deleted, time.perf_counter() - t0)
+                        if done:
+                            break
+                finally:
+                    raw.close()
+                emit("end", "delete", mt.name, source, scanned, 0, deleted, time.perf_counter() - t0)
+
+        return job
 
     def _compare(
         self, engines: dict[str, Engine], mt: MovingTable, source: str, new: HashRing, report: VerifyReport, *,
@@ -620,7 +896,11 @@ class Resharder:
         lease: Lease,
         result: ReshardResult,
     ) -> None:
+        if self._fast(engines):  # one task per source shard: children first on each
+            self._parallel([self._delete_job(engines, source, new, state, result) for source in old], lease)
+            return
         for mt in reversed(self.tables):  # children first
+            key_at = mt.key_index
             for source in old:
                 prog = self.store.progress(state, "delete", mt.name, source)
                 if prog.done or not _has(engines[source], mt.table.name):
@@ -636,7 +916,7 @@ class Resharder:
                         done = len(rows) < self.batch_size
                         gone: list[tuple[Any, ...]] = []
                         if rows:
-                            owners = new.get_many([r[mt.key_index] for r in rows])
+                            owners = new.get_many([r[key_at] for r in rows])
                             gone = [tuple(r[:npk]) for r, o in zip(rows, owners, strict=True) if o != source]
                             _copy.delete_keys(conn, mt, mt.table, gone)
                             last = tuple(rows[-1][:npk])
@@ -681,10 +961,7 @@ class Resharder:
         """
         old, new, _ = self.rings()
         engines = self._engines(old, new)
-        report = VerifyReport()
-        for mt in self.tables:
-            for source in old:
-                self._compare(engines, mt, source, new, report, repair=False)
+        report, _ = self._compare_all(engines, old, new, None, repair=False)
         return report
 
 
@@ -694,6 +971,14 @@ def _sum_by_source(moves: Sequence[Move], table: str) -> list[Move]:
         if m.table == table:
             out[m.source] += m.rows
     return [Move(table, s, "", n) for s, n in sorted(out.items()) if n]
+
+
+def _count(engine: Engine, raw: Any, table: Any) -> int:
+    cur = raw.cursor()
+    cur.execute(f"SELECT count(*) FROM {engine.dialect.identifier_preparer.format_table(table)}")
+    n = int(cur.fetchone()[0])
+    raw.commit()
+    return n
 
 
 def _has(engine: Engine, name: str) -> bool:

@@ -1,0 +1,298 @@
+"""The PostgreSQL fast path: raw psycopg2 ``COPY`` in both directions, parsed without a row object.
+
+Used when every shard is PostgreSQL through psycopg2 and the table's primary key is one
+integer column and its shard key an integer column (:func:`fast_ok`); other tables take the
+portable path of :mod:`._copy`.
+
+The unit of work is one table on one source shard, in primary-key batches (``WHERE pk >
+:last ORDER BY pk LIMIT :n``), on connections held for the whole task, so several tasks
+(source shards, tables) run at once in threads: psycopg2 releases the GIL while it waits.
+
+Two ways to find the moving rows of a batch (:func:`scan_mode`):
+
+* ``"rows"`` (narrow tables): ``COPY (SELECT <every column> ...) TO STDOUT`` once; the shard
+  key is cut out of each text line and hashed (one ``get_many`` call per batch), and the
+  lines of the moving rows go as they are into ``COPY shadow FROM STDIN``.  One read of the
+  source per batch and no list of ids sent back.
+* ``"keys"`` (wide tables, where reading every whole row would cost more than looking the
+  moving ones up): ``COPY (SELECT pk, key ...)``, then ``COPY (SELECT ... WHERE pk =
+  ANY(:ids))`` for the moving rows only.
+
+Either way the rows are loaded into the shadow table by ``COPY ... FROM STDIN`` in a
+savepoint; a batch copied again after a crash (its primary keys are there already) goes
+through a temporary table and ``INSERT ... ON CONFLICT DO NOTHING``.
+
+The compare (catch-up and verify) reads the moving rows on both sides the same way: as COPY
+text lines (``"rows"``: equal lines, equal rows) or as the server's ``md5(ROW(...)::text)``
+(``"keys"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator, Sequence
+from itertools import compress
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._tables import SOURCE_COLUMN, MovingTable
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine, Table
+
+    from ..ring import HashRing
+
+__all__ = [
+    "ROWS_MAX_WIDTH",
+    "Batch",
+    "copy_in_shadow",
+    "copy_out_ids",
+    "delete_ids",
+    "fast_ok",
+    "line_digest",
+    "pick",
+    "scan",
+    "scan_mode",
+    "shadow_lines",
+    "shadow_rows",
+]
+
+ROWS_MAX_WIDTH = 256
+"""Bytes per row (table size on disk / rows) up to which a batch reads whole rows ("rows" mode)."""
+
+_NULL = b"\\N"
+T = TypeVar("T")
+
+
+def _is_int(col: Any) -> bool:
+    try:
+        return bool(col.type.python_type is int)
+    except NotImplementedError:
+        return False
+
+
+def fast_ok(engines: dict[str, Engine], mt: MovingTable) -> bool:
+    """Every shard PostgreSQL through psycopg2, a one-column integer primary key, an integer shard key."""
+    return (
+        len(mt.pk) == 1
+        and _is_int(mt.pk[0])
+        and _is_int(mt.key)
+        and all(e.dialect.name == "postgresql" and e.dialect.driver == "psycopg2" for e in engines.values())
+    )
+
+
+def _q(engine: Engine, name: str) -> str:
+    return str(engine.dialect.identifier_preparer.quote(name))
+
+
+def _t(engine: Engine, table: Table) -> str:
+    return str(engine.dialect.identifier_preparer.format_table(table))
+
+
+def _ints(fields: list[bytes]) -> list[Any]:
+    try:
+        return list(map(int, fields))
+    except ValueError:  # a NULL key: let the ring say what it thinks of None
+        return [None if f == _NULL else int(f) for f in fields]
+
+
+def int_array(ids: Sequence[int]) -> str:
+    """A PostgreSQL array literal of integers (much cheaper than binding a list)."""
+    return "{" + ",".join(map(str, ids)) + "}"
+
+
+def _copy_out(cur: Any, sql: str, params: Sequence[Any] = ()) -> bytes:
+    buf = io.BytesIO()
+    cur.copy_expert(cur.mogrify(sql, params) if params else sql, buf)
+    return buf.getvalue()
+
+
+def scan_mode(engine: Engine, raw: Any, mt: MovingTable, rows: int) -> str:
+    """``"rows"`` if the table's rows are narrow (<= :data:`ROWS_MAX_WIDTH` bytes on disk), else ``"keys"``."""
+    if rows <= 0:
+        return "rows"
+    cur = raw.cursor()
+    cur.execute("SELECT pg_table_size(%s::regclass)", (_t(engine, mt.table),))
+    size = int(cur.fetchone()[0] or 0)
+    return "rows" if size / rows <= ROWS_MAX_WIDTH else "keys"
+
+
+class Batch:
+    """One batch of a source scan: the rows' primary keys and shard keys, and their lines
+    (``"rows"`` mode) or their md5 digests (``"keys"`` mode with ``digests``)."""
+
+    __slots__ = ("extra", "keys", "last", "pks", "size")
+
+    def __init__(self, pks: list[Any], keys: list[Any], extra: list[bytes] | None) -> None:
+        self.pks = pks
+        self.keys = keys
+        self.extra = extra  # whole lines, or digests; None: keys only
+        self.size = len(pks)
+        self.last: int | None = pks[-1] if pks else None
+
+    def moving(self, new: HashRing, source: str) -> dict[str, list[bool]]:
+        """target -> a mask over the batch of the rows the new ring gives to that (other) shard;
+        use it with :func:`pick`.  (C loops only: ``get_many``, ``map``, ``compress``.)"""
+        owners = new.get_many(self.keys)
+        return {t: list(map(t.__eq__, owners)) for t in set(owners) if t != source}
+
+
+def pick(items: Sequence[T], mask: Sequence[bool]) -> list[T]:
+    """The items where ``mask`` is true."""
+    return list(compress(items, mask))
+
+
+def scan(
+    engine: Engine,
+    raw: Any,
+    mt: MovingTable,
+    last: int | None,
+    limit: int,
+    mode: str,
+    *,
+    table: Table | None = None,
+    digests: bool = False,
+) -> Batch:
+    """One batch of ``table`` (default: ``mt.table``) after primary key ``last``, in primary-key order.
+
+    ``mode="rows"``: whole rows as COPY text lines (``Batch.extra``); ``"keys"``: primary and
+    shard keys only, plus with ``digests`` the server's ``md5(ROW(...)::text)`` of each row.
+    """
+    table = mt.table if table is None else table
+    name = _t(engine, table)
+    cols = [c.name for c in mt.table.columns]
+    pk, key = mt.pk[0].name, mt.key.name
+    where = "" if last is None else f"WHERE {_q(engine, pk)} > {int(last)} "
+    order = f"ORDER BY {_q(engine, pk)} LIMIT {int(limit)}"
+    cur = raw.cursor()
+    if mode == "rows":
+        every = ", ".join(_q(engine, c) for c in cols)
+        data = _copy_out(cur, f"COPY (SELECT {every} FROM {name} {where}{order}) TO STDOUT")
+        raw.commit()
+        lines = data.split(b"\n")
+        lines.pop()  # after the last newline
+        # tabs and newlines inside values are escaped (\t, \n): raw ones only separate fields
+        cells = data.replace(b"\n", b"\t").split(b"\t")
+        cells.pop()  # after the last newline
+        ncols, pk_at, key_at = len(cols), cols.index(pk), cols.index(key)
+        pks = _ints(cells[pk_at::ncols])
+        keys = pks if key_at == pk_at else _ints(cells[key_at::ncols])
+        return Batch(pks, keys, lines)
+    select = [_q(engine, pk)] + ([] if key == pk else [_q(engine, key)])
+    if digests:
+        row = ", ".join(f"{name}.{_q(engine, c)}" for c in cols)
+        select.append(f"md5(ROW({row})::text)")
+    data = _copy_out(cur, f"COPY (SELECT {', '.join(select)} FROM {name} {where}{order}) TO STDOUT")
+    raw.commit()
+    fields = data.split()
+    width = len(select)
+    pks = _ints(fields[0::width])
+    keys = pks if key == pk else _ints(fields[1::width])
+    return Batch(pks, keys, fields[width - 1 :: width] if digests else None)
+
+
+def copy_out_ids(engine: Engine, raw: Any, mt: MovingTable, ids: Sequence[int]) -> bytes:
+    """COPY text lines of the rows of ``mt.table`` with these primary keys (in key order)."""
+    cols = ", ".join(_q(engine, c.name) for c in mt.table.columns)
+    pk = _q(engine, mt.pk[0].name)
+    where = f"{pk} = ANY('{int_array(ids)}'::bigint[])"
+    sql = f"COPY (SELECT {cols} FROM {_t(engine, mt.table)} WHERE {where} ORDER BY {pk}) TO STDOUT"
+    data = _copy_out(raw.cursor(), sql)
+    raw.commit()
+    return data
+
+
+def shadow_lines(lines: Sequence[bytes], source: str) -> bytes:
+    """COPY text lines of a table's columns -> lines of its shadow (the source alias appended)."""
+    if not lines:
+        return b""
+    suffix = b"\t" + _escape(source) + b"\n"
+    return suffix.join(lines) + suffix
+
+
+def _escape(value: str) -> bytes:
+    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r").encode("utf-8")
+
+
+def copy_in_shadow(engine: Engine, raw: Any, mt: MovingTable, data: bytes) -> None:
+    """``COPY shadow FROM STDIN`` (lines from :func:`shadow_lines`), committed; rows already
+    there (a batch run again after a crash) are skipped, through a temporary table and
+    ``INSERT ... ON CONFLICT DO NOTHING``."""
+    import psycopg2.errors  # type: ignore[import-untyped]
+
+    if not data:
+        return
+    cols = ", ".join(_q(engine, c.name) for c in mt.table.columns)
+    all_cols = f"{cols}, {_q(engine, SOURCE_COLUMN)}"
+    shadow = _t(engine, mt.shadow)
+    cur = raw.cursor()
+    try:
+        cur.execute("SAVEPOINT shardkit_copy")
+        try:
+            cur.copy_expert(f"COPY {shadow} ({all_cols}) FROM STDIN", io.BytesIO(data))
+        except psycopg2.errors.UniqueViolation:
+            cur.execute("ROLLBACK TO SAVEPOINT shardkit_copy")
+            stage = _q(engine, "shardkit_reshard_stage__" + mt.table.name)
+            cur.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {shadow} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            )
+            cur.copy_expert(f"COPY {stage} ({all_cols}) FROM STDIN", io.BytesIO(data))
+            cur.execute(f"INSERT INTO {shadow} ({all_cols}) SELECT {all_cols} FROM {stage} ON CONFLICT DO NOTHING")
+        raw.commit()
+    except BaseException:
+        raw.rollback()
+        raise
+
+
+def shadow_rows(
+    engine: Engine, raw: Any, mt: MovingTable, source: str, mode: str, batch: int
+) -> Iterator[tuple[list[Any], list[bytes]]]:
+    """Batches of (primary keys, lines or md5 digests) of the shadow rows copied from ``source``."""
+    shadow = _t(engine, mt.shadow)
+    cols = [c.name for c in mt.table.columns]
+    pk = _q(engine, mt.pk[0].name)
+    pk_at = cols.index(mt.pk[0].name)
+    src = f"{_q(engine, SOURCE_COLUMN)} = %s"
+    last: int | None = None
+    cur = raw.cursor()
+    while True:
+        after = "" if last is None else f" AND {pk} > {int(last)}"
+        if mode == "rows":
+            select = ", ".join(_q(engine, c) for c in cols)
+        else:
+            row = ", ".join(f"{shadow}.{_q(engine, c)}" for c in cols)
+            select = f"{pk}, md5(ROW({row})::text)"
+        data = _copy_out(
+            cur, f"COPY (SELECT {select} FROM {shadow} WHERE {src}{after} ORDER BY {pk} LIMIT {int(batch)}) TO STDOUT",
+            (source,),
+        )  # fmt: skip
+        raw.commit()
+        if mode == "rows":
+            lines = data.split(b"\n")
+            lines.pop()
+            pks = _ints([ln.split(b"\t", pk_at + 1)[pk_at] for ln in lines])
+            extra = lines
+        else:
+            fields = data.split()
+            pks, extra = _ints(fields[0::2]), fields[1::2]
+        if pks:
+            last = pks[-1]
+            yield pks, extra
+        if len(pks) < batch:
+            return
+
+
+def line_digest(value: bytes, mode: str) -> str:
+    """The hex digest of a compared value: ``"keys"`` mode, the server's md5; ``"rows"``, md5 of the COPY line."""
+    return value.decode() if mode == "keys" else hashlib.md5(value).hexdigest()
+
+
+def delete_ids(engine: Engine, raw: Any, table: Table, pk: str, ids: Sequence[int]) -> int:
+    """``DELETE FROM table WHERE pk = ANY(ids)``, committed."""
+    if not ids:
+        return 0
+    cur = raw.cursor()
+    cur.execute(f"DELETE FROM {_t(engine, table)} WHERE {_q(engine, pk)} = ANY(%s::bigint[])", (int_array(ids),))
+    n = int(cur.rowcount)
+    raw.commit()
+    return n
