@@ -191,12 +191,20 @@ def check_flush_relations(session: ShardSession) -> None:
             child = state.obj()
             if not router.allow_relation(child, parent, db1=alias, db2=parent_alias, relationship=prop.key):
                 raise relation_error(child, alias, parent, parent_alias, f"{state.class_.__name__}.{prop.key}")
+    # Routers whose answer depends only on the models and aliases are asked once per kind of pair.
+    memo: dict[tuple[Any, ...], bool] | None = {} if router.relation_depends_on_dbs_only else None
     for prop, pending in by_fk.items():
         for (state, alias, values), parent_alias in zip(
             pending, _parent_aliases_by_fk(session, prop, pending), strict=True
         ):
             if parent_alias is None:
                 continue
+            pair = (state.class_, prop.mapper.class_, alias, parent_alias, prop.key)
+            if memo is not None and memo.get(pair) is True:
+                continue
             child, parent = state.obj(), _stand_in(prop, values)
-            if not router.allow_relation(child, parent, db1=alias, db2=parent_alias, relationship=prop.key):
+            allowed = router.allow_relation(child, parent, db1=alias, db2=parent_alias, relationship=prop.key)
+            if memo is not None:
+                memo[pair] = allowed
+            if not allowed:
                 raise relation_error(child, alias, parent, parent_alias, f"{state.class_.__name__}.{prop.key}")

@@ -82,6 +82,10 @@ class RouterChain:
         self._write = self._methods("db_for_write")
         self._relation = self._methods("allow_relation")
         self._write_rows = self._methods("db_for_write_rows")
+        self._write_instances = self._methods("db_for_write_instances")
+        self._write_instances_complete = bool(self._write) and all(
+            hasattr(r, "db_for_write_instances") for r, _m in self._write
+        )
         self._write_rows_complete = all(hasattr(r, "db_for_write_rows") for r, _m in self._write)
         self._migrate: list[tuple[Any, Callable[..., Any], bool]] = []
         for router in self.routers:
@@ -224,6 +228,40 @@ class RouterChain:
                 self.check_alias(alias, router=router, model=model, method="db_for_write_rows")
             return aliases
         return [self.default] * len(rows)
+
+    def db_for_write_instances(self, model: Any, instances: list[Any], **hints: Any) -> list[str] | None:
+        """Aliases for many new instances of ``model`` at once, or ``None`` (then ask one by one).
+
+        Used only when every router that has ``db_for_write`` also has
+        ``db_for_write_instances(model, instances, **hints)``; the first router that does not
+        return ``None`` answers for the whole batch.  If all pass, ``None``: the per-object
+        defaults (the instance's own db, its parent's) need each object.
+        """
+        if not self._write_instances_complete:
+            return None
+        for router, method in self._write_instances:
+            aliases = method(model, instances, **hints)
+            if aliases is None:
+                continue
+            aliases = list(aliases)
+            if len(aliases) != len(instances):
+                raise InvalidRouteError(
+                    f"router {_router_name(router)}.db_for_write_instances returned {len(aliases)} aliases "
+                    f"for {len(instances)} {model_name(model)} instances",
+                    model=model,
+                    router=router,
+                )
+            for alias in set(aliases):
+                self.check_alias(alias, router=router, model=model, method="db_for_write_instances")
+            return aliases
+        return None
+
+    @property
+    def relation_depends_on_dbs_only(self) -> bool:
+        """True when every router's ``allow_relation``, given the ``db1``/``db2`` hints, answers from
+        the two models and the two aliases alone (``allow_relation_by_db = True`` on the router):
+        answers may then be reused for every pair alike within a flush."""
+        return all(getattr(r, "allow_relation_by_db", False) for r, _m in self._relation)
 
     def allow_relation(self, obj1: Any, obj2: Any, **hints: Any) -> bool:
         """Whether ``obj1`` and ``obj2`` may be related (a foreign key between them)."""

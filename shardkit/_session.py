@@ -278,6 +278,24 @@ class ShardSession(Session):
         target = self.cluster.router.write_opinion(state.class_, instance=obj)
         return target if isinstance(target, str) else None
 
+    def _route_new_in_batches(self) -> None:
+        """Route the new objects of each class with one router question (when the routers can);
+        objects placed explicitly (``save(using=)``, a pinned session) keep their placement."""
+        if self.pinned is not None or not self.cluster.router._write_instances_complete:
+            return
+        by_class: dict[type[Any], list[InstanceState[Any]]] = {}
+        for obj in self.new:
+            state = instance_state(obj)
+            if _info_get(state, _USING) is None:
+                by_class.setdefault(state.class_, []).append(state)
+        for model, states in by_class.items():
+            aliases = self.cluster.router.db_for_write_instances(model, [st.obj() for st in states], session=self)
+            if aliases is None:
+                continue
+            for state, alias in zip(states, aliases, strict=True):
+                self._flush_aliases[state] = alias
+                state.identity_token = alias
+
     def write_alias_of(self, obj: Any) -> str:
         """Where ``obj`` would be written at the next flush (asks the routers; writes nothing)."""
         state = instance_state(obj)
@@ -670,6 +688,7 @@ def _before_flush(session: Session, flush_context: Any, instances: Iterable[Any]
     assert isinstance(session, ShardSession)
     session._flush_aliases.clear()
     session._flush_conns.clear()
+    session._route_new_in_batches()
     for obj in (*session.new, *session.dirty, *session.deleted):
         session._write_alias(instance_state(obj))
     session.cluster._check_flush(session)

@@ -322,6 +322,29 @@ class HashRingRouter:
             return self._route_statement(spec, statement, hints.get("parameters"))
         return None
 
+    allow_relation_by_db = True
+    """Given the ``db1``/``db2`` hints, :meth:`allow_relation` answers from the models and aliases alone."""
+
+    def db_for_write_instances(self, model: type[Any], instances: list[Any], **hints: Any) -> list[str] | None:
+        """Aliases of many new instances of ``model``, their keys hashed in one C call; an instance
+        whose key is unset is routed as :meth:`db_for_write` would (parent's key, generated id)."""
+        if self.is_reference(model):
+            for obj in instances:
+                self.db_for_write(model, instance=obj)  # raises: one object cannot be on every shard
+            return []
+        spec = self._spec(model)
+        if spec is None:
+            return None
+        attr = spec.attr
+        keys = [getattr(obj, attr, None) for obj in instances]
+        if None not in keys:
+            return self.ring.get_many(keys)
+        out: list[str] = []
+        for obj, key in zip(instances, keys, strict=True):
+            alias = self.ring.get(key) if key is not None else self.db_for_write(model, instance=obj)
+            out.append(alias)  # type: ignore[arg-type]
+        return out
+
     def db_for_write_rows(self, model: type[Any], rows: list[dict[str, Any]], **hints: Any) -> list[str] | None:
         """Aliases of a batch of rows to insert (``{column key: value}``), hashed in one C call.
 
