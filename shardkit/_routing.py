@@ -206,8 +206,9 @@ class RouterChain:
         """Aliases for a batch of rows to insert (column key -> value dicts), or ``None``.
 
         Answered only when every router that has ``db_for_write`` also has
-        ``db_for_write_rows(model, rows, **hints)`` (a router may fill in missing keys
-        in ``rows``); otherwise the caller routes row by row.  A router that returns
+        ``db_for_write_rows(model, rows, **hints)`` (a router may replace an entry of ``rows``
+        with a copy that fills in a missing key, never change the dicts themselves); otherwise the
+        caller routes row by row.  A router that returns
         ``None`` passes the whole batch to the next one, as ``db_for_write`` does.
         """
         if not self._write_rows_complete:

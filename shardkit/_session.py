@@ -556,7 +556,7 @@ class ShardSession(Session):
         from ._fanout import ShardedResult
 
         groups: dict[str, list[Any]] = {}
-        batch_rows = [dict(row) for row in rows]  # a router may fill in keys (generated ids)
+        batch_rows = list(rows)  # a router may replace a row with a copy holding a generated key
         aliases = self.cluster.router.db_for_write_rows(model, batch_rows, session=self)
         if aliases is not None:  # every router answered for the whole batch at once
             for alias, row in zip(aliases, batch_rows, strict=True):
@@ -566,7 +566,14 @@ class ShardSession(Session):
                 alias, filled = self._route_row(model, row)
                 groups.setdefault(alias, []).append(filled)
         total = 0
+        core_table = _plain_core_table(orm_context, model, rows)
         for alias, batch in groups.items():
+            if core_table is not None:  # the same INSERT, without the ORM's per-row bookkeeping
+                self._note_statement_write(alias)
+                conn = self.connection(bind_arguments={"shard_id": alias})
+                conn.execute(core_table.insert(), batch).close()
+                total += len(batch)
+                continue
             self._bulk_alias = alias
             try:
                 part = self.execute(
@@ -646,6 +653,36 @@ def _mapper_of(model: type[Any]) -> Mapper[Any]:
     from sqlalchemy import inspect
 
     return inspect(model)  # type: ignore[no-any-return]
+
+
+def _plain_core_table(orm_context: ORMExecuteState, model: type[Any], rows: list[Any]) -> Any:
+    """The table, when an ORM bulk INSERT of ``rows`` is exactly a Core executemany on it.
+
+    That is: one table (no inheritance), attribute names equal to column names, a bare
+    ``insert(Model)`` (no ``values()``, no RETURNING, no extra options) and rows that all
+    name the same columns.  The ORM path stays for everything else.
+    """
+    stmt = orm_context.statement
+    if (
+        getattr(stmt, "_returning", ())
+        or getattr(stmt, "_values", None)
+        or getattr(stmt, "_multi_values", ())
+        or getattr(stmt, "_post_values_clause", None) is not None
+        or getattr(stmt, "_with_options", ())
+        or {k for k in orm_context.local_execution_options if not k.startswith("_")} - {"shardkit_using"}
+        or not rows
+    ):
+        return None
+    mapper = _mapper_of(model)
+    if len(mapper.tables) != 1 or mapper.inherits is not None or mapper.polymorphic_on is not None:
+        return None
+    keys = _column_attr_keys(mapper)
+    if any(col_key != attr for col_key, attr in keys.items()):
+        return None
+    first = rows[0].keys()
+    if not first <= keys.keys() or any(row.keys() != first for row in rows):
+        return None
+    return mapper.local_table
 
 
 _ATTR_KEYS: dict[Mapper[Any], dict[str, str]] = {}

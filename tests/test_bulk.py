@@ -23,6 +23,7 @@ class Member(Base):
     __shard_key__ = "id"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(String(40))
+    score: Mapped[int] = mapped_column(default=7)
 
 
 @pytest.fixture
@@ -61,6 +62,9 @@ def test_bulk_insert_groups_rows_per_shard(ring_cluster: tuple[shardkit.Cluster,
     where = placement(cluster)
     assert len(where) == 400
     assert all(where[i] == ring.get(i) for i in where)
+    for alias in SHARDS:  # column defaults applied, as the ORM's bulk form applies them
+        with cluster.engine(alias).connect() as conn:
+            assert set(conn.execute(text("SELECT DISTINCT score FROM members")).scalars()) <= {7}
     assert set(batches) == set(SHARDS) and max(batches.values()) <= 2  # one executemany per shard
 
 

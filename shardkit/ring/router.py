@@ -348,7 +348,8 @@ class HashRingRouter:
     def db_for_write_rows(self, model: type[Any], rows: list[dict[str, Any]], **hints: Any) -> list[str] | None:
         """Aliases of a batch of rows to insert (``{column key: value}``), hashed in one C call.
 
-        Missing integer primary-key shard keys are generated and written into ``rows``;
+        Missing integer primary-key shard keys are generated: such a row is replaced in ``rows``
+        by a copy holding its new key (the caller's dicts are never changed);
         ``None`` for models that are not sharded (and for reference tables).
         """
         if self.is_reference(model):
@@ -367,8 +368,9 @@ class HashRingRouter:
                     attribute=spec.attr,
                 )
             for i, key in enumerate(keys):
-                if key is None:
-                    keys[i] = rows[i][name] = self._ids()
+                if key is None:  # the caller's dict is left alone: the row becomes a copy
+                    keys[i] = self._ids()
+                    rows[i] = {**rows[i], name: keys[i]}
         return self.ring.get_many(keys)
 
     # -------------------------------------------------------------------- reads
