@@ -5,11 +5,11 @@ it does, a script can do.  User mistakes (a bad settings path, an unknown
 alias, an unreachable shard) end with one clear line and a non-zero exit,
 never a traceback.
 
-Commands: ``demo``, ``check``, ``ring show|distribution|diff``, ``migrate``
-(and ``reshard`` when :mod:`shardkit.cli._reshard` is present).  Every command
-that needs a cluster reads it with ``--settings`` (a dotted module path or a
-TOML file), given to the group or to the command, else ``SHARDKIT_SETTINGS``;
-see :func:`shardkit._settings.load_settings`.
+Commands: ``demo``, ``check``, ``ring show|distribution|diff``, ``migrate``,
+``reshard plan|run``, ``twophase recover``.  Every command that needs a cluster
+reads it with ``--settings`` (a dotted module path or a TOML file), given to
+the group or to the command, else ``SHARDKIT_SETTINGS``; see
+:func:`shardkit.load_settings`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ to a declarative base).  The new ring is ``--add ALIAS`` / ``--remove ALIAS`` ap
 current ring (the one stored by the last reshard, else ``SHARDKIT_RING``), or ``--new-ring``
 (a JSON file of ``to_dict()``, or ``settings:NAME`` for a settings attribute).
 
-Also runnable as ``python -m shardkit.cli._reshard``.
+
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from ..errors import ConfigError, ShardkitError
+from ..errors import ConfigError
 
 __all__ = ["reshard"]
 
@@ -184,18 +184,3 @@ def run(
             f"repaired {result.repaired}, deleted {sum(result.deleted.values())}; "
             f"ring version {result.new_ring.version}"
         )
-
-
-def main() -> None:  # pragma: no cover - `python -m shardkit.cli._reshard`
-    try:
-        reshard.main(prog_name="shardkit reshard", standalone_mode=False)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except ShardkitError as exc:
-        click.echo(f"shardkit: error: {exc}", err=True)
-        sys.exit(2)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -20,8 +20,8 @@ from typing import Any
 
 from sqlalchemy import Column, MetaData, String, Table, inspect
 from sqlalchemy.exc import NoInspectionAvailable
-from sqlalchemy.orm import DeclarativeBase, registry
 
+from .._cluster import _tables_of
 from ..errors import ConfigError
 from ..ring import HashRingRouter
 
@@ -81,23 +81,8 @@ def shadow_of(table: Table) -> Table:
 
 def _models_of(target: Any) -> tuple[list[Table], dict[Table, type[Any]]]:
     """Tables (in foreign-key order) and table -> mapped class of a base, registry or MetaData."""
-    reg: registry | None = None
-    if isinstance(target, MetaData):
-        md = target
-    elif isinstance(target, registry):
-        reg, md = target, target.metadata
-    elif isinstance(target, type) and issubclass(target, DeclarativeBase):
-        reg, md = target.registry, target.metadata
-    elif isinstance(getattr(target, "metadata", None), MetaData):
-        md, reg = target.metadata, getattr(target, "registry", None)
-    else:
-        raise ConfigError(f"expected a declarative base, a registry or a MetaData, got {target!r}")
-    models: dict[Table, type[Any]] = {}
-    if reg is not None:
-        for mapper in reg.mappers:
-            if isinstance(mapper.local_table, Table):
-                models.setdefault(mapper.local_table, mapper.class_)
-    return list(md.sorted_tables), models
+    metadata, models = _tables_of(target)
+    return list(metadata.sorted_tables), models
 
 
 def _table_of(model: Any) -> tuple[Table, type[Any] | None]:

@@ -53,7 +53,7 @@ def test_killed_runs_resume(databases: object, tmp_path: Path, seed: int) -> Non
     before = fingerprint(snapshot(cluster, ALL))
     settings = _settings(tmp_path, urls)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    cmd = [sys.executable, "-m", "shardkit.cli._reshard", "run", "--settings", settings, "--add", "s4",
+    cmd = [sys.executable, "-m", "shardkit", "reshard", "run", "--settings", settings, "--add", "s4",
            "--batch-size", "150", "--quiet", "--fence-grace", "0"]  # fmt: skip
     rng = random.Random(seed)
     phases = []
@@ -91,7 +91,7 @@ def test_cli_plan_and_dry_run(databases: object, tmp_path: Path) -> None:
     load(cluster, router, 300)
     settings = _settings(tmp_path, urls)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    base = [sys.executable, "-m", "shardkit.cli._reshard"]
+    base = [sys.executable, "-m", "shardkit", "reshard"]
     plan = subprocess.run([*base, "plan", "--settings", settings, "--add", "s4"], cwd=ROOT, env=env,
                           capture_output=True, text=True, check=True)  # fmt: skip
     assert "table users:" in plan.stdout and "s0 -> s4:" in plan.stdout
