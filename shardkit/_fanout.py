@@ -176,7 +176,7 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     # so the rows it throws away are never turned into objects.
     merge = plan.merge
     lazy_chunk = (
-        16 if merge.sort_keys and merge.limit is not None and merge.aggregate is None and not merge.distinct else None
+        8 if merge.sort_keys and merge.limit is not None and merge.aggregate is None and not merge.distinct else None
     )
     streams = []
     for alias in answered:

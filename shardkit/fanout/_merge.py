@@ -452,17 +452,32 @@ class _Desc:
         return hash(self.v)
 
 
+_NEGATABLE = (int, float, Decimal)
+
+
 def _sort_key_function(sort_keys: Sequence[SortKey], dialect_name: str) -> Callable[[Sequence[Any]], Any]:
+    """A flat key tuple per row: (null rank, value) per ORDER BY item.
+
+    Descending numbers are negated (compared natively; ``bool`` is an ``int``); other
+    descending values are wrapped in :class:`_Desc`.  A NULL ranks 0 (first) or 2 (last)
+    and carries ``None``, which is only ever compared with another NULL's ``None``.
+    """
     spec = [(k.position, k.attribute, k.descending, k.resolved_nulls_first(dialect_name)) for k in sort_keys]
 
     def key(row: Sequence[Any]) -> tuple[Any, ...]:
         parts: list[Any] = []
+        append = parts.append
         for position, attribute, descending, nulls_first in spec:
             v = row[position] if attribute is None else getattr(row[position], attribute)
             if v is None:
-                parts.append((0 if nulls_first else 2, None))
+                append(0 if nulls_first else 2)
+                append(None)
+            elif descending:
+                append(1)
+                append(-v if isinstance(v, _NEGATABLE) else _Desc(v))
             else:
-                parts.append((1, _Desc(v) if descending else v))
+                append(1)
+                append(v)
         return tuple(parts)
 
     return key

@@ -410,7 +410,8 @@ def plan_select(stmt: Select[Any], *, shard_key_columns: Collection[ColumnElemen
         raise _refuse("FOR UPDATE", "locking rows on several shards")
     if stmt._fetch_clause is not None:
         raise _refuse("FETCH FIRST", "use LIMIT")
-    if not stmt.get_final_froms():
+    if not (stmt._from_obj or stmt.columns_clause_froms or stmt._where_criteria):
+        # (get_final_froms() would say the same, but compiles the statement to do it)
         raise _refuse("SELECT without FROM", "it would return one row per shard")
     _check_tree(stmt)
 
