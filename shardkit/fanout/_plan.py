@@ -508,10 +508,32 @@ def _entity_attribute(expr: Any, elems: Sequence[_Element]) -> tuple[int | None,
 
 
 def _short(expr: Any) -> str:
+    """A short readable name for ``expr`` (for explain() and errors), without compiling it
+    for the common shapes: planning runs on every fan-out, compiling costs ~50 us a call."""
     try:
-        return str(expr)[:60]
-    except Exception:  # pragma: no cover
-        return type(expr).__name__
+        return _render_short(expr)[:60]
+    except Exception:  # pragma: no cover - a shape the fast path does not know
+        try:
+            return str(expr)[:60]
+        except Exception:
+            return type(expr).__name__
+
+
+def _render_short(expr: Any) -> str:
+    if isinstance(expr, elements.Label):
+        return _render_short(expr.element)
+    if isinstance(expr, elements.ColumnClause):
+        table = getattr(expr, "table", None)
+        name = getattr(table, "name", None)
+        return f"{name}.{expr.name}" if name else str(expr.name)
+    if isinstance(expr, functions.FunctionElement):
+        args = [_render_short(c) for c in expr.clauses]
+        if isinstance(expr, functions.count) and not args:
+            args = ["*"]
+        return f"{getattr(expr, 'name', type(expr).__name__)}({', '.join(args)})"
+    if isinstance(expr, elements.BindParameter):
+        return repr(expr.effective_value)
+    return str(expr)
 
 
 class _AggCompiler:
