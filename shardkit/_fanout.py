@@ -24,10 +24,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import nulls_first, nulls_last
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.sql import operators
 
-from .errors import ShardQueryError
+from .errors import ShardQueryError, UnsupportedQueryError
 from .fanout import CallableTask, FanoutPlan, merge_rows, pg_statement_timeout_sql, plan_select, run_parallel
+from .fanout._merge import null_is_larger
 from .typing import ShardTargets
 
 if TYPE_CHECKING:
@@ -102,6 +105,39 @@ def _deadline(session: ShardSession, options: Mapping[str, Any]) -> float | None
     return None if value is None else float(value)
 
 
+def _pin_null_order(
+    session: ShardSession, statements: dict[str, Any], plan: FanoutPlan, reference: str
+) -> dict[str, Any]:
+    """On a cluster whose dialects order NULLs differently (PostgreSQL: NULL is largest;
+    SQLite and MySQL: smallest), spell the reference dialect's NULL placement out in every
+    shard's ORDER BY, so every stream is sorted by the same rule the merge uses.  The
+    reference is the first target alias (``"default"`` order in DATABASES)."""
+    if not any(k.nulls_first is None for k in plan.merge.sort_keys):
+        return statements
+    dialects = {session.cluster.spec(alias).dialect_name for alias in statements}
+    if len({null_is_larger(d) for d in dialects}) < 2:
+        return statements
+    if dialects & {"mysql", "mariadb"}:
+        raise UnsupportedQueryError(
+            "ORDER BY without NULLS FIRST/LAST on shards that order NULLs differently "
+            f"({', '.join(sorted(dialects))}), and MySQL cannot be told where NULLs go",
+            construct="ORDER BY on a mixed-dialect fan-out",
+        )
+    larger = null_is_larger(reference)
+    out: dict[str, Any] = {}
+    for alias, stmt in statements.items():
+        clauses = []
+        for clause in stmt._order_by_clauses:
+            modifier = getattr(clause, "modifier", None)
+            if modifier in (operators.nulls_first_op, operators.nulls_last_op):
+                clauses.append(clause)
+                continue
+            descending = modifier is operators.desc_op
+            clauses.append(nulls_first(clause) if larger == descending else nulls_last(clause))
+        out[alias] = stmt.order_by(None).order_by(*clauses)
+    return out
+
+
 def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
     """Run ``orm_context``'s statement on every alias of ``targets`` and merge the results."""
     if not orm_context.is_select:
@@ -115,6 +151,8 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
         else plan_select(stmt, shard_key_columns=targets.shard_key_columns).shard_statement  # type: ignore[arg-type]
         for alias, stmt in targets.statements.items()
     }
+    dialect_name = session.cluster.spec(next(iter(shard_statements))).dialect_name
+    shard_statements = _pin_null_order(session, shard_statements, plan, dialect_name)
     partial = bool(options.get("shardkit_partial", session.cluster.partial))
     deadline = _deadline(session, options)
     # Connections are taken here, in the calling thread: the session is not thread-safe.
@@ -186,7 +224,6 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
         elif lazy_chunk is not None and "yield_per" not in options:
             shard_result = shard_result.yield_per(lazy_chunk)
         streams.append(shard_result)
-    dialect_name = conns[answered[0]].dialect.name
     rows = merge_rows(plan.merge, streams, dialect_name=dialect_name)
     result = ShardedResult(SimpleResultMetaData(plan.output_keys), rows)
     result.shards = answered
