@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Column, ForeignKey, Table, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 import shardkit
 from shardkit.errors import CrossShardWriteError, RelationError
@@ -123,3 +124,45 @@ def test_refuse_cross_shard_writes(make_urls: Callable[..., dict[str, str]]) -> 
     cluster.dispose()
     with pytest.raises(shardkit.errors.ConfigError, match="cross_shard_writes"):
         shardkit.Cluster({"default": "sqlite://"}, cross_shard_writes="sometimes")
+
+
+class _M2MBase(DeclarativeBase):
+    pass
+
+
+_article_tags = Table(
+    "article_tags",
+    _M2MBase.metadata,
+    Column("article_id", ForeignKey("articles.id"), primary_key=True),
+    Column("tag_id", ForeignKey("tags.id"), primary_key=True),
+)
+
+
+class Article(_M2MBase):
+    __tablename__ = "articles"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tags: Mapped[list[Tag]] = relationship(secondary=_article_tags)
+
+
+class Tag(_M2MBase):
+    __tablename__ = "tags"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+def test_many_to_many_append_across_databases_is_refused(make_urls: Callable[..., dict[str, str]]) -> None:
+    cluster = shardkit.Cluster(make_urls("default", "other"))
+    cluster.create_all(_M2MBase)
+    with cluster.session() as s:
+        article, near, far = Article(id=1), Tag(id=1), Tag(id=2)
+        s.save(article, using="default")
+        s.save(near, using="default")
+        s.save(far, using="other")
+        s.commit()
+        article.tags.append(near)  # same database: allowed
+        with pytest.raises(RelationError, match=r"Article\.tags refused.*'default'.*'other'"):
+            article.tags.append(far)
+        assert article.tags == [near]
+        s.commit()
+    with cluster.engine("default").connect() as conn:
+        assert conn.execute(text("SELECT article_id, tag_id FROM article_tags")).all() == [(1, 1)]
+    cluster.dispose()
