@@ -123,7 +123,7 @@ def test_reshard_rate_vs_plain_copy(benchmark: Any, pg: DatabaseFactory) -> None
         f"(catch-up {result.seconds['catch-up']:.2f}s, verify {result.seconds['verify']:.2f}s, "
         f"merge+switch {result.seconds['merge+switch']:.2f}s)",
     ]
-    print("\nshardkit reshard figures\n" + "\n".join(lines))
+    _LINES[:] = lines  # printed at the end of the run (pytest captures print())
     benchmark.extra_info.update(
         {
             "peer_rows_per_s": peer_rate,
@@ -134,3 +134,21 @@ def test_reshard_rate_vs_plain_copy(benchmark: Any, pg: DatabaseFactory) -> None
         }
     )
     cluster.dispose()
+
+
+_LINES: list[str] = []
+
+
+class _Summary:
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if _LINES:
+            terminalreporter.section("shardkit reshard figures")
+            for line in _LINES:
+                terminalreporter.write_line(f"  {line}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _reshard_summary_plugin(request: pytest.FixtureRequest) -> None:
+    manager = request.config.pluginmanager
+    if not manager.has_plugin("shardkit-reshard-summary"):
+        manager.register(_Summary(), "shardkit-reshard-summary")
