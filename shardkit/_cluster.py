@@ -54,26 +54,41 @@ def get_active_cluster() -> Cluster:
 
 
 class _Activation:
-    """Returned by :meth:`Cluster.activate`; also a context manager that restores the previous one."""
+    """Returned by :meth:`Cluster.activate`; as a context manager, it also restores the cluster
+    that was active before when the block ends (if nothing activated another one meanwhile)."""
 
     def __init__(self, cluster: Cluster) -> None:
         global _active_global
         self.cluster = cluster
         self._previous_global = _active_global
         _active_global = cluster
-        self._token: contextvars.Token[Cluster | None] | None = None
 
     def __enter__(self) -> Cluster:
-        self._token = _active_local.set(self.cluster)
         return self.cluster
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         global _active_global
-        if self._token is not None:
-            _active_local.reset(self._token)
-        _active_global = self._previous_global
+        if _active_global is self.cluster:
+            _active_global = self._previous_global
+
+
+class _LocalActivation:
+    """Returned by :meth:`Cluster.activated`: active for this thread / task only, within the block."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self._tokens: list[contextvars.Token[Cluster | None]] = []
+
+    def __enter__(self) -> Cluster:
+        self._tokens.append(_active_local.set(self.cluster))
+        return self.cluster
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        _active_local.reset(self._tokens.pop())
 
 
 def _tables_of(target: Any) -> tuple[MetaData, dict[Table, type[Any]]]:
@@ -93,11 +108,18 @@ def _tables_of(target: Any) -> tuple[MetaData, dict[Table, type[Any]]]:
         raise ConfigError(f"expected a MetaData or a declarative base, got {target!r}")
     registries: Iterable[registry] = [reg] if reg is not None else _all_registries()
     for r in registries:
-        for mapper in r.mappers:
+        # base-most first: with single-table inheritance the base class is the table's model
+        for mapper in sorted(r.mappers, key=_depth):
             if mapper.local_table is not None and isinstance(mapper.local_table, Table):
-                # the first (base-most) class mapping a table is its model
                 models.setdefault(mapper.local_table, mapper.class_)
     return metadata, models
+
+
+def _depth(mapper: Any) -> int:
+    depth = 0
+    while mapper.inherits is not None:
+        mapper, depth = mapper.inherits, depth + 1
+    return depth
 
 
 def _all_registries() -> Iterable[registry]:
@@ -235,16 +257,22 @@ class Cluster:
         session: ShardSession | None = getattr(self._autocommit, "session", None)
         if session is None:
             session = ShardSession(self, expire_on_commit=False)
+            session._shardkit_autocommit = True  # type: ignore[attr-defined]
             self._autocommit.session = session
         return session
 
     def activate(self) -> _Activation:
-        """Make this the cluster that ``Model.objects`` uses.
+        """Make this the cluster that ``Model.objects`` uses, process-wide (as Django's settings are).
 
-        Process-wide when called plainly; for one block when used as
-        ``with cluster.activate(): ...``.
+        ``with cluster.activate(): ...`` puts the previously active cluster back when the block
+        ends; for a cluster active in one thread or task only, use :meth:`activated`.
         """
         return _Activation(self)
+
+    def activated(self) -> _LocalActivation:
+        """``with cluster.activated(): ...``: the cluster ``Model.objects`` uses inside the block,
+        in this thread or asyncio task only (a context variable); other threads are unaffected."""
+        return _LocalActivation(self)
 
     # -- schema ------------------------------------------------------------------
 

@@ -92,6 +92,8 @@ class AliasSpec:
         if self.engine is not None:
             return self.engine
         options: dict[str, Any] = dict(defaults)
+        # never change the caller's dicts: they are shared by every alias of the cluster
+        options["connect_args"] = dict(options.get("connect_args") or {})
         if self.dialect_name == "sqlite":
             # Fan-out reads use a worker thread per shard; a pooled sqlite
             # connection may be used by another thread than the one that made it.

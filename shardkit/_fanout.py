@@ -19,6 +19,7 @@ Execution options (per statement, or per cluster as ``Cluster(deadline=, partial
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -236,9 +237,17 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
 def _write_fanout(session: ShardSession, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
     """UPDATE / DELETE on several shards: each in the session's transaction, row counts summed."""
     total = 0
+    parts = []
+    returning = bool(getattr(orm_context.statement, "_returning", ()))
     for alias, stmt in targets.statements.items():
         shard_result = session._invoke_on(orm_context, alias, stmt)
         total += int(getattr(shard_result, "rowcount", 0) or 0)
+        parts.append(shard_result)
+    if returning and parts:  # UPDATE/DELETE ... RETURNING: every shard's rows
+        merged = parts[0].merge(*parts[1:]) if len(parts) > 1 else parts[0]
+        with contextlib.suppress(AttributeError):
+            merged.shards = tuple(targets.statements)  # type: ignore[attr-defined]
+        return merged
     result = ShardedResult(SimpleResultMetaData([]), iter(()))
     result.shards = tuple(targets.statements)
     result.rowcount = total  # type: ignore[attr-defined]

@@ -66,7 +66,7 @@ def _session_scope(obj: Any = None) -> Iterator[ShardSession]:
         session = get_active_cluster().autocommit_session()
     if not isinstance(session, ShardSession):
         raise ShardkitError(f"{type(obj).__name__} belongs to a plain SQLAlchemy session, not a shardkit session")
-    autocommit = session is session.cluster.autocommit_session()
+    autocommit = bool(getattr(session, "_shardkit_autocommit", False))
     try:
         yield session
     except BaseException:
@@ -274,6 +274,8 @@ class QuerySet(Generic[M]):
         return rows[0] if rows else None
 
     def last(self) -> M | None:
+        if self._limit is not None or self._offset:
+            raise ShardkitError("cannot reverse a query once a slice has been taken (as in Django)", model=self.model)
         order = self._order or tuple(c.asc() for c in self._pk_order())
         reversed_order = tuple(_reverse(o) for o in order)
         rows = self._clone(_order=reversed_order)[:1]._fetch()

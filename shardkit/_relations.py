@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, bindparam, event, select
 from sqlalchemy.orm import Mapper, object_session
-from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.attributes import get_state_history, instance_state
+from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.interfaces import MANYTOONE
 
 from .errors import RelationError, ShardkitError
@@ -92,13 +93,23 @@ def _instrument(mapper: Mapper[Any], class_: type[Any]) -> None:
         def on_append(target: Any, value: Any, initiator: Any, _prop: Any = prop) -> None:
             _check_pair(target, value, _prop)
 
+        # propagate: subclasses share the relationship and must be checked too
         if prop.uselist:
-            event.listen(attr, "append", on_append)
+            event.listen(attr, "append", on_append, propagate=True)
         else:
-            event.listen(attr, "set", on_set)
+            event.listen(attr, "set", on_set, propagate=True)
 
 
 _M2O: dict[Mapper[Any], tuple[RelationshipProperty[Any], ...]] = {}
+_COLLECTIONS: dict[Mapper[Any], tuple[RelationshipProperty[Any], ...]] = {}
+
+
+def _collections(mapper: Mapper[Any]) -> tuple[RelationshipProperty[Any], ...]:
+    rels = _COLLECTIONS.get(mapper)
+    if rels is None:
+        rels = tuple(r for r in mapper.relationships if r.uselist)
+        _COLLECTIONS[mapper] = rels
+    return rels
 
 
 def _many_to_ones(mapper: Mapper[Any]) -> tuple[RelationshipProperty[Any], ...]:
@@ -159,7 +170,7 @@ def _parent_aliases_by_fk(
     remote_keys = [str(remote.key) for _local, remote in prop.local_remote_pairs or ()]
     rows = [dict(zip(remote_keys, values, strict=True)) for _state, _alias, values in pending]
     batch = session.cluster.router.db_for_write_rows(target.class_, rows, session=session)
-    if batch is not None and session.cluster.router._write_rows:
+    if batch is not None:  # a router placed every parent by its key
         return list(batch)
     out: list[str | None] = []
     lookup = _fk_lookup(prop)
@@ -193,6 +204,22 @@ def check_flush_relations(session: ShardSession) -> None:
                 raise relation_error(child, alias, parent, parent_alias, f"{state.class_.__name__}.{prop.key}")
     # Routers whose answer depends only on the models and aliases are asked once per kind of pair.
     memo: dict[tuple[Any, ...], bool] | None = {} if router.relation_depends_on_dbs_only else None
+    # One-to-many and many-to-many members added since the last flush (a one-to-many without a
+    # back-reference, or a many-to-many, has no many-to-one side to catch it above).
+    for state, alias in list(session._flush_aliases.items()):
+        if state in deleted:
+            continue
+        for prop in _collections(state.mapper):
+            if prop.key not in state.dict:
+                continue  # never loaded: nothing was added
+            added = get_state_history(state, prop.key, PASSIVE_NO_INITIALIZE).added
+            for member in added or ():
+                member_alias = session._flush_aliases.get(instance_state(member)) or _db(session, member)
+                if member_alias is None:
+                    continue
+                parent = state.obj()
+                if not router.allow_relation(parent, member, db1=alias, db2=member_alias, relationship=prop.key):
+                    raise relation_error(parent, alias, member, member_alias, f"{state.class_.__name__}.{prop.key}")
     for prop, pending in by_fk.items():
         for (state, alias, values), parent_alias in zip(
             pending, _parent_aliases_by_fk(session, prop, pending), strict=True

@@ -228,7 +228,7 @@ class RouterChain:
             for alias in set(aliases):
                 self.check_alias(alias, router=router, model=model, method="db_for_write_rows")
             return aliases
-        return [self.default] * len(rows)
+        return None  # every router passed: the per-row defaults (a parent's db, "default") apply
 
     def db_for_write_instances(self, model: Any, instances: list[Any], **hints: Any) -> list[str] | None:
         """Aliases for many new instances of ``model`` at once, or ``None`` (then ask one by one).

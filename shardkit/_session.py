@@ -156,6 +156,7 @@ class ShardSession(Session):
         self._tx_write_aliases: set[str] = set()  # aliases written in the current transaction
         self._bulk_alias: str | None = None  # the alias of a bulk statement being run
         self._flush_conns: dict[str, Connection] = {}  # alias -> connection, for one flush
+        self._flush_writes: set[str] = set()  # aliases this flush writes to
         self._context_tokens: list[contextvars.Token[ShardSession | None]] = []
 
     # -- context manager: makes the session "current" for the manager API --
@@ -321,6 +322,12 @@ class ShardSession(Session):
                 mapper, primary_key_identity, identity_token=identity_token,
                 lazy_loaded_from=lazy_loaded_from, **kw,
             )  # fmt: skip
+        if lazy_loaded_from is not None:
+            parent_db = _db_of_or_none(lazy_loaded_from.obj())
+            if parent_db is not None:  # a many-to-one from a loaded object: only its own database
+                return super()._identity_lookup(
+                    mapper, primary_key_identity, identity_token=parent_db, lazy_loaded_from=lazy_loaded_from, **kw
+                )
         found: list[tuple[str, Any]] = []
         for alias in self.cluster.aliases:
             obj = super()._identity_lookup(
@@ -330,11 +337,6 @@ class ShardSession(Session):
                 found.append((alias, obj))
         if not found:
             return None
-        if len(found) > 1 and lazy_loaded_from is not None:
-            parent_db = db_of(lazy_loaded_from.obj())
-            for alias, obj in found:
-                if alias == parent_db:
-                    return obj
         return found[0][1]
 
     # -- the Django-style write API ----------------------------------------------
@@ -405,6 +407,7 @@ class ShardSession(Session):
             return
         mapper = state.mapper
         pk = mapper.primary_key_from_instance(obj)
+        self._note_statement_write(using)  # counts toward cross_shard_writes like any write
         conn = self.connection(bind_arguments={"shard_id": using})
         for table in reversed(mapper.tables):
             cols = [table.c[c.key] if c.table is not table else c for c in mapper.primary_key]
@@ -453,8 +456,8 @@ class ShardSession(Session):
         kwargs: dict[str, Any] = {"bind_arguments": bind_arguments}
         if statement is not None:
             kwargs["statement"] = statement
-        if orm_context.is_select:
-            result = orm_context.invoke_statement(**kwargs)
+        if not (orm_context.is_insert or orm_context.is_update or orm_context.is_delete):
+            result = orm_context.invoke_statement(**kwargs)  # a SELECT, or text() we cannot classify
         else:  # a bulk INSERT/UPDATE/DELETE on one known alias
             self._note_statement_write(alias)
             previous, self._bulk_alias = self._bulk_alias, alias
@@ -509,15 +512,22 @@ class ShardSession(Session):
         alias, filled = self._route_row(model, row)
         extra = {k: v for k, v in filled.items() if k not in row}
         if extra:
-            return self._invoke_on_with_params(orm_context, alias, {**single, **extra})
+            return self._invoke_on_with_params(orm_context, alias, {**single, **extra}, extra)
         return self._invoke_on(orm_context, alias)
 
-    def _invoke_on_with_params(self, orm_context: ORMExecuteState, alias: str, params: dict[str, Any]) -> Result[Any]:
+    def _invoke_on_with_params(
+        self, orm_context: ORMExecuteState, alias: str, params: dict[str, Any], extra: dict[str, Any]
+    ) -> Result[Any]:
+        """Run a one-row INSERT on ``alias`` with the key a router filled in (``extra``)."""
+        self._note_statement_write(alias)
+        bind_arguments = {**orm_context.bind_arguments, "shard_id": alias}
         previous, self._bulk_alias = self._bulk_alias, alias
         try:
-            result = orm_context.invoke_statement(
-                params=params, bind_arguments={**orm_context.bind_arguments, "shard_id": alias}
-            )
+            if orm_context.parameters is None:  # insert(...).values(...): add the key to the VALUES
+                statement = orm_context.statement.values(**extra)  # type: ignore[attr-defined]
+                result = orm_context.invoke_statement(statement=statement, bind_arguments=bind_arguments)
+            else:
+                result = orm_context.invoke_statement(params=params, bind_arguments=bind_arguments)
         finally:
             self._bulk_alias = previous
         return result
@@ -525,8 +535,16 @@ class ShardSession(Session):
     def _broadcast(self, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
         from ._fanout import ShardedResult
 
+        returning = bool(getattr(orm_context.statement, "_returning", ()))
+        first: Result[Any] | None = None
         for alias in targets.statements:
-            self._invoke_on(orm_context, alias).close()
+            part = self._invoke_on(orm_context, alias)
+            if returning and first is None:
+                first = part  # the same rows went to every shard: return them once
+            else:
+                part.close()
+        if first is not None:
+            return first
         result = ShardedResult(SimpleResultMetaData([]), iter(()))
         result.shards = tuple(targets.statements)
         return result
@@ -566,6 +584,8 @@ class ShardSession(Session):
                 alias, filled = self._route_row(model, row)
                 groups.setdefault(alias, []).append(filled)
         total = 0
+        returning = bool(getattr(orm_context.statement, "_returning", ()))
+        parts: list[Result[Any]] = []
         core_table = _plain_core_table(orm_context, model, rows)
         for alias, batch in groups.items():
             if core_table is not None:  # the same INSERT, without the ORM's per-row bookkeeping
@@ -574,7 +594,7 @@ class ShardSession(Session):
                 conn.execute(core_table.insert(), batch).close()
                 total += len(batch)
                 continue
-            self._bulk_alias = alias
+            previous, self._bulk_alias = self._bulk_alias, alias
             try:
                 part = self.execute(
                     orm_context.statement,
@@ -583,9 +603,17 @@ class ShardSession(Session):
                     bind_arguments={**orm_context.bind_arguments, "shard_id": alias},
                 )
             finally:
-                self._bulk_alias = None
-            part.close()
+                self._bulk_alias = previous
+            if returning:
+                parts.append(part)
+            else:
+                part.close()
             total += len(batch)  # every row was sent, or execute() raised
+        if parts:  # INSERT ... RETURNING: the rows of every shard, shard after shard
+            merged = parts[0].merge(*parts[1:]) if len(parts) > 1 else parts[0]
+            with contextlib.suppress(AttributeError):
+                merged.shards = tuple(groups)  # type: ignore[attr-defined]
+            return merged
         result = ShardedResult(SimpleResultMetaData([]), iter(()))
         result.shards = tuple(groups)
         result.rowcount = total  # type: ignore[attr-defined]
@@ -598,9 +626,9 @@ class ShardSession(Session):
 
     def route(self, statement: Any) -> str | ShardTargets:
         """Where ``statement`` would run: one alias, or the :class:`ShardTargets` of a fan-out."""
-        for opt in getattr(statement, "_with_options", ()):
-            if isinstance(opt, using):
-                return self.cluster.check_alias(opt.alias)
+        chosen = [opt.alias for opt in getattr(statement, "_with_options", ()) if isinstance(opt, using)]
+        if chosen:  # the last using() wins, as at execution
+            return self.cluster.check_alias(chosen[-1])
         alias = statement._execution_options.get("shardkit_using") or self.pinned
         if alias is not None:
             return self.cluster.check_alias(alias)
@@ -726,8 +754,10 @@ def _before_flush(session: Session, flush_context: Any, instances: Iterable[Any]
     session._flush_aliases.clear()
     session._flush_conns.clear()
     session._route_new_in_batches()
-    for obj in (*session.new, *session.dirty, *session.deleted):
+    changed = [obj for obj in session.dirty if session.is_modified(obj)]  # not merely touched
+    for obj in (*session.new, *changed, *session.deleted):
         session._write_alias(instance_state(obj))
+    session._flush_writes = set(session._flush_aliases.values())
     session.cluster._check_flush(session)
     _group_inserts_by_alias(session)
 
@@ -762,7 +792,7 @@ def _after_flush(session: Session, flush_context: Any) -> None:
                 info.pop(_DB, None)
         else:
             _set_db(state, alias)
-    session._tx_write_aliases.update(session._flush_aliases.values())
+    session._tx_write_aliases.update(session._flush_writes)  # objects only touched wrote nothing
     session._flush_aliases.clear()
     session._flush_conns.clear()
 

@@ -22,10 +22,12 @@ written alias must be PostgreSQL (checked before anything is written).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import uuid
 from dataclasses import dataclass
+from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Column, DateTime, MetaData, String, Table, delete, func, insert, select, text
@@ -76,7 +78,8 @@ def two_phase_commit(session: ShardSession, aliases: list[str]) -> None:
     cluster = session.cluster
     check_twophase_aliases(cluster, set(aliases))
     txid = uuid.uuid4().hex
-    gids = {alias: f"{GID_PREFIX}{txid}_{len(aliases)}_{alias}" for alias in aliases}
+    # the alias is not in the GID (it may hold any character); its position is
+    gids = {alias: f"{GID_PREFIX}{txid}_{len(aliases)}_{i}" for i, alias in enumerate(aliases)}
     conns = {alias: session.connection(bind_arguments={"shard_id": alias}) for alias in aliases}
     prepared: list[str] = []
     try:
@@ -88,8 +91,8 @@ def two_phase_commit(session: ShardSession, aliases: list[str]) -> None:
             twophase_log.create(conn, checkfirst=True)
             conn.execute(insert(twophase_log).values(txid=txid, aliases=",".join(aliases)))
     except BaseException:
-        for alias in prepared:
-            with _autocommit(cluster, alias) as conn:
+        for alias in prepared:  # every one, even if one of them fails; then the original error
+            with contextlib.suppress(Exception), _autocommit(cluster, alias) as conn:
                 conn.exec_driver_sql(f"ROLLBACK PREPARED '{gids[alias]}'")
         raise
     _crash_point("after_decision")
@@ -121,15 +124,18 @@ def recover(cluster: Cluster, *, min_age: float = 60.0, dry_run: bool = False) -
     >>> for d in shardkit.twophase.recover(cluster, min_age=0):  # doctest: +SKIP
     ...     print(d.alias, d.gid, d.action)
     """
-    decided: set[str] = set()
-    with cluster.engine().connect() as conn:
-        if _has_log(conn):
-            decided = set(conn.execute(select(twophase_log.c.txid)).scalars())
-    found: list[InDoubt] = []
-    pending: set[str] = set()  # txids that still have a prepared transaction somewhere
+    # Scan first, read the decisions second: a decision logged between the two reads then
+    # belongs to a transaction we have already seen, so it is honoured, never rolled back.
+    scans: list[tuple[str, list[Any]]] = []
+    seen_databases: set[str] = set()
     for alias in cluster.aliases:
-        if cluster.spec(alias).dialect_name != "postgresql":
+        spec = cluster.spec(alias)
+        if spec.dialect_name != "postgresql":
             continue
+        where = spec.url.set(password=None).render_as_string()
+        if where in seen_databases:  # two aliases on one database: resolve its transactions once
+            continue
+        seen_databases.add(where)
         with _autocommit(cluster, alias) as conn:
             rows = conn.execute(
                 text(
@@ -138,6 +144,19 @@ def recover(cluster: Cluster, *, min_age: float = 60.0, dry_run: bool = False) -
                 ),
                 {"prefix": GID_PREFIX + "%", "age": float(min_age)},
             ).all()
+        scans.append((alias, list(rows)))
+    decided: set[str] = set()
+    settled: set[str] = set()  # decisions old enough that no commit can still be running on them
+    with cluster.engine().connect() as conn:
+        if _has_log(conn):
+            for txid, decided_at in conn.execute(select(twophase_log.c.txid, twophase_log.c.decided_at)):
+                decided.add(txid)
+                if decided_at is None or _age_seconds(decided_at) >= min_age:
+                    settled.add(txid)
+    found: list[InDoubt] = []
+    pending: set[str] = set()  # txids that still have a prepared transaction somewhere
+    for alias, rows in scans:
+        with _autocommit(cluster, alias) as conn:
             for gid, old in rows:
                 txid = gid[len(GID_PREFIX) :].split("_", 1)[0]
                 if not old or dry_run:
@@ -149,11 +168,19 @@ def recover(cluster: Cluster, *, min_age: float = 60.0, dry_run: bool = False) -
                     verb = "COMMIT" if action == "commit" else "ROLLBACK"
                     conn.exec_driver_sql(f"{verb} PREPARED '{gid}'")
                 found.append(InDoubt(alias, gid, txid, action))
-    finished = decided - pending
+    finished = settled - pending
     if finished and not dry_run:
         with cluster.engine().begin() as conn:
             conn.execute(delete(twophase_log).where(twophase_log.c.txid.in_(sorted(finished))))
     return found
+
+
+def _age_seconds(when: Any) -> float:
+    from datetime import datetime
+
+    if when.tzinfo is None:  # SQLite keeps no zone: it was written as UTC by server_default
+        when = when.replace(tzinfo=UTC)
+    return float((datetime.now(UTC) - when).total_seconds())
 
 
 def _has_log(conn: Any) -> bool:

@@ -166,3 +166,39 @@ def test_many_to_many_append_across_databases_is_refused(make_urls: Callable[...
     with cluster.engine("default").connect() as conn:
         assert conn.execute(text("SELECT article_id, tag_id FROM article_tags")).all() == [(1, 1)]
     cluster.dispose()
+
+
+def test_many_to_many_made_before_placement_is_refused_at_flush(make_urls: Callable[..., dict[str, str]]) -> None:
+    cluster = shardkit.Cluster(make_urls("default", "other"))
+    cluster.create_all(_M2MBase)
+    with cluster.session() as s:
+        far = Tag(id=9)
+        s.save(far, using="other")
+        s.commit()
+        article = Article(id=2)
+        article.tags.append(far)  # not placed yet: nothing to check at assignment
+        s.add(article)  # ...and it would be written to "default"
+        with pytest.raises(RelationError, match=r"Article\.tags"):
+            s.flush()
+        s.rollback()
+    with cluster.engine("default").connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM article_tags")).scalar() == 0
+        assert conn.execute(text("SELECT count(*) FROM articles")).scalar() == 0
+    cluster.dispose()
+
+
+class SpecialArticle(Article):
+    """Single-table subclass: it inherits the relationship and must be checked too."""
+
+
+def test_subclass_relations_are_checked(make_urls: Callable[..., dict[str, str]]) -> None:
+    cluster = shardkit.Cluster(make_urls("default", "other"))
+    cluster.create_all(_M2MBase)
+    with cluster.session() as s:
+        special, far = SpecialArticle(id=3), Tag(id=10)
+        s.save(special, using="default")
+        s.save(far, using="other")
+        s.commit()
+        with pytest.raises(RelationError, match="refused"):
+            special.tags.append(far)
+    cluster.dispose()
