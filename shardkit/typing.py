@@ -14,7 +14,12 @@ What a read router may answer
 * a :class:`ShardTargets`: like a collection, but with a statement per alias
   (used by the ring router to send each shard only its own ``IN`` values).
 
-``db_for_write`` always returns one alias (or ``None``).
+``db_for_write`` returns one alias (or ``None``) for an instance; for a write by
+statement (``update(User)`` with no shard key) it may return several, like a read.
+Optional batch forms, used when every write router has them:
+``db_for_write_rows(model, rows)`` and ``db_for_write_instances(model, instances)``
+(one alias per row / instance); ``allow_relation_by_db = True`` on a router says its
+``allow_relation`` depends only on the models and the ``db1``/``db2`` hints.
 """
 
 from __future__ import annotations
