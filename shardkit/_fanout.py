@@ -3,10 +3,11 @@
 The planner, the executor and the merger live in :mod:`shardkit.fanout` and
 know nothing of sessions; this module wires them to a :class:`ShardSession`:
 
-* each shard's connection is taken from the session's transaction in the
-  calling thread (so the session's bookkeeping is never touched by two
-  threads), then each shard's statement runs in a worker thread under one
-  deadline (on PostgreSQL, the time left becomes ``SET LOCAL statement_timeout``);
+* the autoflush and each shard's connection are done in the calling thread,
+  so nothing in the session changes while workers run; then each shard's
+  statement runs in a worker thread under one deadline (on PostgreSQL, the
+  time left becomes ``SET LOCAL statement_timeout``).  The workers only read
+  the session (the connection each found already open);
 * ORM rows are turned into objects in the calling thread, as they are merged,
   each keyed by the identity token of its shard;
 * the merged rows come back as a :class:`ShardedResult`, an ordinary
@@ -156,7 +157,11 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     shard_statements = _pin_null_order(session, shard_statements, plan, dialect_name)
     partial = bool(options.get("shardkit_partial", session.cluster.partial))
     deadline = _deadline(session, options)
-    # Connections are taken here, in the calling thread: the session is not thread-safe.
+    # The session is not thread-safe: anything that changes it happens here, in the calling
+    # thread, before the workers start: the autoflush the shard executions would each do, and
+    # taking each shard's connection from the session's transaction.
+    if orm_context.load_options._autoflush:
+        session._autoflush()
     # A shard that cannot be reached is a shard failure like any other (named, or
     # skipped in partial mode), not a bare driver error.
     conns: dict[str, Connection] = {}
@@ -188,7 +193,7 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
                     conn.exec_driver_sql(pg_statement_timeout_sql(remaining))
                 result = orm_context.invoke_statement(
                     statement=shard_statements[alias],
-                    execution_options={"identity_token": alias},
+                    execution_options={"identity_token": alias, "autoflush": False},  # flushed above
                     bind_arguments={**base_bind_args, "shard_id": alias},
                 )
                 if remaining is not None and pg:

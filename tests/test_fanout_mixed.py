@@ -101,3 +101,12 @@ def test_group_by_on_mixed_shards(world: tuple[shardkit.Cluster, Any]) -> None:
         got = [tuple(r) for r in s.execute(stmt)]
     with single.connect() as conn:
         assert got == [tuple(r) for r in conn.execute(stmt)]
+
+
+def test_pending_changes_are_flushed_once_before_a_fan_out(world: tuple[shardkit.Cluster, Any]) -> None:
+    cluster, _single = world
+    with cluster.session() as s:
+        s.add_all([Player(id=10_000 + i, name=f"new{i}", score=1, team="z") for i in range(20)])
+        # the fan-out's autoflush writes them first (in this thread), then every shard counts them
+        assert s.scalar(select(func.count()).select_from(Player).where(Player.team == "z")) == 20
+        s.rollback()
