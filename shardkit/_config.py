@@ -46,6 +46,10 @@ _ENGINES: dict[str, str] = {
     "mariadb": "mariadb+pymysql",
 }
 
+# A URL that names no driver gets the one shardkit installs (SQLAlchemy 2.1's own default for
+# postgresql:// is psycopg 3, and for mysql:// mysqlclient).
+_BARE_URL_DRIVERS = {"postgresql": "postgresql+psycopg2", "mysql": "mysql+pymysql", "mariadb": "mariadb+pymysql"}
+
 # Keys Django accepts in a DATABASES entry.  Those shardkit has no use for are
 # accepted and ignored so a Django settings module works unchanged; anything
 # else is a typo and is refused.
@@ -171,6 +175,8 @@ def _spec(alias: Any, entry: Any) -> AliasSpec:
             # the text may hold a password: do not echo it back
             raise ConfigError(f"DATABASES[{alias!r}]: not a valid database URL", alias=alias) from exc
         _drivername(alias, url.drivername)
+        if url.drivername in _BARE_URL_DRIVERS:  # the driver shardkit installs, not the dialect's default
+            url = url.set(drivername=_BARE_URL_DRIVERS[url.drivername])
         return AliasSpec(alias, url)
     if isinstance(entry, Mapping):
         return _spec_from_dict(alias, entry)

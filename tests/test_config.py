@@ -158,3 +158,10 @@ def test_from_settings_module(tmp_path, monkeypatch) -> None:  # type: ignore[no
     assert type(cluster.router.routers[0]).__name__ == "AuthRouter"
     with pytest.raises(ConfigError, match="no_such_settings"):
         shardkit.Cluster.from_settings("no_such_settings")
+
+
+def test_a_url_without_a_driver_gets_the_installed_one() -> None:
+    cluster = shardkit.Cluster({"default": "postgresql://u@h/db", "m": "mysql://root@h/db", "l": "sqlite://"})
+    assert cluster.spec("default").url.drivername == "postgresql+psycopg2"
+    assert cluster.spec("m").url.drivername == "mysql+pymysql"
+    assert cluster.spec("l").url.drivername == "sqlite"

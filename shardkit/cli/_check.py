@@ -52,7 +52,13 @@ def check_alias(cluster: Cluster, alias: str, *, timeout: float = 5.0, rounds: i
     connect_args: dict[str, Any] = {}
     if dialect in ("postgresql", "mysql", "mariadb"):
         connect_args["connect_timeout"] = max(1, round(timeout))
-    engine = spec.create_engine(poolclass=NullPool, connect_args=connect_args)
+    try:
+        engine = spec.create_engine(poolclass=NullPool, connect_args=connect_args)
+    except Exception as exc:  # e.g. the dialect's driver is not installed: this alias's failure
+        out["error"] = one_line(exc)
+        if spec.url.password:
+            out["error"] = str(out["error"]).replace(str(spec.url.password), "***")
+        return out
     try:
         started = time.perf_counter()
         with engine.connect() as conn:

@@ -1,17 +1,15 @@
 """``shardkit reshard plan|run``: move rows to the shards a new ring names.
 
-``--settings dotted.module`` names a module with ``DATABASES``, ``DATABASE_ROUTERS``,
-``SHARDKIT_RING`` (a HashRing or its ``to_dict()``) and ``SHARDKIT_METADATA`` (dotted path
-to a declarative base).  The new ring is ``--add ALIAS`` / ``--remove ALIAS`` applied to the
-current ring (the one stored by the last reshard, else ``SHARDKIT_RING``), or ``--new-ring``
-(a JSON file of ``to_dict()``, or ``settings:NAME`` for a settings attribute).
-
-
+The cluster comes from ``--settings`` like every other command (a dotted module or a TOML
+file, else ``$SHARDKIT_SETTINGS``): ``DATABASES``, ``DATABASE_ROUTERS``, the ring
+(``SHARDKIT_RING``) and ``SHARDKIT_METADATA`` (``"package.module:Base"``).  The current ring is
+the one stored by the last reshard, else the settings' ring.  The new ring is ``--add ALIAS`` /
+``--remove ALIAS`` applied to it, or ``--new-ring`` (a JSON file of ``to_dict()``, or
+``package.module:NAME`` naming a HashRing or its ``to_dict()``).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 from pathlib import Path
@@ -19,77 +17,72 @@ from typing import Any
 
 import click
 
+from .._settings import import_object
 from ..errors import ConfigError
+from ._common import load
 
 __all__ = ["reshard"]
 
 
-def _import(path: str) -> Any:
-    module, _, attr = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"SHARDKIT_METADATA {path!r} does not import: {exc}") from exc
-
-
-def _load(settings: str) -> tuple[Any, Any, Any]:
-    """(cluster, ring router, declarative base) from a settings module."""
-    from .._cluster import Cluster
+def _load(settings_path: str | None) -> tuple[Any, Any, Any]:
+    """(cluster, ring router, declarative base) from the settings."""
     from ..reshard import load_current_ring
-    from ..ring import HashRing, HashRingRouter
+    from ..ring import HashRingRouter
 
-    sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(settings)
-    except ImportError as exc:
-        raise ConfigError(f"settings module {settings!r} does not import: {exc}") from exc
-    ring_setting = getattr(module, "SHARDKIT_RING", None)
-    ring = (
-        ring_setting if isinstance(ring_setting, HashRing) or ring_setting is None else HashRing.from_dict(ring_setting)
-    )
-    routers = list(getattr(module, "DATABASE_ROUTERS", ()))
-    cluster = Cluster(module.DATABASES, routers)
+    settings = load(settings_path)
+    settings.require_ring()
+    cluster = settings.cluster
     router = next((r for r in cluster.router.routers if isinstance(r, HashRingRouter)), None)
-    if router is None:
-        if ring is None:
-            raise ConfigError(f"settings {settings!r}: no HashRingRouter in DATABASE_ROUTERS and no SHARDKIT_RING")
-        router = HashRingRouter(ring)
-        cluster = Cluster(module.DATABASES, [*routers, router])
-    elif ring is not None:
-        router.ring = ring
+    if router is None:  # pragma: no cover - load_settings adds one whenever there is a ring
+        raise ConfigError(f"{settings.source}: no HashRingRouter among the routers")
     current = load_current_ring(cluster)
     if current is not None:
         router.ring = current
-    base_path = getattr(module, "SHARDKIT_METADATA", None)
-    if base_path is None:
-        raise ConfigError(f"settings {settings!r} defines no SHARDKIT_METADATA (dotted path to a declarative base)")
-    base = _import(base_path) if isinstance(base_path, str) else base_path
-    return cluster, router, (module, base)
+    return cluster, router, settings.get_metadata()
 
 
-def _new_ring(spec: str | None, module: Any) -> Any:
+def _new_ring(spec: str | None) -> Any:
     if spec is None:
         return None
     from ..ring import HashRing
 
-    if spec.startswith("settings:"):
-        value = getattr(module, spec.split(":", 1)[1])
-        return value if isinstance(value, HashRing) else HashRing.from_dict(value)
-    return HashRing.from_dict(json.loads(Path(spec).read_text()))
+    try:
+        if ":" in spec and not Path(spec).exists():
+            value = import_object(spec)
+            return value if isinstance(value, HashRing) else HashRing.from_dict(value)
+        return HashRing.from_dict(json.loads(Path(spec).read_text()))
+    except ConfigError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"--new-ring {spec!r} is not a ring: {type(exc).__name__}: {exc}") from exc
 
 
-def _resharder(settings: str, add: str | None, remove: str | None, new_ring: str | None, **kw: Any) -> Any:
+def _resharder(settings_path: str | None, add: str | None, remove: str | None, new_ring: str | None, **kw: Any) -> Any:
     from ..reshard import Resharder
+    from ..reshard._state import StateStore
 
-    cluster, router, (module, base) = _load(settings)
-    return Resharder(cluster, router, _new_ring(new_ring, module), add=add, remove=remove, metadata=base, **kw)
+    cluster, router, base = _load(settings_path)
+    if StateStore(cluster).active() is None:  # not resuming: say so when there is nothing to do
+        if add is not None and add in router.ring:
+            click.echo(f"note: {add!r} is already in the ring: nothing moves (a finished reshard?)", err=True)
+        if remove is not None and remove not in router.ring:
+            click.echo(f"note: {remove!r} is not in the ring: nothing moves (a finished reshard?)", err=True)
+    return Resharder(cluster, router, _new_ring(new_ring), add=add, remove=remove, metadata=base, **kw)
 
 
 _common = [
-    click.option("--settings", required=True, help="Dotted path of the settings module."),
+    click.option(
+        "--settings",
+        "settings",
+        default=None,
+        metavar="MODULE_OR_TOML",
+        help="Settings: a dotted module path or a .toml file (default: the group's, then $SHARDKIT_SETTINGS).",
+    ),
     click.option("--add", "add", metavar="ALIAS", help="Add this shard to the current ring."),
     click.option("--remove", "remove", metavar="ALIAS", help="Remove this shard from the current ring."),
-    click.option("--new-ring", metavar="FILE|settings:NAME", help="The new ring: a to_dict() JSON file or a setting."),
+    click.option(
+        "--new-ring", metavar="FILE|module:NAME", help="The new ring: a to_dict() JSON file, or an importable object."
+    ),
 ]
 
 
@@ -107,7 +100,7 @@ def reshard() -> None:
 @reshard.command()
 @_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(settings: str, add: str | None, remove: str | None, new_ring: str | None, as_json: bool) -> None:
+def plan(settings: str | None, add: str | None, remove: str | None, new_ring: str | None, as_json: bool) -> None:
     """What moves, per table and per source/target shard, counted on the shards."""
     result = _resharder(settings, add, remove, new_ring).plan()
     if as_json:
@@ -131,10 +124,16 @@ def plan(settings: str, add: str | None, remove: str | None, new_ring: str | Non
 @_options
 @click.option("--batch-size", default=10_000, show_default=True, help="Rows per keyset batch.")
 @click.option("--dry-run", is_flag=True, help="Show each step (with measured counts) and write nothing.")
-@click.option("--fence-grace", default=0.2, show_default=True, help="Seconds between fencing and the catch-up.")
+@click.option(
+    "--fence-grace",
+    default=1.2,
+    show_default=True,
+    help="Seconds between fencing and the catch-up: at least the other processes' FencingRouter poll "
+    "interval (1 s by default) plus the longest write transaction.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(
-    settings: str,
+    settings: str | None,
     add: str | None,
     remove: str | None,
     new_ring: str | None,

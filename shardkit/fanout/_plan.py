@@ -299,6 +299,16 @@ def _resolve(expr: Any, elems: Sequence[_Element], stmt: Select[Any]) -> tuple[A
         if isinstance(inner, elements._textual_label_reference):
             return _resolve_name(inner.element, elems, stmt)
         expr = inner
+    bare = _unwrap(expr)
+    if isinstance(bare, elements.TextClause) or (
+        isinstance(bare, elements.ColumnClause) and bare.is_literal and bare.name.strip().isdigit()
+    ):
+        # raw SQL (text("n desc"), literal_column("2")): the shards would read it as SQL -- a
+        # position, a direction -- that the merge cannot see; refuse rather than merge wrongly
+        raise _refuse(
+            "raw SQL in ORDER BY / GROUP BY",
+            f"{_short(bare)!s}: use a column, a label name (order_by('name')) or desc('name')",
+        )
     for i, e in enumerate(elems):
         if e.expr is not None and (e.expr is expr or _same(e.expr, expr)):
             return e.expr, i

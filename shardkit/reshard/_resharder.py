@@ -284,7 +284,7 @@ class Resharder:
         models: Iterable[Any] | None = None,
         metadata: Any = None,
         batch_size: int = DEFAULT_BATCH,
-        fence_grace: float = 0.2,
+        fence_grace: float = 1.2,
         lease_ttl: float = 60.0,
         progress: Callable[[ProgressEvent], None] | None = None,
         workers: int = DEFAULT_WORKERS,

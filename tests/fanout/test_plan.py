@@ -15,7 +15,9 @@ from sqlalchemy import (
     distinct,
     func,
     literal,
+    literal_column,
     select,
+    text,
     union_all,
 )
 from sqlalchemy.dialects.postgresql import distinct_on
@@ -219,3 +221,15 @@ def test_union_refused() -> None:
 def test_distinct_on_shard_key_allowed() -> None:
     plan = plan_select(select(users).ext(distinct_on(c.id)).order_by(c.id), shard_key_columns=[c.id])
     assert not plan.merge.distinct
+
+
+@pytest.mark.parametrize(
+    "order",
+    [lambda: literal_column("2"), lambda: text("n"), lambda: text("n desc")],
+    ids=["position", "text label", "text with direction"],
+)
+def test_raw_sql_in_order_by_is_refused(order: Any) -> None:
+    stmt = select(c.name.label("n"), c.id).order_by(order(), c.id).limit(5)
+    with pytest.raises(UnsupportedQueryError, match="raw SQL in ORDER BY") as info:
+        plan_select(stmt)
+    assert info.value.construct == "raw SQL in ORDER BY / GROUP BY"

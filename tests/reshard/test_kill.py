@@ -101,5 +101,8 @@ def test_cli_plan_and_dry_run(databases: object, tmp_path: Path) -> None:
     assert "dry run (nothing written)" in dry.stdout and "switch the ring" in dry.stdout
     bad = subprocess.run([*base, "plan", "--settings", "no_such_settings_module", "--add", "s4"], cwd=ROOT, env=env,
                          capture_output=True, text=True)  # fmt: skip
-    assert bad.returncode == 2 and "does not import" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "no_such_settings_module" in bad.stderr and "Traceback" not in bad.stderr
+    again = subprocess.run([*base, "plan", "--settings", settings, "--remove", "s9"], cwd=ROOT, env=env,
+                           capture_output=True, text=True)  # fmt: skip
+    assert again.returncode == 0 and "'s9' is not in the ring: nothing moves" in again.stderr
     cluster.dispose()
