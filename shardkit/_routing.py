@@ -208,27 +208,12 @@ class RouterChain:
         Answered only when every router that has ``db_for_write`` also has
         ``db_for_write_rows(model, rows, **hints)`` (a router may replace an entry of ``rows``
         with a copy that fills in a missing key, never change the dicts themselves); otherwise the
-        caller routes row by row.  A router that returns
-        ``None`` passes the whole batch to the next one, as ``db_for_write`` does.
+        caller routes row by row.  A router that returns ``None`` passes the whole batch to the
+        next one; if all pass, ``None``: the per-row defaults (a parent's db, ``"default"``) apply.
         """
         if not self._write_rows_complete:
             return None
-        for router, method in self._write_rows:
-            aliases = method(model, rows, **hints)
-            if aliases is None:
-                continue
-            aliases = list(aliases)
-            if len(aliases) != len(rows):
-                raise InvalidRouteError(
-                    f"router {_router_name(router)}.db_for_write_rows returned {len(aliases)} aliases "
-                    f"for {len(rows)} rows of {model_name(model)}",
-                    model=model,
-                    router=router,
-                )
-            for alias in set(aliases):
-                self.check_alias(alias, router=router, model=model, method="db_for_write_rows")
-            return aliases
-        return None  # every router passed: the per-row defaults (a parent's db, "default") apply
+        return self._batch(self._write_rows, "db_for_write_rows", model, rows, "rows", hints)
 
     def db_for_write_instances(self, model: Any, instances: list[Any], **hints: Any) -> list[str] | None:
         """Aliases for many new instances of ``model`` at once, or ``None`` (then ask one by one).
@@ -240,20 +225,32 @@ class RouterChain:
         """
         if not self._write_instances_complete:
             return None
-        for router, method in self._write_instances:
-            aliases = method(model, instances, **hints)
+        return self._batch(self._write_instances, "db_for_write_instances", model, instances, "instances", hints)
+
+    def _batch(
+        self,
+        methods: list[tuple[Any, Callable[..., Any]]],
+        name: str,
+        model: Any,
+        items: list[Any],
+        what: str,
+        hints: Mapping[str, Any],
+    ) -> list[str] | None:
+        """The first router's answer for a whole batch, checked: one known alias per item."""
+        for router, method in methods:
+            aliases = method(model, items, **hints)
             if aliases is None:
                 continue
             aliases = list(aliases)
-            if len(aliases) != len(instances):
+            if len(aliases) != len(items):
                 raise InvalidRouteError(
-                    f"router {_router_name(router)}.db_for_write_instances returned {len(aliases)} aliases "
-                    f"for {len(instances)} {model_name(model)} instances",
+                    f"router {_router_name(router)}.{name} returned {len(aliases)} aliases "
+                    f"for {len(items)} {what} of {model_name(model)}",
                     model=model,
                     router=router,
                 )
             for alias in set(aliases):
-                self.check_alias(alias, router=router, model=model, method="db_for_write_instances")
+                self.check_alias(alias, router=router, model=model, method=name)
             return aliases
         return None
 
