@@ -181,6 +181,14 @@ def _parent_aliases_by_fk(
     return out
 
 
+def _check(
+    router: Any, obj1: Any, db1: str, obj2: Any, db2: str, state: InstanceState[Any], prop: RelationshipProperty[Any]
+) -> None:
+    """Ask the router chain about one relation of ``state``'s object; refuse it by raising."""
+    if not router.allow_relation(obj1, obj2, db1=db1, db2=db2, relationship=prop.key):
+        raise relation_error(obj1, db1, obj2, db2, f"{state.class_.__name__}.{prop.key}")
+
+
 def check_flush_relations(session: ShardSession) -> None:
     """Refuse the flush if any object is related to one on another database."""
     router = session.cluster.router
@@ -199,9 +207,7 @@ def check_flush_relations(session: ShardSession) -> None:
             parent_alias = session._flush_aliases.get(instance_state(parent)) or _db(session, parent)
             if parent_alias is None:
                 continue
-            child = state.obj()
-            if not router.allow_relation(child, parent, db1=alias, db2=parent_alias, relationship=prop.key):
-                raise relation_error(child, alias, parent, parent_alias, f"{state.class_.__name__}.{prop.key}")
+            _check(router, state.obj(), alias, parent, parent_alias, state, prop)
     # Routers whose answer depends only on the models and aliases are asked once per kind of pair.
     memo: dict[tuple[Any, ...], bool] | None = {} if router.relation_depends_on_dbs_only else None
     # One-to-many and many-to-many members added since the last flush (a one-to-many without a
@@ -217,9 +223,7 @@ def check_flush_relations(session: ShardSession) -> None:
                 member_alias = session._flush_aliases.get(instance_state(member)) or _db(session, member)
                 if member_alias is None:
                     continue
-                parent = state.obj()
-                if not router.allow_relation(parent, member, db1=alias, db2=member_alias, relationship=prop.key):
-                    raise relation_error(parent, alias, member, member_alias, f"{state.class_.__name__}.{prop.key}")
+                _check(router, state.obj(), alias, member, member_alias, state, prop)
     for prop, pending in by_fk.items():
         for (state, alias, values), parent_alias in zip(
             pending, _parent_aliases_by_fk(session, prop, pending), strict=True
@@ -229,9 +233,6 @@ def check_flush_relations(session: ShardSession) -> None:
             pair = (state.class_, prop.mapper.class_, alias, parent_alias, prop.key)
             if memo is not None and memo.get(pair) is True:
                 continue
-            child, parent = state.obj(), _stand_in(prop, values)
-            allowed = router.allow_relation(child, parent, db1=alias, db2=parent_alias, relationship=prop.key)
+            _check(router, state.obj(), alias, _stand_in(prop, values), parent_alias, state, prop)
             if memo is not None:
-                memo[pair] = allowed
-            if not allowed:
-                raise relation_error(child, alias, parent, parent_alias, f"{state.class_.__name__}.{prop.key}")
+                memo[pair] = True

@@ -13,9 +13,10 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.engine import URL
 
 PG_URL = os.environ.get("SHARDKIT_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
@@ -131,6 +132,29 @@ def make_urls(databases: DatabaseFactory, backend: str) -> Callable[..., dict[st
         return databases.urls(backend, *labels)
 
     return make
+
+
+class StatementLog:
+    """Records the statements each alias's engine runs (a listener on every engine)."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.seen: list[tuple[str, str]] = []
+        for alias in cluster.aliases:
+            event.listen(cluster.engine(alias), "before_cursor_execute", self._hook(alias))
+
+    def _hook(self, alias: str) -> Callable[..., None]:
+        def hook(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            self.seen.append((alias, statement))
+
+        return hook
+
+    def aliases(self, contains: str = "") -> list[str]:
+        """Aliases of the statements whose SQL contains ``contains``, in order."""
+        return [a for a, s in self.seen if contains in s]
+
+    def touching(self, table: str) -> list[str]:
+        """Aliases of the statements that read from or insert into ``table``."""
+        return [a for a, s in self.seen if f"FROM {table}" in s or f"INTO {table}" in s]
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

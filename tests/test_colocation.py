@@ -6,11 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from sqlalchemy import BigInteger, ForeignKey, String, event, func, insert, select, text, update
+from sqlalchemy import BigInteger, ForeignKey, String, func, insert, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship, selectinload
 
 import shardkit
 from shardkit.errors import RelationError, RoutingError
+from tests.conftest import StatementLog
 
 SHARDS = ["s0", "s1", "s2", "s3"]
 
@@ -43,22 +44,6 @@ class Purchase(Base):
     customer_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("customers.id"))
     amount: Mapped[int] = mapped_column(default=0)
     customer: Mapped[Customer] = relationship(back_populates="orders")
-
-
-class Log:
-    def __init__(self, cluster: shardkit.Cluster) -> None:
-        self.seen: list[tuple[str, str]] = []
-        for alias in cluster.aliases:
-            event.listen(cluster.engine(alias), "before_cursor_execute", self._hook(alias))
-
-    def _hook(self, alias: str) -> Callable[..., None]:
-        def hook(conn: object, cursor: object, statement: str, *args: object) -> None:
-            self.seen.append((alias, statement))
-
-        return hook
-
-    def aliases(self, table: str) -> list[str]:
-        return [a for a, s in self.seen if f"FROM {table}" in s or f"INTO {table}" in s]
 
 
 @pytest.fixture
@@ -124,12 +109,12 @@ def test_loads_follow_the_instance(cluster: shardkit.Cluster, ring: shardkit.Has
         s.add_all(people)
         s.commit()
         ids = [p.id for p in people]
-    log = Log(cluster)
+    log = StatementLog(cluster)
     with cluster.session() as s:
         one = s.scalars(select(Customer).where(Customer.id == ids[0])).one()
         log.seen.clear()
         assert len(one.orders) == 3  # lazy load
-        assert log.aliases("purchases") == [ring.get(ids[0])]
+        assert log.touching("purchases") == [ring.get(ids[0])]
         assert {shardkit.db_of(o) for o in one.orders} == {ring.get(ids[0])}
         assert one.orders[0].customer is one  # many-to-one from the identity map, no query
     for option in (selectinload, joinedload):
@@ -138,7 +123,7 @@ def test_loads_follow_the_instance(cluster: shardkit.Cluster, ring: shardkit.Has
             stmt = select(Customer).where(Customer.id == ids[1]).options(option(Customer.orders))
             loaded = s.scalars(stmt).unique().one()
             assert len(loaded.orders) == 3
-            assert set(log.aliases("purchases")) | set(log.aliases("customers")) == {ring.get(ids[1])}
+            assert set(log.touching("purchases")) | set(log.touching("customers")) == {ring.get(ids[1])}
     with cluster.session() as s:  # a fan-out with selectin: each shard's children from that shard
         log.seen.clear()
         everyone = s.scalars(select(Customer).options(selectinload(Customer.orders))).all()

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 import shardkit
@@ -14,29 +14,12 @@ from shardkit.errors import InvalidRouteError, UnknownAliasError
 
 from .app.models import Author, Base, Book, User
 from .app.routers import AuthRouter, PrimaryReplicaRouter
+from .conftest import StatementLog
 
 
 def count_rows(cluster: shardkit.Cluster, alias: str, table: str) -> int:
     with cluster.engine(alias).connect() as conn:
         return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
-
-
-class StatementLog:
-    """Counts statements per alias, by listening on each engine."""
-
-    def __init__(self, cluster: shardkit.Cluster) -> None:
-        self.seen: list[tuple[str, str]] = []
-        for alias in cluster.aliases:
-            event.listen(cluster.engine(alias), "before_cursor_execute", self._hook(alias))
-
-    def _hook(self, alias: str) -> Callable[..., None]:
-        def hook(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            self.seen.append((alias, statement))
-
-        return hook
-
-    def aliases(self, contains: str = "") -> list[str]:
-        return [a for a, s in self.seen if contains in s]
 
 
 @pytest.fixture
