@@ -15,8 +15,6 @@ SQLAlchemy (the pool is refreshed on the disconnect).
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +30,7 @@ from shardkit import HashRing, HashRingRouter
 from shardkit.errors import FanoutTimeoutError, ShardQueryError
 
 from ..conftest import PG_URL, DatabaseFactory, require_server
+from ..faults import TcpProxy
 
 pytestmark = pytest.mark.postgres
 
@@ -54,112 +53,6 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(40))
     score: Mapped[int]
     country: Mapped[str] = mapped_column(String(2))
-
-
-# ---------------------------------------------------------------------------- the proxy
-
-
-def _hard_close(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST on close
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv()
-    with contextlib.suppress(OSError):
-        sock.close()
-
-
-class TcpProxy:
-    """Forward 127.0.0.1:<ephemeral> to ``upstream``; ``cut()`` / ``restore()`` break and mend it.
-
-    Bounded: at most ``max_connections`` forwarded pairs (two pump threads
-    each); every thread is a daemon and :meth:`close` joins them with a timeout.
-    """
-
-    def __init__(self, upstream: tuple[str, int], max_connections: int = 32) -> None:
-        self.upstream = upstream
-        self.max_connections = max_connections
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.listener.settimeout(0.1)
-        self.port: int = self.listener.getsockname()[1]
-        self.refusing = False
-        self.accepted = 0
-        self._lock = threading.Lock()
-        self._pairs: list[tuple[socket.socket, socket.socket]] = []
-        self._threads: list[threading.Thread] = []
-        self._stop = threading.Event()
-        self._spawn(self._accept_loop, "proxy-accept")
-
-    def _spawn(self, target: Any, name: str, *args: Any) -> None:
-        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-        with self._lock:
-            self._threads = [t for t in self._threads if t.is_alive()]
-            self._threads.append(thread)
-        thread.start()
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                full = len(self._pairs) >= self.max_connections
-            if self.refusing or full:
-                _hard_close(client)
-                continue
-            try:
-                upstream = socket.create_connection(self.upstream, timeout=3)
-            except OSError:
-                _hard_close(client)
-                continue
-            client.settimeout(None)
-            upstream.settimeout(None)
-            with self._lock:
-                self._pairs.append((client, upstream))
-                self.accepted += 1
-            self._spawn(self._pump, "proxy-up", client, upstream)
-            self._spawn(self._pump, "proxy-down", upstream, client)
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with self._lock:
-                self._pairs = [p for p in self._pairs if src not in p]
-            _hard_close(src)
-            _hard_close(dst)
-
-    def cut(self) -> None:
-        """Reset every forwarded connection and refuse new ones."""
-        self.refusing = True
-        with self._lock:
-            pairs, self._pairs = self._pairs, []
-        for client, upstream in pairs:
-            _hard_close(client)
-            _hard_close(upstream)
-
-    def restore(self) -> None:
-        self.refusing = False
-
-    def close(self) -> None:
-        self._stop.set()
-        self.cut()
-        _hard_close(self.listener)
-        with self._lock:
-            threads = list(self._threads)
-        for thread in threads:
-            thread.join(timeout=2)
 
 
 # ------------------------------------------------------------------------- fixtures
