@@ -232,6 +232,10 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
         streams.append(shard_result)
     rows = merge_rows(plan.merge, streams, dialect_name=dialect_name)
     result = ShardedResult(SimpleResultMetaData(plan.output_keys), rows)
+    if streams:
+        # What the ORM told the legacy Query about these rows ("is_single_entity": apply
+        # .scalars(); "filtered": apply .unique()) is the same for every shard's result.
+        result._attributes = streams[0]._attributes
     result.shards = answered
     result.complete = outcome.complete
     result.errors = {a: outcome.errors[a] for a in shard_statements if a in outcome.errors}

@@ -187,6 +187,27 @@ def test_entities_know_their_shard(world: World, s: shardkit.ShardSession) -> No
     assert again is users[0]
 
 
+def test_legacy_query_returns_what_one_database_returns(world: World, s: shardkit.ShardSession) -> None:
+    # regression: Query over a fan-out gave 1-tuples, not objects (the ORM's result attributes
+    # that make Query apply .scalars() / .unique() were not carried to the merged result)
+    all_ids = [r.id for r in world.ref(select(users_t.c.id).order_by(users_t.c.id))]
+    first = s.query(User).order_by(User.id).first()
+    assert isinstance(first, User) and first.id == all_ids[0]
+    users = s.query(User).order_by(User.id).all()
+    assert all(isinstance(u, User) for u in users) and ids(users) == all_ids
+    assert ids(s.query(User).order_by(User.id).limit(5).offset(3)) == all_ids[3:8]
+    one = s.query(User).filter(User.name == "user123").one()
+    assert isinstance(one, User) and one.id == 123
+    rows = s.query(User.id, User.name).order_by(User.id).limit(2).all()
+    assert [tuple(r) for r in rows] == [(i, f"user{i:03d}") for i in all_ids[:2]]
+    assert s.query(User.id).order_by(User.id.desc()).limit(1).scalar() == all_ids[-1]
+    assert s.query(User).filter(User.country == "de").count() == len(
+        world.ref(select(users_t.c.id).where(users_t.c.country == "de"))
+    )
+    pairs = s.query(User, Order).join(Order, Order.user_id == User.id).order_by(Order.id).limit(3).all()
+    assert [(type(u), type(o)) for u, o in pairs] == [(User, Order)] * 3
+
+
 # ------------------------------------------------------------------- aggregates
 
 
