@@ -14,6 +14,10 @@ keeps working for code that does not know shardkit::
      +-- InvalidKeyError (TypeError)         a shard key of a type or value the ring refuses
      +-- RelationError                       allow_relation refused a relation (cross-shard)
      +-- CrossShardWriteError                a multi-shard commit refused by the strict setting
+ +-- CommitError                         a commit over several shards did not end alike on all of them
+ |    +-- PartialCommitError              "allow": some shards committed, the others did not
+ |    +-- TwoPhaseCommitError             "twophase": decided commit, some shards left for recovery
+ +-- TwoPhaseRecoveryError               recovery could not reach or resolve some aliases
      +-- FanoutError                         a read across shards failed
      |    +-- UnsupportedQueryError           a statement shape that cannot be merged correctly
      |    +-- ShardQueryError                 one or more shards failed: ``.errors`` maps alias -> exception
@@ -32,18 +36,22 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "CommitError",
     "ConfigError",
     "CrossShardWriteError",
     "FanoutError",
     "FanoutTimeoutError",
     "InvalidKeyError",
     "InvalidRouteError",
+    "PartialCommitError",
     "RelationError",
     "ReshardError",
     "RouterImportError",
     "RoutingError",
     "ShardQueryError",
     "ShardkitError",
+    "TwoPhaseCommitError",
+    "TwoPhaseRecoveryError",
     "UnknownAliasError",
     "UnknownEngineError",
     "UnsupportedQueryError",
@@ -105,6 +113,54 @@ class RelationError(ShardkitError, ValueError):
 
 class CrossShardWriteError(ShardkitError):
     """A commit touching several shards was refused before anything was written."""
+
+
+class CommitError(ShardkitError):
+    """A commit over several shards that did not end the same way on every shard.
+
+    ``committed`` lists the aliases whose writes are committed, ``not_committed`` the
+    others (in the order they were committed in); the driver's error is ``__cause__``.
+    """
+
+    committed: list[str]
+    not_committed: list[str]
+
+
+class PartialCommitError(CommitError):
+    """``cross_shard_writes="allow"``: a COMMIT failed on ``alias`` after the shards in
+    ``committed`` had committed; the rest (``rolled_back``) were rolled back.
+
+    The COMMIT that failed may still have been applied by a server that lost the
+    connection after receiving it: ``alias`` is listed as not committed, check it.
+    """
+
+    alias: str
+    rolled_back: list[str]
+
+
+class TwoPhaseCommitError(CommitError):
+    """``cross_shard_writes="twophase"``: the decision (``decision == "commit"``) is logged
+    and ``committed`` are committed, but ``COMMIT PREPARED`` failed on ``not_committed``
+    (their transactions stay prepared, locks held, until ``recover`` commits them).
+
+    ``txid`` names the transaction in ``shardkit_twophase_log``; ``errors`` maps each alias
+    that failed to its exception.
+    """
+
+    decision: str
+    txid: str
+    errors: dict[str, BaseException]
+
+
+class TwoPhaseRecoveryError(ShardkitError):
+    """Two-phase recovery could not reach (or resolve on) some aliases; it resolved the others.
+
+    ``errors`` maps each alias that failed to its exception, ``resolved`` lists the
+    :class:`~shardkit._twophase.InDoubt` transactions that were resolved all the same.
+    """
+
+    errors: dict[str, BaseException]
+    resolved: list[Any]
 
 
 class FanoutError(ShardkitError):
