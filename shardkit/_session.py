@@ -769,14 +769,47 @@ def _group_inserts_by_alias(session: ShardSession) -> None:
     consecutive rows of one connection; objects interleaved across shards would
     be sent a row or two at a time.  Rows of different shards never depend on
     each other, so grouping them changes nothing but the number of round trips.
+
+    Except for Python-side defaults that run per row at INSERT time (``default=callable``: an
+    id generator, ``datetime.now``): they run in the order the rows are sent, so the rows of
+    a class (an inheritance hierarchy) where such a default will run keep the order they were
+    added in, and are not grouped.
     """
     aliases = session._flush_aliases
     if len(set(aliases.values())) < 2:
         return
     rank = {alias: i for i, alias in enumerate(session.cluster.aliases)}
-    for state, alias in aliases.items():
-        if state.key is None and state.insert_order is not None:
-            state.insert_order = rank[alias] * 1_000_000_000_000 + state.insert_order % 1_000_000_000_000
+    new = [(state, alias) for state, alias in aliases.items() if state.key is None and state.insert_order is not None]
+    in_add_order: set[Mapper[Any]] = set()
+    for state, _alias in new:
+        keys = _callable_default_keys(state.mapper)
+        if keys and any(k is None or state.dict.get(k) is None for k in keys):
+            in_add_order.add(state.mapper.base_mapper)
+    for state, alias in new:
+        if in_add_order and state.mapper.base_mapper in in_add_order:
+            continue
+        state.insert_order = rank[alias] * 1_000_000_000_000 + state.insert_order % 1_000_000_000_000
+
+
+_CALLABLE_DEFAULTS: dict[Mapper[Any], tuple[str | None, ...]] = {}
+
+
+def _callable_default_keys(mapper: Mapper[Any]) -> tuple[str | None, ...]:
+    """Attribute keys of the columns whose Python-side default is a callable run at INSERT time
+    (``None`` for such a column no attribute maps: its default always runs)."""
+    keys = _CALLABLE_DEFAULTS.get(mapper)
+    if keys is None:
+        found: list[str | None] = []
+        for table in mapper.tables:
+            for col in table.columns:
+                default = col.default
+                if default is not None and getattr(default, "is_callable", False):
+                    try:
+                        found.append(mapper.get_property_by_column(col).key)
+                    except Exception:  # a column of the table that no attribute maps
+                        found.append(None)
+        keys = _CALLABLE_DEFAULTS[mapper] = tuple(found)
+    return keys
 
 
 @event.listens_for(ShardSession, "after_flush_postexec")
