@@ -351,7 +351,8 @@ static inline Py_ssize_t locate(const LookupObject *self, uint32_t h)
 /* Build the prefix table: the smallest power of two of ranges that leaves
  * at most 4 points per range on average (so it costs under 2 bytes per
  * point), capped at 2**20 ranges.  Points must be sorted, as HashRing makes
- * them; an unsorted array still gives memory-safe (if meaningless) answers. */
+ * them; an unsorted array still gives memory-safe (if meaningless) answers,
+ * since every entry stays within [0, n]. */
 static int build_prefix(LookupObject *self)
 {
     Py_ssize_t nb = 1, i = 0, j;
@@ -367,17 +368,13 @@ static int build_prefix(LookupObject *self)
     }
     self->nprefix = nb;
     self->prefix_shift = 32 - bits;
-    for (j = 0; j < nb; j++) {
-        uint64_t start = (uint64_t)j << self->prefix_shift;
-        while (i < self->n && (uint64_t)self->points[i] < start)
-            i++;
-        self->prefix[j] = (uint32_t)i;
-    }
-    self->prefix[nb] = (uint32_t)self->n;
-    /* keep every range inside [0, n] even for an unsorted array */
+    /* count the points of each range, then a running sum: prefix[j] is the
+     * number of points below range j, i.e. the index of its first point */
+    memset(self->prefix, 0, (size_t)(nb + 1) * sizeof(uint32_t));
+    for (i = 0; i < self->n; i++)
+        self->prefix[((uint64_t)self->points[i] >> self->prefix_shift) + 1]++;
     for (j = 1; j <= nb; j++)
-        if (self->prefix[j] < self->prefix[j - 1])
-            self->prefix[j] = self->prefix[j - 1];
+        self->prefix[j] += self->prefix[j - 1];
     return 0;
 }
 
