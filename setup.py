@@ -5,7 +5,8 @@ is a faster copy of it.  Building it is optional, in the way SQLAlchemy and
 markupsafe do it: without a compiler the package still installs (the build
 warns once and the pure-Python fallback is used).  Environment variables:
 
-* ``SHARDKIT_DISABLE_EXTENSIONS=1``: do not try to build the extension.
+* ``SHARDKIT_DISABLE_EXTENSIONS=1``: do not try to build the extension.  ``shardkit.ring``
+  reads it at import time too, so an extension built before is not used either.
 * ``SHARDKIT_REQUIRE_EXTENSIONS=1``: fail the install if it cannot be built.
 """
 

@@ -18,11 +18,11 @@ import sys
 from typing import Any
 
 import click
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from ..errors import ShardkitError
 from ._check import check
-from ._common import CliError, one_line, scrub
+from ._common import CliError, OneLineUsageError, one_line, scrub, unreachable, unreachable_error
 from ._demo import demo
 from ._migrate import migrate
 from ._reshard import reshard
@@ -32,16 +32,54 @@ from ._twophase import twophase
 __all__ = ["cli", "main"]
 
 
+def _connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a driver's failure to reach or keep a connection."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OperationalError | InterfaceError):
+            return True
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _one_line_usage(exc: click.UsageError) -> click.UsageError:
+    if isinstance(exc, OneLineUsageError | click.exceptions.NoArgsIsHelpError):
+        return exc  # a group called alone still prints its help
+    return OneLineUsageError(exc.format_message(), ctx=exc.ctx)
+
+
 class _ShardkitGroup(click.Group):
-    """The root group: a shardkit or database error in any command becomes one line, exit 2."""
+    """The root group: every error of every command becomes one line on stderr.
+
+    A shardkit or database error exits with 2 ("could not run"), except when a database
+    alias cannot be reached: then each alias that is down is named, exit code 1 ("ran, found
+    a problem"), as ``check`` and ``migrate`` do.  click's usage errors (a missing or bad
+    option) are one line too, exit code 2.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _one_line_usage(exc) from exc
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except ShardkitError as exc:
-            raise CliError(scrub(str(exc), ctx.meta.get("shardkit.settings"))) from exc
-        except SQLAlchemyError as exc:
-            raise CliError(scrub(one_line(exc), ctx.meta.get("shardkit.settings"))) from exc
+        except click.UsageError as exc:
+            raise _one_line_usage(exc) from exc
+        except (ShardkitError, SQLAlchemyError) as exc:
+            settings = ctx.meta.get("shardkit.settings")
+            if settings is not None and _connection_error(exc):
+                down = unreachable(settings)
+                if down:
+                    raise unreachable_error(down) from exc
+            message = str(exc) if isinstance(exc, ShardkitError) else one_line(exc)
+            raise CliError(scrub(message, settings)) from exc
 
 
 @click.group(cls=_ShardkitGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -19,7 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.pool import NullPool
 
 from .._cluster import Cluster
-from ._common import CliError, echo_json, json_option, load, one_line, scrub, settings_option
+from ._common import CliError, echo_json, json_option, load, one_line, plural, scrub, settings_option
 
 __all__ = ["check", "check_alias"]
 
@@ -112,16 +112,22 @@ def check(settings_path: str | None, databases: tuple[str, ...], timeout: float,
     if as_json:
         echo_json({"ok": not failed, "aliases": results})
     else:
-        width = max(len(a) for a in aliases)
-        urls = max(len(r["url"]) for r in results)
-        click.echo(f"{'alias':<{width}}  {'url':<{urls}}  {'server':<18} {'connect':>10} {'round trip':>11}  status")
+        header = {"alias": "alias", "url": "url", "server": "server"}
+        width = max(len(header["alias"]), *(len(r["alias"]) for r in results))
+        urls = max(len(header["url"]), *(len(r["url"]) for r in results))
+        servers = max(len(header["server"]), *(len(r["server_version"] or "-") for r in results))
+        click.echo(
+            f"{'alias':<{width}}  {'url':<{urls}}  {'server':<{servers}}  {'connect':>10}  {'round trip':>10}  status"
+        )
         for r in results:
             status = "ok" if r["ok"] else f"FAILED: {r['error']}"
             click.echo(
-                f"{r['alias']:<{width}}  {r['url']:<{urls}}  {r['server_version'] or '-':<18} "
-                f"{_ms(r['connect_ms']):>10} {_ms(r['rtt_ms']):>11}  {status}"
+                f"{r['alias']:<{width}}  {r['url']:<{urls}}  {r['server_version'] or '-':<{servers}}  "
+                f"{_ms(r['connect_ms']):>10}  {_ms(r['rtt_ms']):>10}  {status}"
             )
     if failed:
-        raise CliError(f"{len(failed)} of {len(results)} aliases failed: {', '.join(failed)}", exit_code=1)
+        counted = plural(len(results), "alias", "aliases")
+        raise CliError(f"{len(failed)} of {counted} failed: {', '.join(failed)}", exit_code=1)
     if not as_json:
-        click.echo(f"all {len(results)} aliases reachable")
+        one = len(results) == 1
+        click.echo(f"alias {results[0]['alias']} reachable" if one else f"all {len(results)} aliases reachable")

@@ -2,25 +2,39 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType, TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .._settings import Settings, load_settings
+from .._settings import ENV_VAR, Settings, load_settings
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..ring import HashRing
 
 __all__ = [
     "CliError",
+    "OneLineUsageError",
     "echo_json",
     "json_option",
     "load",
+    "not_in_ring",
     "one_line",
+    "plural",
     "progress",
     "scrub",
     "settings_option",
+    "stderr_is_terminal",
+    "unreachable",
+    "unreachable_error",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,6 +51,15 @@ class CliError(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"shardkit: error: {self.format_message()}", err=True)
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error (bad or missing option) shown like every other error: one line, exit code 2."""
+
+    def show(self, file: Any = None) -> None:
+        where = f"{self.ctx.command_path}: " if self.ctx is not None else ""
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"shardkit: error: {where}{self.format_message()}{hint}", err=True)
 
 
 def settings_option(fn: F) -> F:
@@ -58,27 +81,114 @@ def load(settings_path: str | None) -> Settings:
     """Load the settings named on the command, else on the group, else by ``SHARDKIT_SETTINGS``.
 
     The current directory is put on ``sys.path`` first (as ``python -m`` does), so
-    ``--settings mysettings`` finds ``./mysettings.py``.  The cluster's engines are
-    disposed when the command ends.
+    ``--settings mysettings`` finds ``./mysettings.py``.  A path to a Python file
+    (``--settings settings.py``, the Django habit) is loaded as a module from that
+    path.  The cluster's engines are disposed when the command ends.
     """
     ctx = click.get_current_context()
     root = ctx.find_root()
-    path = settings_path or root.params.get("settings_path")
+    path = settings_path or root.params.get("settings_path") or os.environ.get(ENV_VAR) or None
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    settings = load_settings(path)
+    source: str | ModuleType | None = path
+    if path is not None and path.strip().endswith(".py"):
+        source = _module_from_file(Path(path.strip()))
+    settings = load_settings(source)
     root.meta["shardkit.settings"] = settings
     root.call_on_close(settings.cluster.dispose)
     return settings
+
+
+def _module_from_file(path: Path) -> ModuleType:
+    """Import the settings file ``path`` as the module named by its stem, its folder on ``sys.path``.
+
+    The folder goes on ``sys.path`` (as ``python path/to/settings.py`` would do) so that the
+    file's own imports and paths such as ``SHARDKIT_METADATA = "models:Base"`` resolve; an
+    already imported module of the same name and file is reused.
+    """
+    if not path.is_file():
+        raise ConfigError(f"settings file {str(path)!r} does not exist", settings=str(path))
+    path = path.resolve()
+    name = path.stem
+    if not name.isidentifier():
+        raise ConfigError(
+            f"settings file {str(path)!r}: {name!r} is not a Python module name; rename the file", settings=str(path)
+        )
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    known = sys.modules.get(name)
+    known_file = getattr(known, "__file__", None)
+    if known is not None and known_file and Path(known_file).resolve() == path:
+        return known
+    if known is not None:
+        raise ConfigError(
+            f"settings file {str(path)!r}: another module named {name!r} is already imported "
+            f"({known_file or 'built in'}); rename the file or pass a dotted module path",
+            settings=str(path),
+        )
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # pragma: no cover - a .py path always has a loader
+        raise ConfigError(f"settings file {str(path)!r} cannot be imported", settings=str(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code failed: a settings mistake, in one line
+        del sys.modules[name]
+        raise ConfigError(f"settings file {str(path)!r} does not import: {one_line(exc)}", settings=str(path)) from exc
+    return module
 
 
 def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
+class _NoBar:
+    """What :func:`progress` gives when stderr is not a terminal: the items, and no output."""
+
+    def __init__(self, items: Iterable[Any] | None) -> None:
+        self.items: Iterable[Any] = items if items is not None else ()
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.items)
+
+    def update(self, n_steps: int, current_item: Any = None) -> None:
+        return None
+
+
+def stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal (progress bars are drawn only there)."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def progress(items: Iterable[Any] | None = None, *, length: int | None = None, label: str = "") -> Any:
-    """A progress bar on stderr (stdout stays clean for ``--json``); animated only on a terminal."""
+    """A progress bar on stderr (stdout stays clean for ``--json``), only when stderr is a terminal.
+
+    Redirected to a file, a pipe or a log, stderr gets no progress output at all: only errors.
+    """
+    if not stderr_is_terminal():
+        return _NoBar(items)
     return click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True, width=30)
+
+
+def plural(n: int, one: str, many: str) -> str:
+    """``"1 alias"``, ``"3 aliases"``."""
+    return f"{n} {one if n == 1 else many}"
+
+
+def not_in_ring(alias: str, ring: HashRing) -> CliError:
+    """The one error every command gives for an alias that is not a shard of the ring (exit 2)."""
+    return CliError(f"shard {alias!r} is not in the ring (its shards: {', '.join(ring) or 'none'})")
 
 
 def one_line(exc: BaseException) -> str:
@@ -98,3 +208,26 @@ def scrub(message: str, settings: Settings | None) -> str:
         if password:
             message = message.replace(str(password), "***")
     return message
+
+
+def unreachable(settings: Settings, aliases: Sequence[str] | None = None, *, timeout: float = 5.0) -> dict[str, str]:
+    """Connect to each alias (in parallel, a fresh connection, ``timeout`` to connect):
+    alias -> one-line error (password scrubbed) of those that cannot be reached."""
+    from ._check import check_alias
+
+    cluster = settings.cluster
+    names = list(aliases) if aliases is not None else list(cluster.aliases)
+    if not names:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
+        results = list(pool.map(lambda a: check_alias(cluster, a, timeout=timeout, rounds=1), names))
+    return {r["alias"]: scrub(str(r["error"]), settings) for r in results if not r["ok"]}
+
+
+def unreachable_error(down: dict[str, str]) -> CliError:
+    """Exit code 1 ("ran, found a problem"), naming every alias that is down and why."""
+    if len(down) == 1:
+        ((alias, error),) = down.items()
+        return CliError(f"alias {alias!r} is unreachable: {error}", exit_code=1)
+    details = "; ".join(f"{alias}: {error}" for alias, error in down.items())
+    return CliError(f"{len(down)} aliases are unreachable: {', '.join(down)} ({details})", exit_code=1)

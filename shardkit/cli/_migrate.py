@@ -9,6 +9,8 @@ Two ways:
   settings handed to ``env.py`` in ``config.attributes`` (see docs/alembic.md and
   examples/alembic/: env.py iterates the aliases and records what it did).
 
+Every alias is connected to, even one where no table goes: that checks a server is
+reachable and creates a SQLite file, so ``shardkit check`` passes after a migrate.
 A failing alias does not stop the others; the exit code is 1 if any failed.
 """
 
@@ -26,18 +28,43 @@ from ._common import CliError, echo_json, json_option, load, one_line, progress,
 __all__ = ["migrate"]
 
 
+def _sqlite_file(settings: Settings, alias: str) -> Path | None:
+    """The file of an on-disk SQLite alias, else ``None``."""
+    spec = settings.cluster.spec(alias)
+    database = spec.url.database
+    if spec.dialect_name != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
 def _create(settings: Settings, target: Any, aliases: list[str], plan: bool) -> list[dict[str, Any]]:
     cluster = settings.cluster
     results: list[dict[str, Any]] = []
     with progress(aliases, label="migrating") as bar:
         for alias in bar:
             tables = [t.name for t in cluster.tables_for(alias, target)]
-            row: dict[str, Any] = {"alias": alias, "tables": tables, "created": [], "existing": [], "error": None}
+            row: dict[str, Any] = {
+                "alias": alias,
+                "tables": tables,
+                "created": [],
+                "existing": [],
+                "created_file": None,
+                "error": None,
+            }
             results.append(row)
-            if plan or not tables:
+            if plan:
                 continue
+            sqlite_file = _sqlite_file(settings, alias)
+            new_file = sqlite_file is not None and not sqlite_file.exists()
             try:
-                present = set(inspect(cluster.engine(alias)).get_table_names())
+                engine = cluster.engine(alias)
+                with engine.connect():  # reachable (and, for SQLite, the file exists) even with no table
+                    pass
+                if new_file and sqlite_file is not None and sqlite_file.exists():
+                    row["created_file"] = str(sqlite_file)
+                if not tables:
+                    continue
+                present = set(inspect(engine).get_table_names())
                 cluster.create_all(target, aliases=[alias])
             except Exception as exc:  # the alias's failure, reported; the others go on
                 row["error"] = scrub(one_line(exc), settings)
@@ -119,7 +146,8 @@ def migrate(
             if r["error"]:
                 click.echo(f"{r['alias']}: FAILED: {r['error']}")
             elif not r["tables"]:
-                click.echo(f"{r['alias']}: nothing to migrate (allow_migrate allows no table here)")
+                made = f"; created the empty SQLite file {r['created_file']}" if r["created_file"] else ""
+                click.echo(f"{r['alias']}: nothing to migrate (allow_migrate allows no table here){made}")
             elif plan:
                 click.echo(f"{r['alias']}: would have {', '.join(r['tables'])}")
             else:

@@ -19,7 +19,7 @@ import click
 
 from .._settings import import_object
 from ..errors import ConfigError
-from ._common import load
+from ._common import OneLineUsageError, load, not_in_ring, stderr_is_terminal
 
 __all__ = ["reshard"]
 
@@ -61,13 +61,49 @@ def _resharder(settings_path: str | None, add: str | None, remove: str | None, n
     from ..reshard import Resharder
     from ..reshard._state import StateStore
 
+    if sum(x is not None for x in (add, remove, new_ring)) != 1:
+        raise OneLineUsageError(
+            "say what the new ring is: exactly one of --new-ring, --add or --remove", ctx=click.get_current_context()
+        )
     cluster, router, base = _load(settings_path)
-    if StateStore(cluster).active() is None:  # not resuming: say so when there is nothing to do
-        if add is not None and add in router.ring:
-            click.echo(f"note: {add!r} is already in the ring: nothing moves (a finished reshard?)", err=True)
-        if remove is not None and remove not in router.ring:
-            click.echo(f"note: {remove!r} is not in the ring: nothing moves (a finished reshard?)", err=True)
+    active = StateStore(cluster).active()
+    current = active.old_ring if active is not None else router.ring  # a stopped reshard resumes from its old ring
+    if remove is not None and remove not in current:
+        raise not_in_ring(remove, current)
+    if active is None and add is not None and add in current:  # not resuming: say so, there is nothing to do
+        click.echo(f"note: {add!r} is already in the ring: nothing moves (a finished reshard?)", err=True)
     return Resharder(cluster, router, _new_ring(new_ring), add=add, remove=remove, metadata=base, **kw)
+
+
+def _describe(ring: Any) -> str:
+    return (
+        f"version {ring.version} (mode {ring.mode}, generation {ring.generation}, "
+        f"{len(ring)} shard{'' if len(ring) == 1 else 's'}: {', '.join(ring) or 'none'})"
+    )
+
+
+def _render(plan: Any) -> str:
+    """The plan as text: both rings, the hash space that moves, then rows per table and shard pair."""
+    lines = [
+        f"current ring: {_describe(plan.old_ring)}",
+        f"new ring:     {_describe(plan.new_ring)}",
+        f"moving hash space: {plan.movement}",
+    ]
+    moving = plan.moving_rows
+    for t in plan.tables:
+        total = plan.rows.get(t.name, 0)
+        pct = 100.0 * moving[t.name] / total if total else 0.0
+        colo = f" (co-located with {t.parent} by {t.key.name})" if t.parent else ""
+        lines.append(f"table {t.name}{colo}: {moving[t.name]} of {total} rows move ({pct:.1f}%)")
+        for m in plan.moves:
+            if m.table == t.name and m.rows:
+                lines.append(f"  {m.source} -> {m.target}: {m.rows} rows")
+    scanned = sum(plan.rows.values())
+    if plan.seconds > 0:
+        lines.append(
+            f"counted on the shards: {scanned} rows in {plan.seconds:.2f}s ({scanned / plan.seconds:,.0f} rows/s)"
+        )
+    return "\n".join(lines)
 
 
 _common = [
@@ -117,7 +153,7 @@ def plan(settings: str | None, add: str | None, remove: str | None, new_ring: st
             )
         )
     else:
-        click.echo(result.render())
+        click.echo(_render(result))
 
 
 @reshard.command()
@@ -165,7 +201,7 @@ def run(
 
     resharder = _resharder(
         settings, add, remove, new_ring, batch_size=batch_size, fence_grace=fence_grace,
-        progress=None if quiet or dry_run else show,
+        progress=None if quiet or dry_run or not stderr_is_terminal() else show,
     )  # fmt: skip
     result = resharder.run(dry_run=dry_run)
     if dry_run:

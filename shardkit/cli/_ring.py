@@ -21,11 +21,22 @@ from typing import Any
 
 import click
 from sqlalchemy import MetaData, Table, inspect, select
+from sqlalchemy.exc import DBAPIError
 
 from .._settings import Settings, import_object
 from ..errors import ConfigError
 from ..ring import IMPLEMENTATION, HashRing
-from ._common import CliError, echo_json, json_option, load, progress, settings_option
+from ._common import (
+    CliError,
+    echo_json,
+    json_option,
+    load,
+    not_in_ring,
+    progress,
+    settings_option,
+    unreachable,
+    unreachable_error,
+)
 from ._ringstats import bucket_ranges, exact_movement, exact_shares, ideal_shares, units
 
 __all__ = ["ring"]
@@ -168,13 +179,35 @@ def _file_keys(path: Path, kind: str | None) -> Iterator[Any]:
                 raise CliError(f"{path}:{number}: {text[:40]!r} is not a {kind} key") from None
 
 
-def _resolve_table(settings: Settings, target: str, column: str | None) -> tuple[Any, str]:
+def _raise_if_down(settings: Settings, alias: str, exc: DBAPIError) -> None:
+    """A shard failed while being read: if it cannot be reached, raise an error naming it (exit
+    code 1: the command ran and found a shard down); any other database error goes on as it is."""
+    down = unreachable(settings, [alias])
+    if down:
+        raise unreachable_error(down) from exc
+
+
+def _tables_on(settings: Settings, alias: str) -> list[str]:
+    """The table names on ``alias`` (sorted); a shard that cannot be reached is named, exit 1."""
+    try:
+        return sorted(inspect(settings.cluster.engine(alias)).get_table_names())
+    except DBAPIError as exc:
+        _raise_if_down(settings, alias, exc)
+        raise
+
+
+def _no_table(target: str, where: str, names: list[str]) -> CliError:
+    there = f"tables: {', '.join(names)}" if names else "no tables at all (run shardkit migrate?)"
+    return CliError(f"no table {target!r} {where} ({there})")
+
+
+def _resolve_table(settings: Settings, hr: HashRing, target: str, column: str | None) -> tuple[Any, str]:
     """(table, shard-key column name) for a model path, a Table path or a table name."""
     obj: Any = None
+    metadata = None
     if ":" in target or "." in target:
         obj = import_object(target)
     else:
-        metadata = None
         if settings.metadata is not None:
             meta_obj = settings.get_metadata()
             metadata = meta_obj if isinstance(meta_obj, MetaData) else getattr(meta_obj, "metadata", None)
@@ -186,6 +219,19 @@ def _resolve_table(settings: Settings, target: str, column: str | None) -> tuple
                         break
         if obj is None and metadata is not None:
             obj = metadata.tables.get(target)
+        if obj is None and column is None:
+            # not a table of the metadata, and no column to read it by: say which tables there are
+            if metadata is not None:
+                names = sorted(t.name for t in metadata.tables.values())
+                raise CliError(
+                    f"no table {target!r} in the metadata of {settings.source} (tables: {', '.join(names)}); "
+                    "for a table outside it, pass --column NAME"
+                )
+            first = next(iter(hr), None)
+            if first is not None:
+                names = _tables_on(settings, first)
+                if target not in names:
+                    raise _no_table(target, f"on shard {first!r}", names)
         if obj is None:
             obj = target
     if isinstance(obj, Table):
@@ -213,7 +259,7 @@ def _table_keys(
 ) -> tuple[Counter[str], Counter[str], int, int]:
     """Read the shard-key column on every shard: (keys per owner, rows per shard, misplaced, nulls)."""
     cluster = settings.cluster
-    table, column_name = _resolve_table(settings, target, column)
+    table, column_name = _resolve_table(settings, hr, target, column)
     convert = _coerce(kind)
     owners: Counter[str] = Counter()
     found: Counter[str] = Counter()
@@ -221,30 +267,39 @@ def _table_keys(
     with progress(list(hr), label="reading shards") as bar:
         for alias in bar:
             engine = cluster.engine(alias)
-            if isinstance(table, str):
-                names = inspect(engine).get_table_names()
-                if table not in names:
-                    raise CliError(f"shard {alias!r} has no table {table!r}")
-                reflected = Table(table, MetaData(), autoload_with=engine)
-                col: Any = reflected.c[column_name]
-            else:
-                if not inspect(engine).has_table(table.name, schema=table.schema):
-                    raise CliError(f"shard {alias!r} has no table {table.name!r} (run shardkit migrate?)")
-                col = table.c[column_name]
-            stmt = select(col)
-            with engine.connect() as conn:
-                result = conn.execution_options(stream_results=True, yield_per=_CHUNK).execute(stmt)
-                for part in result.partitions():
-                    keys = []
-                    for (value,) in part:
-                        if value is None:
-                            nulls += 1
-                        else:
-                            keys.append(convert(value))
-                    placed = hr.get_many(keys)
-                    owners.update(placed)
-                    found[alias] += len(keys)
-                    misplaced += sum(1 for a in placed if a != alias)
+            try:
+                if isinstance(table, str):
+                    names = _tables_on(settings, alias)
+                    if table not in names:
+                        raise _no_table(table, f"on shard {alias!r}", names)
+                    reflected = Table(table, MetaData(), autoload_with=engine)
+                    if column_name not in reflected.c:
+                        raise CliError(
+                            f"table {table!r} on shard {alias!r} has no column {column_name!r} "
+                            f"(columns: {', '.join(reflected.c.keys())})"
+                        )
+                    col: Any = reflected.c[column_name]
+                else:
+                    if not inspect(engine).has_table(table.name, schema=table.schema):
+                        raise CliError(f"shard {alias!r} has no table {table.name!r} (run shardkit migrate?)")
+                    col = table.c[column_name]
+                stmt = select(col)
+                with engine.connect() as conn:
+                    result = conn.execution_options(stream_results=True, yield_per=_CHUNK).execute(stmt)
+                    for part in result.partitions():
+                        keys = []
+                        for (value,) in part:
+                            if value is None:
+                                nulls += 1
+                            else:
+                                keys.append(convert(value))
+                        placed = hr.get_many(keys)
+                        owners.update(placed)
+                        found[alias] += len(keys)
+                        misplaced += sum(1 for a in placed if a != alias)
+            except DBAPIError as exc:
+                _raise_if_down(settings, alias, exc)
+                raise
     return owners, found, misplaced, nulls
 
 
@@ -434,7 +489,9 @@ def diff(
         operation, alias = "add", add
     else:
         assert remove is not None
-        new.remove(remove)  # UnknownAliasError for a shard not in the ring
+        if remove not in old:
+            raise not_in_ring(remove, old)
+        new.remove(remove)
         ideal = ideal_shares(old.weights)[remove]
         operation, alias = "remove", remove
     moves, moved_buckets = exact_movement(old, new)

@@ -104,5 +104,6 @@ def test_cli_plan_and_dry_run(databases: object, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "no_such_settings_module" in bad.stderr and "Traceback" not in bad.stderr
     again = subprocess.run([*base, "plan", "--settings", settings, "--remove", "s9"], cwd=ROOT, env=env,
                            capture_output=True, text=True)  # fmt: skip
-    assert again.returncode == 0 and "'s9' is not in the ring: nothing moves" in again.stderr
+    # a shard that is not in the ring is an error (issue 10), the same one `ring diff` gives
+    assert again.returncode == 2 and "shard 's9' is not in the ring (its shards: s0, s1, s2, s3)" in again.stderr
     cluster.dispose()
