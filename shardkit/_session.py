@@ -446,8 +446,46 @@ class ShardSession(Session):
         if parent_state is not None:
             return router.db_for_read(model, instance=parent_state.obj(), **hints)
         if orm_context.is_select:
+            top = orm_context.load_options._sa_top_level_orm_context
+            if top is not None:  # a selectin / subquery load of the objects read from one alias
+                return self._route_post_load(orm_context, model, top, hints)
             return router.db_for_read(model, **hints)
         return router.db_for_write(model, **hints)
+
+    def _route_post_load(
+        self, orm_context: ORMExecuteState, model: type[Any], top: Any, hints: dict[str, Any]
+    ) -> str | ShardTargets:
+        """A selectin load run while the rows of one alias become objects (a fan-out turns each
+        shard's rows into objects on their own): routed as a lazy load from one of those objects
+        is, the routers asked with it as ``instance``, and by default to that alias.  When no
+        parent object is at hand (a many-to-one selectin reads by the children's keys), a router
+        that names one alias for the model still wins; otherwise the parents' alias."""
+        router = self.cluster.router
+        token = top.identity_token
+        if token is None:  # pragma: no cover - every statement shardkit runs carries its alias
+            return router.db_for_read(model, **hints)
+        parent = self._post_load_parent(orm_context, token)
+        if parent is not None:
+            return router.db_for_read(model, instance=parent, **hints)
+        opinion = router.read_opinion(model, **hints)
+        return opinion if isinstance(opinion, str) else self.cluster.check_alias(token)
+
+    def _post_load_parent(self, orm_context: ORMExecuteState, token: str) -> Any:
+        """One of the objects a selectin load fills (looked up by the first parent key it reads)."""
+        prop = getattr(orm_context.loader_strategy_path, "prop", None)
+        params = orm_context.parameters
+        if prop is None or getattr(prop, "direction", None) is MANYTOONE or not isinstance(params, Mapping):
+            return None
+        keys = params.get("primary_keys")
+        if not keys:
+            return None
+        first = keys[0]
+        ident = tuple(first) if isinstance(first, tuple | list) else (first,)
+        try:
+            key = prop.parent.identity_key_from_primary_key(ident, identity_token=token)
+        except Exception:  # a key shape this mapper does not take: no parent at hand
+            return None
+        return self.identity_map.get(key)
 
     def _invoke_on(self, orm_context: ORMExecuteState, alias: str, statement: Any = None) -> Result[Any]:
         bind_arguments = dict(orm_context.bind_arguments)

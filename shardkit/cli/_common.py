@@ -59,7 +59,7 @@ class OneLineUsageError(click.UsageError):
     def show(self, file: Any = None) -> None:
         where = f"{self.ctx.command_path}: " if self.ctx is not None else ""
         hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
-        click.echo(f"shardkit: error: {where}{self.format_message()}{hint}", err=True)
+        click.echo(f"shardkit: error: {where}{self.format_message().rstrip('.')}{hint}", err=True)
 
 
 def settings_option(fn: F) -> F:
