@@ -817,16 +817,16 @@ def _group_inserts_by_alias(session: ShardSession) -> None:
     if len(set(aliases.values())) < 2:
         return
     rank = {alias: i for i, alias in enumerate(session.cluster.aliases)}
-    new = [(state, alias) for state, alias in aliases.items() if state.key is None and state.insert_order is not None]
+    new = [(state, alias, state.insert_order) for state, alias in aliases.items() if state.key is None]
     in_add_order: set[Mapper[Any]] = set()
-    for state, _alias in new:
+    for state, _alias, _order in new:
         keys = _callable_default_keys(state.mapper)
         if keys and any(k is None or state.dict.get(k) is None for k in keys):
             in_add_order.add(state.mapper.base_mapper)
-    for state, alias in new:
-        if in_add_order and state.mapper.base_mapper in in_add_order:
+    for state, alias, order in new:
+        if order is None or (in_add_order and state.mapper.base_mapper in in_add_order):
             continue
-        state.insert_order = rank[alias] * 1_000_000_000_000 + state.insert_order % 1_000_000_000_000
+        state.insert_order = rank[alias] * 1_000_000_000_000 + order % 1_000_000_000_000
 
 
 _CALLABLE_DEFAULTS: dict[Mapper[Any], tuple[str | None, ...]] = {}
