@@ -156,6 +156,12 @@ def load_settings(source: str | os.PathLike[str] | ModuleType | None = None, **c
     text = os.fspath(source)
     if not text.strip():
         raise ConfigError("the settings name is empty")
+    if text.strip().endswith(".py"):  # the Django habit: a file path where a module name goes
+        raise ConfigError(
+            f"settings {text!r} is a Python file: pass its module name ({Path(text.strip()).stem!r}, with its "
+            "folder on sys.path), or give the path to the `shardkit` command, which imports the file",
+            settings=text,
+        )
     if _looks_like_file(text):
         return _from_toml(Path(text), cluster_options)
     return _from_module(_import_settings(text), cluster_options)
