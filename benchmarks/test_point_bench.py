@@ -1,0 +1,295 @@
+"""Routed point operations against plain SQLAlchemy (issue #13's figures), peers in one run.
+
+4 local PostgreSQL shards on a ring plus one database holding every row
+(``SHARDKIT_BENCH_POINT_USERS`` users, default 20_000).  Every case runs the
+same statements over the same 500 keys:
+
+``select``   ``session.scalars(select(User).where(User.id == k)).one()``:
+             shardkit's ``cluster.session()`` vs a plain ``Session`` on the
+             shard that holds the row (the plain side knows the owner for free).
+``get``      ``session.get(User, k)`` in a fresh session per round (so every
+             get reads the database), same peers.
+``add``      ``session.add(User(...)); session.commit()`` of one new object,
+             vs a plain ``Session`` on the owning shard.
+``threads``  16 threads doing routed point reads for a fixed time, against
+             16 threads of plain SQLAlchemy point reads on the one database
+             holding every row.  The two alternate, several pairs; the median
+             of the per-pair throughput ratios is reported.
+
+Ratios (shardkit time / plain time, or throughput shardkit / plain) are
+printed at the end of the run with their targets.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+import pytest
+from sqlalchemy import BigInteger, String, create_engine, insert, select, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import shardkit
+
+N = int(os.environ.get("SHARDKIT_BENCH_POINT_USERS", "20000"))
+PG_URL = os.environ.get("SHARDKIT_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+SHARDS = ["p0", "p1", "p2", "p3"]
+KEYS = list(range(1, N + 1, max(1, N // 500)))[:500]
+THREADS = 16
+SECONDS = float(os.environ.get("SHARDKIT_BENCH_POINT_SECONDS", "2"))
+PAIRS = int(os.environ.get("SHARDKIT_BENCH_POINT_PAIRS", "3"))
+_FIGURES: dict[str, float] = {}
+_TARGETS = {
+    "select": ("routed point read / plain, time", "<= 1.10"),
+    "get": ("session.get / plain, time", "<= 1.05"),
+    "add": ("add + commit of one object / plain, time", "<= 1.10"),
+    "threads": (f"{THREADS}-thread point-read throughput / plain one database", ">= 0.92"),
+}
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class PUser(Base):
+    __tablename__ = "pusers"
+    __shard_key__ = "id"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+    score: Mapped[int]
+
+
+@dataclass
+class World:
+    cluster: shardkit.Cluster
+    ring: shardkit.HashRing
+    single: Engine
+    owner_engine: dict[int, Engine] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # no server: a benchmark cannot run
+        pytest.skip(f"!!! PostgreSQL at {make_url(PG_URL).render_as_string()} is NOT REACHABLE: {exc}")
+    tag = secrets.token_hex(4)
+    names = {alias: f"shardkit_pb_{tag}_{alias}" for alias in [*SHARDS, "default", "single"]}
+    with admin.connect() as conn:
+        for name in names.values():
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_URL)
+    urls = {alias: url.set(database=name) for alias, name in names.items()}
+    ring = shardkit.HashRing(SHARDS)
+    pool = {"pool_size": THREADS, "max_overflow": 0}  # one connection per thread on every side
+    databases = {
+        a: {
+            "ENGINE": "postgresql",
+            "NAME": urls[a].database,
+            "USER": urls[a].username,
+            "HOST": urls[a].host,
+            "PORT": urls[a].port,
+            "ENGINE_OPTIONS": pool,
+        }
+        for a in ["default", *SHARDS]
+    }
+    cluster = shardkit.Cluster(databases, routers=[shardkit.HashRingRouter(ring)])
+    cluster.create_all(Base)
+    single = create_engine(urls["single"], **pool)
+    Base.metadata.create_all(single)
+    rows = [{"id": i, "name": f"user{i}", "score": i % 1000} for i in range(1, N + 1)]
+    with single.begin() as conn:
+        conn.execute(PUser.__table__.insert(), rows)
+    with cluster.session() as s:
+        s.execute(insert(PUser), rows)  # ORM bulk insert: routed row by row
+        s.commit()
+    world = World(cluster, ring, single)
+    world.owner_engine = {k: cluster.engine(ring.get(k)) for k in KEYS}
+    try:
+        yield world
+    finally:
+        cluster.dispose()
+        single.dispose()
+        with admin.connect() as conn:
+            for name in names.values():
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _median(benchmark: Any) -> float:
+    return float(benchmark.stats.stats.median)
+
+
+def _ratio(case: str) -> None:
+    ours, plain = _FIGURES.get(f"{case}: shardkit"), _FIGURES.get(f"{case}: plain")
+    if ours and plain:
+        _FIGURES[f"{case}: ratio"] = ours / plain
+
+
+def _plain_sessions(world: World) -> dict[Engine, Session]:
+    return {engine: Session(engine) for engine in set(world.owner_engine.values())}
+
+
+@pytest.mark.parametrize("who", ["plain", "shardkit"])
+def test_select(benchmark: Any, world: World, who: str) -> None:
+    benchmark.group = "point read by shard key, per 500 keys"
+    if who == "shardkit":
+        session: Any = world.cluster.session()
+
+        def run() -> None:
+            for k in KEYS:
+                session.scalars(select(PUser).where(PUser.id == k)).one()
+            session.rollback()
+
+    else:
+        sessions = _plain_sessions(world)
+        by_key = {k: sessions[e] for k, e in world.owner_engine.items()}
+
+        def run() -> None:
+            for k in KEYS:
+                by_key[k].scalars(select(PUser).where(PUser.id == k)).one()
+            for s in sessions.values():
+                s.rollback()
+
+    benchmark.pedantic(run, rounds=12, warmup_rounds=2)
+    _FIGURES[f"select: {who}"] = _median(benchmark)
+    _ratio("select")
+
+
+@pytest.mark.parametrize("who", ["plain", "shardkit"])
+def test_get(benchmark: Any, world: World, who: str) -> None:
+    benchmark.group = "session.get by primary key, per 500 keys"
+    if who == "shardkit":
+
+        def run() -> None:
+            with world.cluster.session() as session:
+                for k in KEYS:
+                    assert session.get(PUser, k) is not None
+
+    else:
+
+        def run() -> None:
+            sessions = _plain_sessions(world)
+            for k in KEYS:
+                assert sessions[world.owner_engine[k]].get(PUser, k) is not None
+            for s in sessions.values():
+                s.close()
+
+    benchmark.pedantic(run, rounds=12, warmup_rounds=2)
+    _FIGURES[f"get: {who}"] = _median(benchmark)
+    _ratio("get")
+
+
+_NEXT_ID = count(10 * N)
+
+
+@pytest.mark.parametrize("who", ["plain", "shardkit"])
+def test_add_commit(benchmark: Any, world: World, who: str) -> None:
+    benchmark.group = "add + commit of one object, per 100 objects"
+    if who == "shardkit":
+
+        def run() -> None:
+            with world.cluster.session() as session:
+                for _ in range(100):
+                    session.add(PUser(id=next(_NEXT_ID), name="n", score=1))
+                    session.commit()
+
+    else:
+        engines = {a: world.cluster.engine(a) for a in SHARDS}
+
+        def run() -> None:
+            sessions = {a: Session(e) for a, e in engines.items()}
+            for _ in range(100):
+                new_id = next(_NEXT_ID)
+                s = sessions[world.ring.get(new_id)]
+                s.add(PUser(id=new_id, name="n", score=1))
+                s.commit()
+            for s in sessions.values():
+                s.close()
+
+    benchmark.pedantic(run, rounds=8, warmup_rounds=1)
+    _FIGURES[f"add: {who}"] = _median(benchmark)
+    _ratio("add")
+
+
+def _throughput(worker: Any) -> float:
+    """Point reads per second of ``THREADS`` threads running ``worker(stop, counts, i)`` for SECONDS."""
+    stop = threading.Event()
+    counts = [0] * THREADS
+    threads = [threading.Thread(target=worker, args=(stop, counts, i), daemon=True) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # warm up: pools filled, statements cached
+    start_counts = sum(counts)
+    t0 = time.perf_counter()
+    time.sleep(SECONDS)
+    done = sum(counts) - start_counts
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    for t in threads:
+        t.join(timeout=10)
+    return done / elapsed
+
+
+def test_threads_throughput(benchmark: Any, world: World) -> None:
+    benchmark.group = f"{THREADS} threads of point reads, alternating pairs"
+
+    def routed(stop: threading.Event, counts: list[int], i: int) -> None:
+        with world.cluster.session() as s:
+            j = i
+            while not stop.is_set():
+                s.scalars(select(PUser).where(PUser.id == KEYS[j % len(KEYS)])).one()
+                s.rollback()
+                counts[i] += 1
+                j += 7
+
+    def plain(stop: threading.Event, counts: list[int], i: int) -> None:
+        with Session(world.single) as s:
+            j = i
+            while not stop.is_set():
+                s.scalars(select(PUser).where(PUser.id == KEYS[j % len(KEYS)])).one()
+                s.rollback()
+                counts[i] += 1
+                j += 7
+
+    ratios: list[float] = []
+
+    def pairs() -> None:
+        for _ in range(PAIRS):
+            ours = _throughput(routed)
+            theirs = _throughput(plain)
+            ratios.append(ours / theirs)
+
+    benchmark.pedantic(pairs, rounds=1, iterations=1)
+    _FIGURES["threads: ratio"] = statistics.median(ratios)
+
+
+class _Summary:
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not _FIGURES:
+            return
+        terminalreporter.section(f"shardkit routed point operations ({N} users, 4 PostgreSQL shards, medians)")
+        for case, (what, target) in _TARGETS.items():
+            value = _FIGURES.get(f"{case}: ratio")
+            if value is None:
+                continue
+            ours, plain = _FIGURES.get(f"{case}: shardkit"), _FIGURES.get(f"{case}: plain")
+            times = f"  ({ours * 1e3:.1f} ms vs {plain * 1e3:.1f} ms)" if ours and plain else ""
+            terminalreporter.write_line(f"  {what:<58} {value:6.3f}x  target {target}{times}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _point_summary_plugin(request: pytest.FixtureRequest) -> None:
+    manager = request.config.pluginmanager
+    if not manager.has_plugin("shardkit-point-summary"):
+        manager.register(_Summary(), "shardkit-point-summary")
