@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from click.testing import Result
 
 from tests.faults import proxied_url, tcp_proxy
@@ -344,3 +345,12 @@ def test_settings_py_from_the_environment(run, workdir: Path, write_settings, mo
     monkeypatch.setenv("SHARDKIT_SETTINGS", f"{name}.py")
     result = run("check", "--json")
     assert result.exit_code == 0, result.output
+
+
+def test_load_settings_of_a_py_path_says_the_module_name() -> None:
+    from shardkit._settings import load_settings
+    from shardkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"pass its module name \('settings'") as caught:
+        load_settings("conf/settings.py")
+    assert "TOML" not in str(caught.value)
