@@ -25,8 +25,14 @@ method, so the next router in the chain decides.
   them are always allowed, statement writes (``insert``/``update``/``delete``)
   go to every shard, and a unit-of-work write of one object is refused with
   a clear error (one object cannot be in every database at once).
-* Keys are hashed by Python type (see :mod:`shardkit.ring._keys`): compare an
-  integer column with ints, not with digit strings.
+* Keys are converted to the shard key column's Python type before they are
+  hashed, as the database converts them (``"5"`` -> ``5`` for an integer
+  column, a UUID's text -> ``uuid.UUID``); a value the column would not accept
+  (``"abc"`` or ``5.5`` for an integer key) is an
+  :class:`~shardkit.errors.InvalidKeyError` naming the model, the column and
+  the value.  This holds for instances (which then hold the converted key),
+  bulk rows, ``shard_key=`` hints, ``==`` and ``IN`` conditions.  See
+  :mod:`shardkit.ring._coerce` for the table of conversions.
 
 Limits: only the shard key column of the model's own table (or an alias of
 it) is looked at; keys reached through joins or subqueries are not.
@@ -44,8 +50,9 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, Grouping
 from sqlalchemy.sql.visitors import replacement_traverse
 
-from ..errors import ConfigError, RoutingError
+from ..errors import ConfigError, InvalidKeyError, RoutingError
 from ..typing import ShardTargets
+from ._coerce import coercer_for
 
 if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
@@ -58,14 +65,50 @@ __all__ = ["HashRingRouter"]
 class _Spec:
     """What the router knows about one sharded model or table."""
 
-    __slots__ = ("attr", "column", "int_pk", "label", "table")
+    __slots__ = ("attr", "column", "convert", "exact", "int_pk", "label", "model", "table")
 
-    def __init__(self, label: str, attr: str, table: Table | None, column: Any, int_pk: bool) -> None:
+    def __init__(self, model: Any, label: str, attr: str, table: Table | None, column: Any, int_pk: bool) -> None:
+        self.model = model
         self.label = label
         self.attr = attr
         self.table = table
         self.column = column
         self.int_pk = int_pk
+        # the key's converter, resolved once: a value of type `exact` is hashed as it is
+        coercer = coercer_for(column, model=model, label=label, attr=attr)
+        self.exact = coercer.exact
+        self.convert = coercer.convert
+
+    def key(self, value: Any) -> Any:
+        """``value`` as the column's Python type (see :mod:`shardkit.ring._coerce`)."""
+        convert = self.convert
+        if convert is None or type(value) is self.exact:
+            return value
+        return convert(value)
+
+    def keys(self, values: list[Any]) -> list[Any]:
+        """:meth:`key` of each value; the list itself when nothing needs converting."""
+        convert = self.convert
+        if convert is None or (self.exact is not None and set(map(type, values)) <= {self.exact}):
+            return values
+        return [convert(v) for v in values]
+
+    def refused(self, exc: InvalidKeyError) -> InvalidKeyError:
+        """The ring's refusal of a key, told again naming this model and column (once)."""
+        if getattr(exc, "model", None) is not None:
+            return exc
+        column = getattr(self.column, "name", None) or self.attr
+        key = getattr(exc, "key", None)
+        reason = getattr(exc, "reason", None) or str(exc)
+        return InvalidKeyError(
+            f"invalid shard key for {self.label}.{self.attr} (column {column!r}): {exc}",
+            model=self.model,
+            attribute=self.attr,
+            column=column,
+            key=key,
+            key_type=type(key),
+            reason=reason,
+        )
 
 
 class _Constraint:
@@ -76,6 +119,11 @@ class _Constraint:
     def __init__(self, values: list[Any], bind: BindParameter[Any] | None) -> None:
         self.values = values
         self.bind = bind  # the expanding IN parameter, to rewrite per shard
+
+
+def _changed(old: Any, new: Any) -> bool:
+    """Whether converting a key changed it (an equal value of the same type is left in place)."""
+    return new is not old and (type(new) is not type(old) or bool(new != old))
 
 
 def _is_int_type(column: Any) -> bool:
@@ -149,9 +197,28 @@ class HashRingRouter:
         :raises RoutingError: the model or table is not sharded.
         :raises InvalidKeyError: ``key`` is not a valid shard key.
         """
-        if self._spec(model_or_table) is None:
+        spec = self._spec(model_or_table)
+        if spec is None:
             raise RoutingError(f"{model_or_table!r} is not sharded: it has no shard key", model=model_or_table)
-        return self.ring.get(key)
+        try:
+            return self.ring.get(spec.key(key))
+        except InvalidKeyError as exc:
+            raise spec.refused(exc) from exc
+
+    def ring_key(self, model_or_table: Any, value: Any) -> Any:
+        """``value`` converted to the Python type of the shard key column, as the ring hashes it.
+
+        ``"5"`` becomes ``5`` for an integer key, a UUID's text a :class:`uuid.UUID` for a
+        ``Uuid`` key, and so on (see :mod:`shardkit.ring._coerce`); a value the column would
+        not accept is refused.  Use it to compare keys the way the router does.
+
+        :raises RoutingError: the model or table is not sharded.
+        :raises InvalidKeyError: the column would not accept ``value``.
+        """
+        spec = self._spec(model_or_table)
+        if spec is None:
+            raise RoutingError(f"{model_or_table!r} is not sharded: it has no shard key", model=model_or_table)
+        return spec.key(value)
 
     def _spec(self, model: Any) -> _Spec | None:
         cache_key: Any = model
@@ -168,7 +235,7 @@ class HashRingRouter:
     def _build_spec(self, model: Any) -> _Spec | None:
         if isinstance(model, str):
             attr = self._table_keys.get(model)
-            return None if attr is None else _Spec(model, attr, None, None, False)
+            return None if attr is None else _Spec(model, model, attr, None, None, False)
         if isinstance(model, Table):
             attr = self._table_keys.get(model.fullname) or self._table_keys.get(model.name)
             if attr is None:
@@ -178,7 +245,7 @@ class HashRingRouter:
                 if attr is None:
                     return None
             column = model.c.get(attr)
-            return _Spec(model.fullname, attr, model, column, self._int_pk(model, column))
+            return _Spec(model, model.fullname, attr, model, column, self._int_pk(model, column))
         if not isinstance(model, type):
             return None
         try:
@@ -213,7 +280,7 @@ class HashRingRouter:
                     attribute=attr,
                 )
             column = columns[0]
-        return _Spec(model.__name__, attr, table, column, self._int_pk(table, column))
+        return _Spec(model, model.__name__, attr, table, column, self._int_pk(table, column))
 
     @staticmethod
     def _int_pk(table: Table | None, column: Any) -> bool:
@@ -295,31 +362,43 @@ class HashRingRouter:
         spec = self._spec(model)
         if spec is None:
             return None
-        if hints.get("shard_key") is not None:
-            return self.ring.get(hints["shard_key"])
-        instance = hints.get("instance")
-        if instance is not None:
-            key = getattr(instance, spec.attr, None)
-            if key is None:
-                key = self._key_from_parent(model, spec, instance)
-                if key is not None:
+        try:
+            if hints.get("shard_key") is not None:
+                return self.ring.get(spec.key(hints["shard_key"]))
+            instance = hints.get("instance")
+            if instance is not None:
+                key = getattr(instance, spec.attr, None)
+                if key is None:
+                    key = self._key_from_parent(model, spec, instance)
+                    if key is not None:
+                        key = spec.key(key)
+                        setattr(instance, spec.attr, key)
+                        return self.ring.get(key)
+                    if not spec.int_pk:
+                        raise RoutingError(
+                            f"cannot route {spec.label}: its shard key {spec.attr!r} is None",
+                            model=model,
+                            attribute=spec.attr,
+                            instance=instance,
+                        )
+                    key = self._ids()
                     setattr(instance, spec.attr, key)
-                    return self.ring.get(key)
-                if not spec.int_pk:
-                    raise RoutingError(
-                        f"cannot route {spec.label}: its shard key {spec.attr!r} is None",
-                        model=model,
-                        attribute=spec.attr,
-                        instance=instance,
-                    )
-                key = self._ids()
-                setattr(instance, spec.attr, key)
-            return self.ring.get(key)
+                elif type(key) is not spec.exact and spec.convert is not None:
+                    converted = spec.convert(key)
+                    if _changed(key, converted):  # hold what the database will: User(id="5") gets id 5
+                        setattr(instance, spec.attr, converted)
+                    key = converted
+                return self.ring.get(key)
+        except InvalidKeyError as exc:
+            raise spec.refused(exc) from exc
         statement = hints.get("statement")
         if statement is not None and not getattr(statement, "is_insert", False):
             # an UPDATE / DELETE by statement: the shards its WHERE pins, else every shard
             # (an INSERT is routed row by row, by the session, from each row's key)
-            return self._route_statement(spec, statement, hints.get("parameters"))
+            try:
+                return self._route_statement(spec, statement, hints.get("parameters"))
+            except InvalidKeyError as exc:
+                raise spec.refused(exc) from exc
         return None
 
     allow_relation_by_db = True
@@ -338,10 +417,18 @@ class HashRingRouter:
         attr = spec.attr
         keys = [getattr(obj, attr, None) for obj in instances]
         if None not in keys:
-            return self.ring.get_many(keys)
+            converted = spec.keys(keys)
+            if converted is not keys:
+                for obj, old, new in zip(instances, keys, converted, strict=True):
+                    if _changed(old, new):  # hold what the database will: User(id="5") gets id 5
+                        setattr(obj, attr, new)
+            try:
+                return self.ring.get_many(converted)
+            except InvalidKeyError as exc:
+                raise spec.refused(exc) from exc
         out: list[str] = []
-        for obj, key in zip(instances, keys, strict=True):
-            alias = self.ring.get(key) if key is not None else self.db_for_write(model, instance=obj)
+        for obj in instances:
+            alias = self.db_for_write(model, instance=obj)  # converts, or fills in, the key
             out.append(alias)  # type: ignore[arg-type]
         return out
 
@@ -371,7 +458,15 @@ class HashRingRouter:
                 if key is None:  # the caller's dict is left alone: the row becomes a copy
                     keys[i] = self._ids()
                     rows[i] = {**rows[i], name: keys[i]}
-        return self.ring.get_many(keys)
+        converted = spec.keys(keys)
+        if converted is not keys:
+            for i, (old, new) in enumerate(zip(keys, converted, strict=True)):
+                if _changed(old, new):  # the row (a copy) holds what the database will store
+                    rows[i] = {**rows[i], name: new}
+        try:
+            return self.ring.get_many(converted)
+        except InvalidKeyError as exc:
+            raise spec.refused(exc) from exc
 
     # -------------------------------------------------------------------- reads
     def db_for_read(self, model: type[Any], **hints: Any) -> str | ShardTargets | None:
@@ -390,12 +485,15 @@ class HashRingRouter:
         spec = self._spec(model)
         if spec is None:
             return None
-        if hints.get("shard_key") is not None:
-            return self.ring.get(hints["shard_key"])
-        instance = hints.get("instance")
-        if instance is not None and self.is_sharded(type(instance)):
-            return None
-        return self._route_statement(spec, hints.get("statement"), hints.get("parameters"))
+        try:
+            if hints.get("shard_key") is not None:
+                return self.ring.get(spec.key(hints["shard_key"]))
+            instance = hints.get("instance")
+            if instance is not None and self.is_sharded(type(instance)):
+                return None
+            return self._route_statement(spec, hints.get("statement"), hints.get("parameters"))
+        except InvalidKeyError as exc:
+            raise spec.refused(exc) from exc
 
     def _every_shard(self, reason: str, spec: _Spec) -> ShardTargets:
         return ShardTargets(
@@ -417,6 +515,8 @@ class HashRingRouter:
         if fast is not None and fast in params:  # `key == :param`, value given at execution
             value = params[fast]
             if value is not None and not isinstance(value, list | tuple | set):
+                if type(value) is not spec.exact and spec.convert is not None:
+                    value = spec.convert(value)
                 return self.ring.get(value)
         constraints: list[_Constraint] = []
         for criterion in getattr(statement, "_where_criteria", ()):
@@ -427,7 +527,7 @@ class HashRingRouter:
         owners: list[dict[str, list[Any]]] = []
         for constraint in constraints:
             by_alias: dict[str, list[Any]] = {}
-            for value in constraint.values:
+            for value in spec.keys(constraint.values):  # per shard, the IN list holds converted values
                 by_alias.setdefault(ring_get(value), []).append(value)
             owners.append(by_alias)
         aliases = set(owners[0])
@@ -560,7 +660,14 @@ class HashRingRouter:
         key1, key2 = getattr(obj1, spec1.attr, None), getattr(obj2, spec2.attr, None)
         if key1 is None or key2 is None:
             return None
-        return self.ring.get(key1) == self.ring.get(key2)
+        try:
+            alias1 = self.ring.get(spec1.key(key1))
+        except InvalidKeyError as exc:
+            raise spec1.refused(exc) from exc
+        try:
+            return alias1 == self.ring.get(spec2.key(key2))
+        except InvalidKeyError as exc:
+            raise spec2.refused(exc) from exc
 
     def allow_migrate(self, db: str, model: Any, **hints: Any) -> bool | None:
         """Sharded tables live on the ring's shards only; None for everything else."""
