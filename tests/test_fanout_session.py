@@ -241,6 +241,25 @@ def test_group_by_having_equals_one_database(world: World, s: shardkit.ShardSess
         assert float(g.avg) == pytest.approx(float(w.avg), rel=1e-12)
 
 
+def test_group_by_a_selected_function_equals_one_database(world: World, s: shardkit.ShardSession) -> None:
+    # regression: GROUP BY func.f(x), also selected, was refused
+    def by(t: Any, key: Any) -> Any:
+        return select(key, func.count(), func.sum(t.score)).group_by(key).order_by(key)
+
+    for make in (lambda t: func.substr(t.name, 5, 2), lambda t: func.lower(t.country), lambda t: func.length(t.name)):
+        got = [tuple(r) for r in s.execute(by(User, make(User)))]
+        assert got == [tuple(r) for r in world.ref(by(users_t.c, make(users_t.c)))]
+    legacy = s.query(func.upper(User.country), func.count()).group_by(func.upper(User.country)).order_by(
+        func.upper(User.country)
+    )  # fmt: skip
+    want = world.ref(
+        select(func.upper(users_t.c.country), func.count())
+        .group_by(func.upper(users_t.c.country))
+        .order_by(func.upper(users_t.c.country))
+    )
+    assert [tuple(r) for r in legacy] == [tuple(r) for r in want]
+
+
 def test_group_by_ordered_by_aggregate_with_limit(world: World, s: shardkit.ShardSession) -> None:
     def stmt(t: Any) -> Any:
         return select(t.country, func.count().label("n")).group_by(t.country).order_by(

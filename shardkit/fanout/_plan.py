@@ -280,6 +280,22 @@ class _Order:
     position: int | None  # position of a selected element with the same value
 
 
+def _by_items(clauses: Sequence[Any]) -> list[Any]:
+    """GROUP BY / ORDER BY items as written.  SQLAlchemy keeps a function given there (it is
+    also a FROM clause) as a list of its one labeled column: ``group_by(func.length(x))`` is
+    stored as ``ClauseList(Label(anon, length(x)))``; that is the function itself."""
+    out: list[Any] = []
+    for clause in clauses:
+        if type(clause) is elements.ClauseList:
+            out.extend(
+                c.element if isinstance(c, elements.Label) and isinstance(c.element, functions.FunctionElement) else c
+                for c in clause.clauses
+            )
+        else:
+            out.append(clause)
+    return out
+
+
 def _resolve_name(name: str, elems: Sequence[_Element], stmt: Select[Any]) -> tuple[Any, int | None]:
     for i, e in enumerate(elems):
         if e.name == name and e.expr is not None:
@@ -317,7 +333,7 @@ def _resolve(expr: Any, elems: Sequence[_Element], stmt: Select[Any]) -> tuple[A
 
 def _parse_order(stmt: Select[Any], elems: Sequence[_Element]) -> list[_Order]:
     out: list[_Order] = []
-    for clause in stmt._order_by_clauses:
+    for clause in _by_items(stmt._order_by_clauses):
         expr = clause
         descending = False
         nulls_first: bool | None = None
@@ -434,7 +450,7 @@ def plan_select(stmt: Select[Any], *, shard_key_columns: Collection[ColumnElemen
     if distinct_on and not any(_same(d, k) for d in distinct_on for k in shard_key_columns):
         raise _refuse("DISTINCT ON", "only when it includes a shard key column")
 
-    group_by = [_resolve(g, elems, stmt)[0] for g in stmt._group_by_clauses]
+    group_by = [_resolve(g, elems, stmt)[0] for g in _by_items(stmt._group_by_clauses)]
     aggregated = (
         bool(group_by)
         or bool(stmt._having_criteria)

@@ -233,3 +233,31 @@ def test_raw_sql_in_order_by_is_refused(order: Any) -> None:
     with pytest.raises(UnsupportedQueryError, match="raw SQL in ORDER BY") as info:
         plan_select(stmt)
     assert info.value.construct == "raw SQL in ORDER BY / GROUP BY"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [func.length(c.name), func.lower(c.name), func.coalesce(c.country, "??"), func.substr(c.name, 1, 2)],
+    ids=["length", "lower", "coalesce", "substr"],
+)
+def test_group_by_a_selected_function(key: Any) -> None:
+    # regression: SQLAlchemy stores group_by(func.f(x)) as ClauseList(Label(anon, f(x))); the
+    # planner refused it as "expression Function in an aggregate query"
+    plan = plan_select(select(key, func.count(), func.avg(c.score)).group_by(key).order_by(key))
+    assert plan.mode == "re-aggregate"
+    assert plan.merge.aggregate is not None and plan.merge.aggregate.group_positions == (0,)
+    assert " GROUP BY " in sql(plan) and sql(plan).count(str(key.compile(compile_kwargs={"literal_binds": True}))) >= 2
+
+
+def test_group_by_date_trunc_having_and_order_on_it() -> None:
+    day = func.date_trunc("day", func.now() - c.score)  # any expression, grouped and selected
+    stmt = select(day.label("day"), func.count().label("n")).group_by(day).having(func.count() > 1).order_by(day)
+    plan = plan_select(stmt)
+    assert plan.mode == "re-aggregate" and plan.merge.sort_keys[0].position == 0
+    assert "GROUP BY date_trunc('day', now() - users.score)" in sql(plan)
+
+
+def test_order_by_function_in_rows_mode() -> None:
+    plan = plan_select(select(c.id).order_by(func.lower(c.name).desc()).limit(3))
+    assert plan.mode == "ordered" and plan.merge.sort_keys[0].descending
+    assert "lower(users.name) AS _sk_0" in sql(plan)
