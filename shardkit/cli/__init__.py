@@ -72,6 +72,10 @@ class _ShardkitGroup(click.Group):
             return super().invoke(ctx)
         except click.UsageError as exc:
             raise _one_line_usage(exc) from exc
+        except click.ClickException as exc:
+            if isinstance(exc, CliError):
+                raise
+            raise CliError(exc.format_message(), exit_code=exc.exit_code) from exc  # e.g. FileError: one line
         except (ShardkitError, SQLAlchemyError) as exc:
             settings = ctx.meta.get("shardkit.settings")
             if settings is not None and _connection_error(exc):
