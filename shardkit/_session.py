@@ -38,10 +38,12 @@ from sqlalchemy.orm import (
     make_transient,
     make_transient_to_detached,
 )
-from sqlalchemy.orm.attributes import flag_modified, instance_state
+from sqlalchemy.orm.attributes import flag_modified, get_state_history, instance_state
+from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.exc import NO_STATE
 from sqlalchemy.orm.interfaces import MANYTOONE, ORMOption
 
+from . import _sqla
 from .errors import InvalidRouteError, RoutingError, ShardkitError
 from .typing import ShardTargets
 
@@ -156,6 +158,10 @@ class ShardSession(Session):
         self._tx_write_aliases: set[str] = set()  # aliases written in the current transaction
         self._bulk_alias: str | None = None  # the alias of a bulk statement being run
         self._flush_conns: dict[str, Connection] = {}  # alias -> connection, for one flush
+        # many-to-many link rows: (relationship, owner) -> alias, decided before a flush writes
+        self._link_aliases: dict[tuple[Any, InstanceState[Any]], str] = {}
+        self._link_alias: str | None = None  # set while the flush writes one alias's link rows
+        self._collection_parents: dict[InstanceState[Any], InstanceState[Any]] = {}  # new member -> owner
         self._flush_writes: set[str] = set()  # aliases this flush writes to
         self._context_tokens: list[contextvars.Token[ShardSession | None]] = []
 
@@ -197,6 +203,8 @@ class ShardSession(Session):
     ) -> Engine:
         if shard_id is not None:
             return self.cluster.engine(shard_id)
+        if self._link_alias is not None:  # the unit of work asks with the owner's mapper only
+            return self.cluster.engine(self._link_alias)
         if self._bulk_alias is not None:  # SQLAlchemy's bulk paths ask with the mapper only
             return self.cluster.engine(self._bulk_alias)
         if instance is not None:
@@ -257,7 +265,95 @@ class ShardSession(Session):
                     alias = target if isinstance(target, str) else None
             if alias is not None:
                 return str(alias)
+        owner = self._collection_parents.get(state)  # a new member of an owner's collection
+        if owner is not None:
+            alias = self._flush_aliases.get(owner) or _info_get(owner, _USING) or _db_of_or_none(owner.obj())
+            if alias is None and id(owner) not in _seen and owner.key is None:
+                alias = self._parent_alias(owner, _seen | {id(state)})
+                if alias is None:
+                    target = self.cluster.router.db_for_write(owner.class_, instance=owner.obj())
+                    alias = target if isinstance(target, str) else None
+            if alias is not None:
+                return str(alias)
         return None
+
+    def _note_collection_parents(self) -> None:
+        """Remember, for each new object added to a collection (one-to-many, many-to-many), the
+        object that owns the collection: with no router opinion it is written where its owner is,
+        as Django's related managers create objects on the instance's database."""
+        parents = self._collection_parents
+        parents.clear()
+        for obj in (*self.new, *self.dirty):
+            state = instance_state(obj)
+            for key in _collection_keys(state.mapper):
+                if key not in state.dict:
+                    continue  # never loaded: nothing was added
+                for member in get_state_history(state, key, PASSIVE_NO_INITIALIZE).added or ():
+                    mstate = instance_state(member)
+                    if mstate.key is None:
+                        parents.setdefault(mstate, state)
+
+    def link_alias_of(self, prop: Any, state: InstanceState[Any]) -> str:
+        """Where the many-to-many link rows of ``state``'s relationship ``prop`` are written.
+
+        As Django does for the through model: ``db_for_write(<secondary table>, instance=owner)``;
+        when every router passes, the owner's database (where it lives, or is being written).
+        """
+        key = (prop, state)
+        alias = self._link_aliases.get(key)
+        if alias is not None:
+            return alias
+        if self.pinned is not None:
+            alias = self.pinned
+        else:
+            target = self.cluster.router.write_opinion(prop.secondary, instance=state.obj())
+            if target is None:
+                alias = (
+                    self._flush_aliases.get(state)
+                    or _info_get(state, _USING)
+                    or _db_of_or_none(state.obj())
+                    or self.cluster.router.default
+                )
+            elif isinstance(target, str):
+                alias = target
+            else:
+                raise RoutingError(
+                    f"db_for_write gave several aliases for the link rows of one "
+                    f"{state.class_.__name__}.{prop.key}",
+                    model=state.class_,
+                )
+        self._link_aliases[key] = alias
+        return alias
+
+    def _route_links(self) -> None:
+        """Decide, before a flush writes anything, where every changed many-to-many link row goes."""
+        deleted = {instance_state(obj) for obj in self.deleted}
+        for obj in (*self.new, *self.dirty, *self.deleted):
+            state = instance_state(obj)
+            for prop in _secondary_props(state.mapper):
+                if state in deleted:
+                    if state.key is not None:
+                        self._flush_writes.add(self.link_alias_of(prop, state))
+                    continue
+                if prop.key not in state.dict:
+                    continue
+                history = get_state_history(state, prop.key, PASSIVE_NO_INITIALIZE)
+                if history.added or history.deleted:
+                    self._flush_writes.add(self.link_alias_of(prop, state))
+
+    def flush(self, objects: Any = None) -> None:
+        try:
+            super().flush(objects)
+        except BaseException:
+            # Nothing of a failed flush happened: a new object is not on the database it was
+            # being routed to (db_of() must not say so), and the next flush decides afresh.
+            for state in self._flush_aliases:
+                if state.key is None:
+                    state.identity_token = _info_get(state, _USING) or _info_get(state, _DB)
+            self._flush_aliases.clear()
+            self._link_aliases.clear()
+            self._flush_conns.clear()
+            raise
 
     def _write_alias(self, state: InstanceState[Any]) -> str:
         alias = self._flush_aliases.get(state)
@@ -715,6 +811,29 @@ def _many_to_one_keys(mapper: Mapper[Any]) -> tuple[str, ...]:
     return keys
 
 
+_COLLECTION_CACHE: dict[Mapper[Any], tuple[str, ...]] = {}
+
+
+def _collection_keys(mapper: Mapper[Any]) -> tuple[str, ...]:
+    keys = _COLLECTION_CACHE.get(mapper)
+    if keys is None:
+        keys = tuple(r.key for r in mapper.relationships if r.uselist and not r.viewonly)
+        _COLLECTION_CACHE[mapper] = keys
+    return keys
+
+
+_SECONDARY_CACHE: dict[Mapper[Any], tuple[Any, ...]] = {}
+
+
+def _secondary_props(mapper: Mapper[Any]) -> tuple[Any, ...]:
+    """The relationships of ``mapper`` that write link rows to a secondary table."""
+    props = _SECONDARY_CACHE.get(mapper)
+    if props is None:
+        props = tuple(r for r in mapper.relationships if r.secondary is not None and not r.viewonly)
+        _SECONDARY_CACHE[mapper] = props
+    return props
+
+
 def _mapper_of(model: type[Any]) -> Mapper[Any]:
     from sqlalchemy import inspect
 
@@ -776,6 +895,9 @@ def _mapper_class(mapper: Any) -> type[Any] | None:
 # -- events, registered once for every ShardSession ----------------------------
 
 
+_sqla.install()  # many-to-many link rows are written where their owner's routers say
+
+
 @event.listens_for(ShardSession, "do_orm_execute", retval=True)
 def _on_execute(orm_context: ORMExecuteState) -> Result[Any] | None:
     session = orm_context.session
@@ -791,11 +913,24 @@ def _before_flush(session: Session, flush_context: Any, instances: Iterable[Any]
     assert isinstance(session, ShardSession)
     session._flush_aliases.clear()
     session._flush_conns.clear()
+    session._link_aliases.clear()
+    session._note_collection_parents()
     session._route_new_in_batches()
-    changed = [obj for obj in session.dirty if session.is_modified(obj)]  # not merely touched
+    changed: list[Any] = []
+    kept: list[InstanceState[Any]] = []
+    for obj in session.dirty:
+        if session.is_modified(obj, include_collections=False):
+            changed.append(obj)
+        elif session.is_modified(obj):
+            # only a collection changed: no row of its own is written, it stays where it is
+            # (its link rows and its children's rows are placed on their own)
+            kept.append(instance_state(obj))
     for obj in (*session.new, *changed, *session.deleted):
         session._write_alias(instance_state(obj))
     session._flush_writes = set(session._flush_aliases.values())
+    for state in kept:
+        session._flush_aliases[state] = _db_of_or_none(state.obj()) or session._decide_write_alias(state)
+    session._route_links()
     session.cluster._check_flush(session)
     _group_inserts_by_alias(session)
 
@@ -866,6 +1001,8 @@ def _after_flush(session: Session, flush_context: Any) -> None:
     session._tx_write_aliases.update(session._flush_writes)  # objects only touched wrote nothing
     session._flush_aliases.clear()
     session._flush_conns.clear()
+    session._link_aliases.clear()
+    session._collection_parents.clear()
 
 
 @event.listens_for(ShardSession, "after_transaction_end")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from sqlalchemy import BigInteger, ForeignKey, String, func, insert, select, text, update
+from sqlalchemy import BigInteger, Column, ForeignKey, String, Table, func, insert, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship, selectinload
 
 import shardkit
@@ -35,6 +35,8 @@ class Customer(Base):
     country_code: Mapped[str | None] = mapped_column(ForeignKey("countries.code"))
     country: Mapped[Country | None] = relationship()
     orders: Mapped[list[Purchase]] = relationship(back_populates="customer", order_by="Purchase.id")
+    # many-to-many between two sharded models; the link rows live with their owner, the customer
+    favorites: Mapped[list[Purchase]] = relationship(secondary="favorites", order_by="Purchase.id")
 
 
 class Purchase(Base):
@@ -46,6 +48,21 @@ class Purchase(Base):
     customer: Mapped[Customer] = relationship(back_populates="orders")
 
 
+favorites = Table(
+    "favorites",
+    Base.metadata,
+    Column("customer_id", BigInteger, ForeignKey("customers.id"), primary_key=True),
+    Column("purchase_id", BigInteger, ForeignKey("purchases.id"), primary_key=True),
+)
+
+
+class LinkTables:
+    """The link table lives on the shards only, as its owners do (it has no model to shard)."""
+
+    def allow_migrate(self, db: str, model: object, table_name: str | None = None, **hints: object) -> bool | None:
+        return db in SHARDS if table_name == "favorites" else None
+
+
 @pytest.fixture
 def ring() -> shardkit.HashRing:
     return shardkit.HashRing(SHARDS)
@@ -53,7 +70,8 @@ def ring() -> shardkit.HashRing:
 
 @pytest.fixture
 def cluster(make_urls: Callable[..., dict[str, str]], ring: shardkit.HashRing) -> Iterator[shardkit.Cluster]:
-    cluster = shardkit.Cluster(make_urls("default", *SHARDS), routers=[shardkit.HashRingRouter(ring)])
+    routers = [LinkTables(), shardkit.HashRingRouter(ring)]
+    cluster = shardkit.Cluster(make_urls("default", *SHARDS), routers=routers)
     cluster.create_all(Base)
     with cluster.session() as s:
         s.execute(insert(Country), [{"code": "de", "name": "Germany"}, {"code": "jp", "name": "Japan"}])
@@ -172,3 +190,34 @@ def test_relation_to_a_reference_row_is_allowed(cluster: shardkit.Cluster) -> No
         assert on_shard(cluster, shardkit.db_of(c) or "", f"SELECT country_code FROM customers WHERE id = {c.id}") == [
             ("de",)
         ]
+
+
+def test_many_to_many_link_rows_live_with_their_owner(cluster: shardkit.Cluster, ring: shardkit.HashRing) -> None:
+    with cluster.session(expire_on_commit=False) as s:
+        people = [Customer(name=f"f{i}", orders=[Purchase(id=500 + 10 * i + j) for j in range(2)]) for i in range(12)]
+        s.add_all(people)
+        s.commit()
+        ids = {p.id: ring.get(p.id) for p in people}
+    assert len(set(ids.values())) > 1  # the owners are spread over several shards
+    with cluster.session() as s:  # a session that is not pinned: each owner's rows go to its shard
+        for customer in s.scalars(select(Customer)).all():
+            customer.favorites.extend(customer.orders)
+            customer.favorites.append(Purchase(id=900 + customer.id % 1000, customer=customer))  # a new one
+        s.commit()
+    total = 0
+    for alias in SHARDS:
+        rows = on_shard(cluster, alias, "SELECT customer_id, purchase_id FROM favorites")
+        assert all(ids[customer_id] == alias for customer_id, _p in rows)  # type: ignore[index]
+        joined = on_shard(cluster, alias, "SELECT count(*) FROM favorites f JOIN purchases p ON p.id = f.purchase_id")
+        assert joined == [(len(rows),)]  # every linked purchase is on the same shard
+        total += len(rows)
+    assert total == 12 * 3
+    with cluster.session() as s:
+        some = next(iter(ids))
+        customer = s.scalars(select(Customer).where(Customer.id == some)).one()
+        assert len(customer.favorites) == 3  # read back from the owner's shard
+        assert {shardkit.db_of(p) for p in customer.favorites} == {ids[some]}
+        s.delete(customer.favorites[0])  # the purchase stays linked: remove the link first
+        customer.favorites.pop(0)
+        s.commit()
+    assert on_shard(cluster, ids[some], f"SELECT count(*) FROM favorites WHERE customer_id = {some}") == [(2,)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from sqlalchemy import Column, ForeignKey, Table, text
+from sqlalchemy import Column, ForeignKey, Table, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 import shardkit
@@ -202,3 +202,107 @@ def test_subclass_relations_are_checked(make_urls: Callable[..., dict[str, str]]
         with pytest.raises(RelationError, match="refused"):
             special.tags.append(far)
     cluster.dispose()
+
+
+def link_rows(cluster: shardkit.Cluster, alias: str) -> list[tuple[int, int]]:
+    with cluster.engine(alias).connect() as conn:
+        return [(a, t) for a, t in conn.execute(text("SELECT article_id, tag_id FROM article_tags ORDER BY 1, 2"))]
+
+
+@pytest.fixture
+def m2m_cluster(make_urls: Callable[..., dict[str, str]]) -> Iterator[shardkit.Cluster]:
+    cluster = shardkit.Cluster(make_urls("default", "other"))
+    cluster.create_all(_M2MBase)
+    yield cluster
+    cluster.dispose()
+
+
+def test_many_to_many_link_rows_are_written_where_the_owner_lives(m2m_cluster: shardkit.Cluster) -> None:
+    cluster = m2m_cluster
+    with cluster.session() as s:  # both ends on "other", the session is not pinned
+        s.save(Article(id=1), using="other")
+        s.save(Tag(id=1), using="other")
+        s.commit()
+    with cluster.session() as s:
+        article = s.scalars(select(Article).options(shardkit.using("other"))).one()
+        tag = s.scalars(select(Tag).options(shardkit.using("other"))).one()
+        article.tags.append(tag)
+        s.commit()
+        assert shardkit.db_of(article) == "other"  # only a relation changed: it stays where it is
+        assert shardkit.db_of(tag) == "other"
+    assert link_rows(cluster, "other") == [(1, 1)]
+    assert link_rows(cluster, "default") == []
+    with cluster.session() as s:
+        article = s.scalars(select(Article).options(shardkit.using("other"))).one()
+        assert [t.id for t in article.tags] == [1]
+        article.tags.remove(article.tags[0])
+        s.commit()
+    assert link_rows(cluster, "other") == []
+
+
+def test_link_rows_of_owners_on_two_databases_in_one_flush(m2m_cluster: shardkit.Cluster) -> None:
+    cluster = m2m_cluster
+    with cluster.session() as s:
+        for alias in ("default", "other"):  # the same ids on both databases
+            s.save(Article(id=1), using=alias)
+            s.save(Tag(id=1), using=alias)
+        s.commit()
+    with cluster.session() as s:
+        for alias in ("default", "other"):
+            article = s.scalars(select(Article).options(shardkit.using(alias))).one()
+            article.tags.append(s.scalars(select(Tag).options(shardkit.using(alias))).one())
+        s.commit()
+    assert link_rows(cluster, "default") == [(1, 1)]
+    assert link_rows(cluster, "other") == [(1, 1)]
+    with cluster.session() as s:  # deleting the owner deletes its link rows on its database only
+        s.delete(s.scalars(select(Article).options(shardkit.using("other"))).one())
+        s.commit()
+    assert link_rows(cluster, "default") == [(1, 1)]
+    assert link_rows(cluster, "other") == []
+
+
+def test_objects_created_through_a_collection_go_to_the_owners_database(m2m_cluster: shardkit.Cluster) -> None:
+    cluster = m2m_cluster
+    with cluster.session() as s:
+        s.save(Article(id=7), using="other")
+        s.commit()
+    with cluster.session() as s:
+        article = s.scalars(select(Article).options(shardkit.using("other"))).one()
+        article.tags.append(Tag(id=3))  # a new tag, through the collection
+        s.commit()
+        assert shardkit.db_of(article.tags[0]) == "other"
+    assert link_rows(cluster, "other") == [(7, 3)]
+    with cluster.engine("default").connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM tags")).scalar() == 0
+
+
+def test_link_rows_ask_db_for_write_of_the_link_table_with_the_owner(m2m_cluster: shardkit.Cluster) -> None:
+    asked: list[tuple[object, dict[str, object]]] = []
+
+    class LinkRouter:
+        def db_for_write(self, model: object, **hints: object) -> str | None:
+            if model is _article_tags:
+                asked.append((model, dict(hints)))
+                return "default"
+            return None
+
+        def allow_relation(self, obj1: object, obj2: object, **hints: object) -> bool:
+            return True
+
+    cluster = shardkit.Cluster({a: str(cluster_url(m2m_cluster, a)) for a in ("default", "other")}, [LinkRouter()])
+    with cluster.session() as s:
+        for alias in ("default", "other"):  # a copy on both, as with a primary and its replica
+            s.save(Article(id=1), using=alias)
+            s.save(Tag(id=1), using=alias)
+        s.commit()
+        article = s.scalars(select(Article).options(shardkit.using("other"))).one()
+        article.tags.append(s.scalars(select(Tag).options(shardkit.using("other"))).one())
+        s.commit()
+        assert asked == [(_article_tags, {"instance": article})]
+    assert link_rows(cluster, "default") == [(1, 1)]
+    assert link_rows(cluster, "other") == []
+    cluster.dispose()
+
+
+def cluster_url(cluster: shardkit.Cluster, alias: str) -> str:
+    return cluster.engine(alias).url.render_as_string(hide_password=False)
