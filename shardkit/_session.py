@@ -44,7 +44,8 @@ from sqlalchemy.orm.exc import NO_STATE
 from sqlalchemy.orm.interfaces import MANYTOONE, ORMOption
 
 from . import _sqla
-from .errors import InvalidRouteError, RoutingError, ShardkitError
+from ._twophase import commit_in_order, two_phase_commit
+from .errors import CommitError, InvalidRouteError, RoutingError, ShardkitError
 from .typing import ShardTargets
 
 if TYPE_CHECKING:
@@ -179,16 +180,35 @@ class ShardSession(Session):
                 _current_session.reset(self._context_tokens.pop())
 
     def commit(self) -> None:
-        """Commit; with ``cross_shard_writes="twophase"`` a commit that wrote to several
-        aliases is made atomic by two-phase commit first."""
-        if self.cluster.cross_shard_writes == "twophase" and self._transaction is not None:
-            self.flush()
-            aliases = sorted(self._tx_write_aliases)
-            if len(aliases) > 1:
-                from ._twophase import two_phase_commit
+        """Commit.  With ``cross_shard_writes="twophase"`` a commit that wrote to several
+        aliases is made atomic by two-phase commit first; otherwise a transaction holding
+        several connections commits them one by one in a known order (aliases only read
+        from first, then the written ones, each in the order of DATABASES).
 
-                two_phase_commit(self, aliases)
-        super().commit()
+        A commit that ends differently on some aliases raises a
+        :class:`~shardkit.errors.CommitError` that names them (see :mod:`shardkit._twophase`);
+        that error and any two-phase failure leave the session rolled back, so a later
+        ``rollback()`` does nothing."""
+        if self._transaction is not None:
+            self.flush()  # every connection this commit involves is open from here on
+            if self.cluster.cross_shard_writes != "twophase":
+                commit_in_order(self)
+            elif len(self._tx_write_aliases) > 1:
+                try:
+                    two_phase_commit(self, sorted(self._tx_write_aliases))
+                except BaseException:
+                    self._rollback_quietly()
+                    raise
+        try:
+            super().commit()
+        except CommitError:
+            self._rollback_quietly()
+            raise
+
+    def _rollback_quietly(self) -> None:
+        """Roll back after a failed commit; connections that broke were invalidated, so they are skipped."""
+        with contextlib.suppress(Exception):
+            self.rollback()
 
     # -- binds ---------------------------------------------------------------
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -59,7 +58,7 @@ def urls(databases: DatabaseFactory) -> Iterator[dict[str, str]]:
             for (gid,) in conn.execute(
                 text("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")
             ):
-                conn.exec_driver_sql(f"ROLLBACK PREPARED '{gid}'")
+                conn.exec_driver_sql("ROLLBACK PREPARED '{}'".format(gid.replace("'", "''")))
         engine.dispose()
 
 
@@ -113,10 +112,26 @@ def test_twophase_refuses_a_non_postgresql_alias_before_writing(urls: dict[str, 
 
 CRASHING_WRITER = textwrap.dedent(
     """
-    import json, sys
+    import json, os, signal, sys
     from sqlalchemy import Column, Integer, MetaData, String, Table, insert
     import shardkit
-    urls = json.loads(sys.argv[1])
+    from shardkit import _twophase
+
+    urls, point = json.loads(sys.argv[1]), sys.argv[2]
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    # reach the moment from outside: wrap one step of the commit, then kill this process
+    if point == "after_prepare":  # the first PREPARE TRANSACTION has run, no decision yet
+        prepare = _twophase._prepare
+        _twophase._prepare = lambda conn, gid: (prepare(conn, gid), die())
+    elif point == "after_decision":  # the decision is logged, no COMMIT PREPARED has run
+        log_decision = _twophase._log_decision
+        _twophase._log_decision = lambda *args: (log_decision(*args), die())
+    else:
+        raise SystemExit(f"unknown crash point {point!r}")
+
     notes = Table("notes", MetaData(), Column("id", Integer, primary_key=True), Column("body", String(50)))
     cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
     with cluster.session() as s:
@@ -129,10 +144,11 @@ CRASHING_WRITER = textwrap.dedent(
 
 
 def crash_at(point: str, urls: dict[str, str]) -> int:
-    env = {**os.environ, "SHARDKIT_TEST_CRASH": point}
+    """Run a two-phase commit in a child process that SIGKILLs itself at ``point``."""
     proc = subprocess.run(
-        [sys.executable, "-c", CRASHING_WRITER, json.dumps(urls)], env=env, capture_output=True, timeout=60
+        [sys.executable, "-c", CRASHING_WRITER, json.dumps(urls), point], capture_output=True, timeout=60
     )
+    assert b"committed" not in proc.stdout, proc.stderr.decode(errors="replace")
     return proc.returncode
 
 

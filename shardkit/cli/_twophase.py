@@ -1,16 +1,21 @@
 """``shardkit twophase recover``: resolve two-phase commits left in doubt by a crash.
 
 A transaction whose decision was logged on ``default`` is committed on every
-shard; any other is rolled back on every shard (presumed abort), so no write
-is left half applied.  Only transactions prepared at least ``--min-age``
-seconds ago are touched, so a commit still in progress is never raced.
+shard at once; any other is rolled back on every shard (presumed abort) once
+it was prepared at least ``--min-age`` seconds ago, so a commit still in
+progress is never raced and no write is left half applied.  Prepared
+transactions that shardkit did not write are never touched.
+
+An alias that cannot be reached does not stop the others: they are resolved
+and printed, then the command names the alias on stderr and exits with 1.
 """
 
 from __future__ import annotations
 
 import click
 
-from ._common import echo_json, json_option, load, settings_option
+from ..errors import TwoPhaseRecoveryError
+from ._common import CliError, echo_json, json_option, load, scrub, settings_option
 
 __all__ = ["twophase"]
 
@@ -34,13 +39,18 @@ def twophase() -> None:
 def recover(settings_path: str | None, as_json: bool, min_age: float, dry_run: bool) -> None:
     """Commit or roll back prepared transactions left in doubt after a crash."""
     settings = load(settings_path)
-    found = settings.cluster.recover_twophase(min_age=min_age, dry_run=dry_run)
+    failed: TwoPhaseRecoveryError | None = None
+    try:
+        found = settings.cluster.recover_twophase(min_age=min_age, dry_run=dry_run)
+    except TwoPhaseRecoveryError as exc:  # the other aliases were resolved: show them, then fail
+        failed, found = exc, list(exc.resolved)
     if as_json:
         echo_json([{"alias": d.alias, "gid": d.gid, "txid": d.txid, "action": d.action} for d in found])
-        return
-    if not found:
+    elif not found and failed is None:
         click.echo("no prepared transactions in doubt")
-        return
-    verb = "would" if dry_run else "did"
-    for d in found:
-        click.echo(f"  {d.alias:<12} {d.gid}  {verb} {d.action}")
+    else:
+        verb = "would" if dry_run else "did"
+        for d in found:
+            click.echo(f"  {d.alias:<12} {d.gid}  {verb} {d.action}")
+    if failed is not None:
+        raise CliError(scrub(str(failed), settings), exit_code=1) from failed

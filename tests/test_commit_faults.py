@@ -1,0 +1,374 @@
+"""Commits over several shards when one of them fails, and two-phase recovery among strangers.
+
+Each fault is reproduced the way it was found (issue 10): a loopback proxy in front of
+one shard that is cut at the right moment, prepared transactions of another application
+on the same server, a child process killed after the two-phase decision.  Real PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, insert, select, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+import shardkit
+from shardkit import _twophase
+from shardkit._twophase import make_gid, parse_gid
+from shardkit.errors import CommitError, PartialCommitError, TwoPhaseCommitError, TwoPhaseRecoveryError
+from tests.conftest import IN_CI, PG_URL, DatabaseFactory, require_server
+from tests.faults import TcpProxy, proxied_url, tcp_proxy
+from tests.test_twophase import crash_at
+
+metadata = MetaData()
+notes = Table("notes", metadata, Column("id", Integer, primary_key=True), Column("body", String(50)))
+
+
+def _literal(gid: str) -> str:
+    return "'" + gid.replace("'", "''") + "'"
+
+
+def _require_prepared_transactions() -> None:
+    require_server(PG_URL, "pg")
+    engine = create_engine(PG_URL)
+    with engine.connect() as conn:
+        enabled = int(conn.execute(text("SHOW max_prepared_transactions")).scalar_one())
+    engine.dispose()
+    if not enabled:
+        message = "!!! PostgreSQL has max_prepared_transactions = 0: two-phase commit cannot run (.ci/run sets it)"
+        if IN_CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
+class Shards:
+    """PostgreSQL databases with a ``notes`` table; every prepared transaction is rolled back at the end."""
+
+    def __init__(self, databases: DatabaseFactory) -> None:
+        self.databases = databases
+        self.urls: dict[str, str] = {}  # alias -> direct URL (never through a proxy)
+
+    def add(self, *aliases: str) -> dict[str, str]:
+        for alias in aliases:
+            url = self.databases.url("postgresql", alias)
+            engine = create_engine(url)
+            metadata.create_all(engine)
+            engine.dispose()
+            self.urls[alias] = url
+        return dict(self.urls)
+
+    def rows(self, alias: str) -> list[tuple[Any, ...]]:
+        engine = create_engine(self.urls[alias])
+        with engine.connect() as conn:
+            found = [tuple(r) for r in conn.execute(text("SELECT id, body FROM notes ORDER BY id"))]
+        engine.dispose()
+        return found
+
+    def prepared(self, alias: str) -> list[str]:
+        engine = create_engine(self.urls[alias])
+        with engine.connect() as conn:
+            found = sorted(
+                conn.execute(text("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")).scalars()
+            )
+        engine.dispose()
+        return found
+
+    def prepare_foreign(self, alias: str, gid: str, row_id: int) -> None:
+        """Another application's prepared transaction (it inserted a row) on ``alias``'s database."""
+        engine = create_engine(self.urls[alias])
+        with engine.connect() as conn:
+            conn.execute(insert(notes).values(id=row_id, body="other app"))
+            conn.exec_driver_sql(f"PREPARE TRANSACTION {_literal(gid)}")
+        engine.dispose()
+
+    def finish_all(self) -> None:
+        for url in self.urls.values():
+            engine = create_engine(url, isolation_level="AUTOCOMMIT")
+            with engine.connect() as conn:
+                gids = conn.execute(
+                    text("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")
+                ).scalars()
+                for gid in list(gids):
+                    conn.exec_driver_sql(f"ROLLBACK PREPARED {_literal(gid)}")
+            engine.dispose()
+
+
+@pytest.fixture
+def shards(databases: DatabaseFactory) -> Iterator[Shards]:
+    _require_prepared_transactions()
+    found = Shards(databases)
+    yield found
+    found.finish_all()  # a prepared transaction would keep its database from being dropped
+
+
+@pytest.fixture
+def proxy() -> Iterator[TcpProxy]:
+    require_server(PG_URL, "pg")
+    with tcp_proxy(PG_URL) as p:
+        yield p
+
+
+def write(session: shardkit.ShardSession, alias: str, row_id: int) -> None:
+    session.execute(insert(notes).values(id=row_id, body=f"on {alias}").execution_options(shardkit_using=alias))
+
+
+def log_rows(url: str) -> int:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        count = int(conn.execute(text("SELECT count(*) FROM shardkit_twophase_log")).scalar_one())
+    engine.dispose()
+    return count
+
+
+# -- GIDs: shardkit's own, exactly --------------------------------------------------------------
+
+
+def test_only_shardkit_gids_parse() -> None:
+    txid = uuid.uuid4().hex
+    assert parse_gid(make_gid(txid, 2, 1)) == txid
+    for foreign in (
+        "shardkitXotherapp_tx42",  # what LIKE 'shardkit_%' took for shardkit's
+        f"shardkitX{txid}_2_0",
+        f"shardkit_{txid}_2_2",  # index not below the count
+        f"shardkit_{txid}_1_0",  # shardkit never prepares a single participant
+        f"shardkit_{txid}_02_0",
+        f"shardkit_{txid.upper()}_2_0",
+        f"shardkit_{txid}_2_0_x",
+        f"shardkit_{txid}_2_0'; DROP TABLE notes; --",
+        "shardkit_o'brien",
+        f"shardkit_{txid[:31]}_2_0",
+    ):
+        assert parse_gid(foreign) is None, foreign
+    with pytest.raises(ValueError):
+        make_gid("not-hex", 2, 0)
+
+
+# -- recovery never touches another application's prepared transactions ------------------------
+
+
+def test_recovery_leaves_another_applications_prepared_transactions_alone(shards: Shards) -> None:
+    urls = shards.add("default", "a", "b")
+    foreign = [
+        "shardkitXotherapp_tx42",  # rolled back by the LIKE 'shardkit_%' of the first version
+        "shardkit_o'brien",  # a quote: made the spliced ROLLBACK PREPARED fail for every shard
+        f"shardkit_{uuid.uuid4().hex}_2_7",  # shardkit's shape, but not a GID shardkit writes
+    ]
+    for row_id, gid in enumerate(foreign, start=100):
+        shards.prepare_foreign("a", gid, row_id)
+    # a real in-doubt shardkit transaction on a and b: the child dies before the decision
+    assert crash_at("after_prepare", urls) == -9
+    ours = [gid for gid in shards.prepared("a") if gid not in foreign]
+    assert len(ours) == 1 and parse_gid(ours[0]) is not None
+
+    cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    try:
+        resolved = cluster.recover_twophase(min_age=0)
+    finally:
+        cluster.dispose()
+    assert [(d.alias, d.gid, d.action) for d in resolved] == [("a", ours[0], "rollback")]
+    assert shards.prepared("a") == sorted(foreign)  # every foreign one is still prepared
+    shards.finish_all()
+    assert shards.rows("a") == shards.rows("b") == []  # theirs rolled back by us here, ours by recovery
+
+
+# -- one unreachable alias does not stop recovery of the others ---------------------------------
+
+
+def test_recovery_goes_on_past_an_unreachable_alias_and_names_it(
+    shards: Shards, proxy: TcpProxy, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from shardkit.cli import cli
+
+    direct = shards.add("default", "a", "b")
+    urls = {**direct, "a": proxied_url(direct["a"], proxy)}  # a first: the one that fails
+    assert crash_at("after_decision", urls) == -9  # decided, nothing committed yet
+    assert len(shards.prepared("a")) == len(shards.prepared("b")) == 1
+    shards.prepare_foreign("b", "shardkit_it's_theirs", 100)
+    proxy.cut()
+
+    cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    with pytest.raises(TwoPhaseRecoveryError, match=r"could not finish on 'a'") as caught:
+        cluster.recover_twophase(min_age=3600)  # decided: resolved at once, whatever min_age
+    cluster.dispose()
+    assert list(caught.value.errors) == ["a"]
+    assert isinstance(caught.value.errors["a"], OperationalError)
+    assert [(d.alias, d.action) for d in caught.value.resolved] == [("b", "commit")]
+    assert shards.rows("b") == [(2, "on b")]  # resolved although a is down
+    assert shards.prepared("b") == ["shardkit_it's_theirs"]
+    assert len(shards.prepared("a")) == 1
+    assert log_rows(direct["default"]) == 1  # kept: a still needs the decision
+
+    (tmp_path / "tpc_down_settings.py").write_text(f"DATABASES = {urls!r}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runner = CliRunner()
+    args = ["twophase", "recover", "--settings", "tpc_down_settings", "--min-age", "0"]
+    down = runner.invoke(cli, args)
+    assert down.exit_code == 1, down.output
+    assert "'a'" in down.output and "run it again" in down.output
+    assert "Traceback" not in down.output
+
+    proxy.restore()
+    done = runner.invoke(cli, [*args, "--json"])
+    assert done.exit_code == 0, done.output
+    assert [(d["alias"], d["action"]) for d in json.loads(done.output)] == [("a", "commit")]
+    assert shards.rows("a") == [(1, "on a")]
+    assert shards.prepared("a") == [] and shards.prepared("b") == ["shardkit_it's_theirs"]
+    assert log_rows(direct["default"]) == 0
+
+
+# -- two-phase commit, one shard failing at COMMIT PREPARED -------------------------------------
+
+
+def test_twophase_commits_every_reachable_shard_when_one_fails_at_commit_prepared(
+    shards: Shards, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    direct = shards.add("default", "a", "b")
+    urls = {**direct, "a": proxied_url(direct["a"], proxy)}  # "a" sorts first: it used to stop the loop
+    log_decision = _twophase._log_decision
+
+    def log_then_cut(*args: Any) -> None:  # a is prepared, the decision logged: now a's link dies
+        log_decision(*args)
+        proxy.cut()
+
+    monkeypatch.setattr(_twophase, "_log_decision", log_then_cut)
+    cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    with cluster.session() as s:
+        write(s, "a", 1)
+        write(s, "b", 2)
+        with pytest.raises(TwoPhaseCommitError) as caught:
+            s.commit()
+        s.rollback()  # harmless: the session was already rolled back
+        error = caught.value
+        assert isinstance(error, CommitError)
+        assert (error.decision, error.committed, error.not_committed) == ("commit", ["b"], ["a"])
+        assert isinstance(error.__cause__, DBAPIError) and list(error.errors) == ["a"]
+        assert "decision is COMMIT" in str(error) and "recover" in str(error)
+        assert parse_gid(shards.prepared("a")[0]) == error.txid
+        # the healthy shard is committed and holds no lock; the session goes on working
+        assert shards.rows("b") == [(2, "on b")] and shards.prepared("b") == []
+        assert s.execute(select(notes.c.body).execution_options(shardkit_using="b")).scalars().all() == ["on b"]
+    monkeypatch.undo()
+    cluster.dispose()
+
+    proxy.restore()
+    recovering = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    resolved = recovering.recover_twophase(min_age=3600)  # the decision is logged: no waiting for min_age
+    assert [(d.alias, d.action) for d in resolved] == [("a", "commit")]
+    assert shards.rows("a") == [(1, "on a")] and shards.prepared("a") == []
+    assert log_rows(direct["default"]) == 1  # a young decision row is left to a later run
+    assert recovering.recover_twophase(min_age=0) == []
+    assert log_rows(direct["default"]) == 0
+    recovering.dispose()
+
+
+def test_twophase_failure_at_prepare_rolls_back_everywhere_and_rollback_is_harmless(
+    shards: Shards, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    direct = shards.add("default", "a", "b")
+    urls = {**direct, "b": proxied_url(direct["b"], proxy)}
+    prepare = _twophase._prepare
+    calls: list[str] = []
+
+    def cut_before_second(conn: Any, gid: str) -> None:
+        calls.append(gid)
+        if len(calls) == 2:
+            proxy.cut()  # a is prepared; b's link dies before its PREPARE
+        prepare(conn, gid)
+
+    monkeypatch.setattr(_twophase, "_prepare", cut_before_second)
+    cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    with cluster.session() as s:
+        write(s, "a", 1)
+        write(s, "b", 2)
+        with pytest.raises(OperationalError):
+            s.commit()
+        s.rollback()
+    cluster.dispose()
+    assert shards.prepared("a") == shards.prepared("b") == []
+    assert shards.rows("a") == shards.rows("b") == []
+
+
+# -- cross_shard_writes="allow", one shard failing at commit ------------------------------------
+
+
+def test_allow_mode_names_the_shards_that_committed_and_those_that_did_not(shards: Shards, proxy: TcpProxy) -> None:
+    direct = shards.add("default", "a", "b", "c")
+    urls = {**direct, "b": proxied_url(direct["b"], proxy)}  # committed in DATABASES order: a, b, c
+    cluster = shardkit.Cluster(urls)
+    with cluster.session() as s:
+        for row_id, alias in enumerate(("c", "b", "a"), start=1):
+            write(s, alias, row_id)
+        proxy.cut()
+        with pytest.raises(PartialCommitError) as caught:
+            s.commit()
+        s.rollback()  # harmless
+        error = caught.value
+        assert (error.alias, error.committed, error.not_committed, error.rolled_back) == ("b", ["a"], ["b", "c"], ["c"])
+        assert isinstance(error.__cause__, DBAPIError)  # the driver's error, as SQLAlchemy wraps it
+        assert "'b'" in str(error) and "a had committed" in str(error) and "rolled back on c" in str(error)
+        assert s.execute(select(notes.c.id).execution_options(shardkit_using="c")).scalars().all() == []
+    cluster.dispose()
+    assert shards.rows("a") == [(3, "on a")]
+    assert shards.rows("b") == shards.rows("c") == []
+
+
+def test_allow_mode_failure_of_the_first_shard_commits_nothing(shards: Shards, proxy: TcpProxy) -> None:
+    direct = shards.add("default", "a", "b")
+    urls = {**direct, "a": proxied_url(direct["a"], proxy)}
+    cluster = shardkit.Cluster(urls)
+    with cluster.session() as s:
+        write(s, "a", 1)
+        write(s, "b", 2)
+        proxy.cut()
+        with pytest.raises(OperationalError) as caught:  # as SQLAlchemy raises a failed commit
+            s.commit()
+        assert not isinstance(caught.value, CommitError)
+        s.rollback()
+    cluster.dispose()
+    assert shards.rows("a") == shards.rows("b") == []
+
+
+def test_allow_mode_commits_a_shard_only_read_from_first(shards: Shards, proxy: TcpProxy) -> None:
+    direct = shards.add("default", "a", "b", "c")
+    urls = {**direct, "c": proxied_url(direct["c"], proxy)}  # last in DATABASES, only read from
+    cluster = shardkit.Cluster(urls)
+    with cluster.session() as s:
+        write(s, "a", 1)
+        write(s, "b", 2)
+        assert s.execute(select(notes.c.id).execution_options(shardkit_using="c")).all() == []
+        proxy.cut()
+        with pytest.raises(OperationalError):  # c failed first: nothing was committed anywhere
+            s.commit()
+        s.rollback()
+    cluster.dispose()
+    assert shards.rows("a") == shards.rows("b") == []
+
+
+def test_allow_mode_runs_before_commit_listeners_before_any_shard_commits(shards: Shards) -> None:
+    from sqlalchemy import event
+
+    urls = shards.add("default", "a", "b")
+    cluster = shardkit.Cluster(urls)
+
+    def veto(session: Any) -> None:
+        raise RuntimeError("vetoed by a before_commit listener")
+
+    with cluster.session() as s:
+        event.listen(s, "before_commit", veto)
+        write(s, "b", 2)
+        write(s, "a", 1)
+        with pytest.raises(RuntimeError, match="vetoed"):
+            s.commit()
+        s.rollback()
+        event.remove(s, "before_commit", veto)
+        write(s, "a", 3)
+        write(s, "b", 4)
+        s.commit()
+    cluster.dispose()
+    assert shards.rows("a") == [(3, "on a")] and shards.rows("b") == [(4, "on b")]
