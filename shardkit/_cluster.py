@@ -24,7 +24,6 @@ from sqlalchemy.orm import DeclarativeBase, registry
 
 from ._config import DEFAULT_DB_ALIAS, AliasSpec, parse_databases
 from ._relations import check_flush_relations
-from ._routing import RouterChain
 from ._session import ShardSession, _db_of_or_none
 from ._twophase import InDoubt, check_twophase_aliases, recover
 from .errors import ConfigError, CrossShardWriteError, UnknownAliasError
@@ -164,7 +163,11 @@ class Cluster:
         self._engine_options = dict(engine_options or {})
         self._engines: dict[str, Engine] = {}
         self._lock = threading.Lock()
-        self.router = RouterChain(routers or (), self._specs, db_of=_db_of_or_none, default=DEFAULT_DB_ALIAS)
+        from .reshard._fence import attach_fencing, ensure_fencing  # here: shardkit.reshard imports this module
+
+        # a chain with a ring router is asked a FencingRouter first: every process follows reshards
+        self.router = ensure_fencing(routers or (), self._specs, db_of=_db_of_or_none, default=DEFAULT_DB_ALIAS)
+        attach_fencing(self)
         self.deadline = deadline
         self.partial = partial
         if cross_shard_writes not in ("allow", "refuse", "twophase"):
@@ -217,10 +220,13 @@ class Cluster:
         if engine is not None:
             return engine
         spec = self.spec(alias)
+        from .reshard._dbfence import instrument
+
         with self._lock:
             engine = self._engines.get(alias)
             if engine is None:
                 engine = spec.create_engine(**self._engine_options)
+                instrument(engine)  # a reshard's database-side fence refusal -> ShardMovingError
                 self._engines[alias] = engine
         return engine
 

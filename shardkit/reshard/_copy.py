@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, insert, literal, select, text, tuple_
 
+from ._dbfence import locked
 from ._tables import SOURCE_COLUMN, MovingTable
 
 if TYPE_CHECKING:
@@ -288,27 +289,17 @@ def delete_keys(
     return n
 
 
-def barrier(engine: Engine, tables: Sequence[Table], timeout: float = 60.0) -> None:
+def barrier(engine: Engine, tables: Sequence[Table], timeout: float = 120.0, *, alias: str = "") -> None:
     """Wait until every transaction that is writing to ``tables`` on ``engine`` has ended.
 
-    PostgreSQL: ``LOCK TABLE ... IN SHARE MODE`` (it waits for every holder of a write lock),
-    released at once.  SQLite: ``BEGIN IMMEDIATE`` (it waits for the one writer).
+    PostgreSQL: ``LOCK TABLE a, b IN SHARE MODE`` (every table in one statement: it waits for
+    every holder of a write lock), released at once; under a short ``lock_timeout`` and tried
+    again with a growing pause on a lock timeout or a deadlock, so a writer that holds one of
+    the tables and wants another never deadlocks with it (see :func:`._dbfence.locked`).
+    SQLite: ``BEGIN IMMEDIATE`` (it waits for the one writer).  Other databases: nothing.
+
+    :raises ReshardError: the tables stayed busy for ``timeout`` seconds (run again).
     """
-    name = engine.dialect.name
-    if name == "postgresql":
-        with engine.begin() as conn:
-            conn.execute(text(f"SET LOCAL lock_timeout = '{int(timeout * 1000)}ms'"))
-            for t in tables:
-                conn.execute(text(f"LOCK TABLE {engine.dialect.identifier_preparer.format_table(t)} IN SHARE MODE"))
-    elif name == "sqlite":
-        raw = engine.raw_connection()
-        try:
-            driver: Any = raw.driver_connection
-            driver.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-            if driver.in_transaction:
-                driver.commit()
-            driver.execute("BEGIN IMMEDIATE")
-            driver.commit()
-        finally:
-            raw.close()
-    # other backends: no barrier (documented)
+    if engine.dialect.name not in ("postgresql", "sqlite"):
+        return  # no barrier on other backends (documented)
+    locked(engine, tables, "SHARE", timeout=timeout, alias=alias)

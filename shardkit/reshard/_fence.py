@@ -1,36 +1,47 @@
-"""FencingRouter: the router that keeps writes safe while a reshard cuts over.
+"""FencingRouter: the router that keeps writes safe while a reshard cuts over, and follows the ring.
 
-Put it **first** in ``DATABASE_ROUTERS``.  It passes (``None``) on everything except while a
-reshard on this cluster is in one of its two short windows:
+Every :class:`~shardkit.Cluster` whose router chain has a :class:`~shardkit.HashRingRouter`
+gets one, first in the chain, unless the chain has one already (:func:`ensure_fencing`), and
+it *follows* the cluster: at most once per ``poll_interval`` (1 s), before routing, it
+re-reads the reshard state and the current ring stored on ``default`` and puts that ring in
+the ring router.  No process has to opt in.
 
-* **write fence** (from the start of the final catch-up until the new ring is in place): a
-  write of a key whose owner changes (old ring != new ring) raises
-  :class:`~shardkit.reshard.ShardMovingError` naming the key; so does an UPDATE/DELETE
-  statement on a moving table whose single key is not known.  Writes of keys that stay put
-  are routed as usual.  Retry after a short sleep.
-* **read fence** (from the merge of the copies until the old copies are deleted): a read of
-  a moving table that would go to *every* shard (no shard key in WHERE) raises
-  ``ShardMovingError``, because for that short while some rows exist on two shards.  Reads
-  that name their keys are routed by the ring and stay exact.
+It passes (``None``) on everything except while a reshard on this cluster is in one of its
+windows:
 
-In the reshard's own process the :class:`~shardkit.reshard.Resharder` raises and lifts the
-fences directly.  Other processes learn them from the state table on ``default``:
-``FencingRouter(poll_interval=1.0)`` plus ``fence.watch(cluster)`` re-reads it at most once
-per interval, and also swaps its ring router's ring when a reshard has switched it.
-Run the reshard with ``fence_grace`` >= that interval plus your longest write transaction.
+* **write fence** (phases ``fenced``, ``merging`` and ``switched``: from the start of the
+  final catch-up until a grace period after the new ring is in place): a write of a key whose
+  owner changes (old ring != new ring) raises :class:`~shardkit.reshard.ShardMovingError`
+  naming the key; so does an UPDATE/DELETE statement on a moving table whose single key is
+  not known.  Writes of keys that stay put are routed as usual.  Retry after a short sleep.
+* **read fence** (phases ``merging``, ``switched`` and ``deleting``: from the merge of the
+  copies until the old copies are deleted): a read of a moving table that would go to
+  *every* shard (no shard key in WHERE) raises ``ShardMovingError``, because for that while
+  some rows exist on two shards.  Reads that name their keys are routed by the ring.
+* **unknown state**: when the state cannot be read from ``default`` while the last state
+  read was an unfinished reshard, reads and writes of the moving tables raise
+  ``ShardMovingError`` rather than risk routing by a ring that may be stale.
+
+The database refuses the same writes by itself (:mod:`._dbfence`), so a process that is
+behind, or is not shardkit at all, cannot break a reshard; this router gives the clear,
+early error.  In the reshard's own process the :class:`~shardkit.reshard.Resharder` raises
+and lifts the fences directly.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
 from sqlalchemy.exc import NoInspectionAvailable
 
+from .._routing import RouterChain
 from ..ring import HashRing, HashRingRouter
 from ..typing import ShardTargets
 from ._errors import ShardMovingError
@@ -38,7 +49,12 @@ from ._errors import ShardMovingError
 if TYPE_CHECKING:
     from .._cluster import Cluster
 
-__all__ = ["FencingRouter", "find_ring_router"]
+__all__ = ["FencingRouter", "attach_fencing", "ensure_fencing", "fences_of", "find_ring_router"]
+
+logger = logging.getLogger("shardkit.reshard")
+
+WRITE_PHASES = frozenset(("fenced", "merging", "switched"))
+READ_PHASES = frozenset(("merging", "switched", "deleting"))
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,34 @@ def find_ring_router(cluster: Cluster) -> HashRingRouter | None:
     return None
 
 
+def ensure_fencing(routers: Sequence[Any], *args: Any, **kwargs: Any) -> RouterChain:
+    """The router chain of a cluster: ``RouterChain(routers, *args, **kwargs)``, and when it has a
+    ring router but no :class:`FencingRouter`, one more, hidden, asked first: every process of a
+    sharded cluster follows its reshards without saying so.  (Hidden: ``chain.routers`` lists
+    the routers as given; the hidden one is ``chain.fencing``.)"""
+    loaded = [RouterChain._load(r) for r in routers]
+    if not any(isinstance(r, HashRingRouter) for r in loaded) or any(isinstance(r, FencingRouter) for r in loaded):
+        return RouterChain(loaded, *args, **kwargs)
+    fence = FencingRouter()
+    chain = RouterChain([fence, *loaded], *args, **kwargs)
+    chain.routers = loaded  # the methods of the fence stay first in the chain's lookups
+    chain.fencing = fence  # type: ignore[attr-defined]
+    return chain
+
+
+def fences_of(cluster: Cluster) -> list[FencingRouter]:
+    """Every :class:`FencingRouter` of the cluster's chain, the hidden one included."""
+    found = [r for r in cluster.router.routers if isinstance(r, FencingRouter)]
+    hidden = getattr(cluster.router, "fencing", None)
+    return [hidden, *found] if isinstance(hidden, FencingRouter) else found
+
+
+def _shared_default(cluster: Cluster) -> bool:
+    """False for an in-memory SQLite ``default``: nothing another process could have stored."""
+    url = cluster.spec("default").url
+    return not (url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"))
+
+
 def _table_name(model: Any) -> str | None:
     table = getattr(model, "__table__", None)
     if table is None:
@@ -70,10 +114,11 @@ def _table_name(model: Any) -> str | None:
 
 
 class FencingRouter:
-    """Refuses writes to keys that are moving during a reshard's cut-over (see the module doc).
+    """Refuses writes to keys that are moving during a reshard's cut-over, and keeps the ring
+    router on the ring stored on ``default`` (see the module doc).
 
-    :param poll_interval: when watching a cluster (:meth:`watch`), re-read the reshard state
-        from ``default`` at most this often (seconds).
+    :param poll_interval: re-read the reshard state and the stored ring from ``default`` at
+        most this often (seconds), before routing.  Run reshards with a ``fence_grace`` above it.
     """
 
     def __init__(self, poll_interval: float = 1.0) -> None:
@@ -82,17 +127,31 @@ class FencingRouter:
         self._cluster: Cluster | None = None
         self._polled = 0.0
         self._poll_lock = threading.Lock()
+        self._manual = False  # the Resharder of this process drives the fence
+        self._ring_version: int | None = None
+        self._reshard: tuple[int, HashRing, HashRing] | None = None
+        self._active = False  # the last state read was an unfinished reshard
+        self._tables: frozenset[str] = frozenset()  # and the tables it moves
+        self._unknown: str | None = None  # why the state could not be read
 
-    # -- control (the Resharder in-process; watch() for other processes) ------------
+    # -- control (the Resharder in-process; the stored state otherwise) ------------------
     def fence(
         self, router: HashRingRouter, old: HashRing, new: HashRing, tables: Any, *, writes: bool, reads: bool
     ) -> None:
-        """Raise (or change) the fences for ``tables`` moving from ``old`` to ``new``."""
+        """Raise (or change) the fences for ``tables`` moving from ``old`` to ``new``; until
+        :meth:`follow`, the stored state no longer changes them."""
+        self._manual = True
         self._fence = _Fence(router, old, new, frozenset(tables), writes, reads) if writes or reads else None
 
     def lift(self) -> None:
-        """Lift every fence."""
+        """Lift every fence (until :meth:`follow`, the stored state no longer raises them)."""
+        self._manual = True
         self._fence = None
+
+    def follow(self) -> None:
+        """Go back to following the state stored on ``default`` (at the next poll)."""
+        self._manual = False
+        self._polled = 0.0
 
     @property
     def active(self) -> tuple[bool, bool]:
@@ -100,9 +159,13 @@ class FencingRouter:
         f = self._fence
         return (False, False) if f is None else (f.writes, f.reads)
 
+    def attach(self, cluster: Cluster) -> None:
+        """Follow ``cluster`` (called by the cluster itself, whose chain this router is in)."""
+        if _shared_default(cluster):
+            self.watch(cluster)
+
     def watch(self, cluster: Cluster) -> FencingRouter:
-        """Follow the reshard state stored on ``cluster``'s ``default`` (for processes other
-        than the one running the reshard)."""
+        """Follow the reshard state and the ring stored on ``cluster``'s ``default``."""
         self._cluster = cluster
         self._polled = 0.0
         return self
@@ -115,32 +178,100 @@ class FencingRouter:
             if time.monotonic() - self._polled < self.poll_interval:
                 return
             self._polled = time.monotonic()
-            from ._state import StateStore, load_current_ring
-
             router = find_ring_router(cluster)
             if router is None:
                 return
-            current = load_current_ring(cluster)
-            if current is not None and current.version != router.ring.version:
-                router.ring = current
-            state = StateStore(cluster).active()
-            if state is None:
-                self._fence = None
+            try:
+                self._read_state(cluster, router)
+                self._unknown = None
+            except Exception as exc:  # default unreachable: keep the last state, say so
+                self._polled = time.monotonic() - self.poll_interval * 0.75  # try again soon
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if self._unknown is None:
+                    logger.warning("cannot read the reshard state from default: %s", first)
+                self._unknown = first
+
+    def _read_state(self, cluster: Cluster, router: HashRingRouter) -> None:
+        from ._state import reshards, rings
+
+        with cluster.engine("default").connect() as conn:
+            if not inspect(conn).has_table(reshards.name):
+                self._active = False
+                if not self._manual:
+                    self._fence = None
                 return
-            writes = state.phase in ("fenced", "merging")
-            reads = state.phase in ("merging", "switched")
-            tables = json.loads(json.dumps(state.tables))
-            self.fence(router, state.old_ring, state.new_ring, tables, writes=writes, reads=reads)
+            row = conn.execute(select(rings.c.version).where(rings.c.id == 1)).first()
+            if row is not None and row.version != self._ring_version:
+                ring_text = conn.execute(select(rings.c.ring).where(rings.c.id == 1)).scalar_one()
+                current = HashRing.from_dict(json.loads(ring_text))
+                self._ring_version = current.version
+                if current.version != router.ring.version and not self._manual:
+                    router.ring = current
+            state = conn.execute(
+                select(reshards.c.id, reshards.c.phase, reshards.c.tables)
+                .where(reshards.c.phase != "done")
+                .order_by(reshards.c.id.desc())
+                .limit(1)
+            ).first()
+            if state is not None and (self._reshard is None or self._reshard[0] != state.id):
+                old_text, new_text = conn.execute(
+                    select(reshards.c.old_ring, reshards.c.new_ring).where(reshards.c.id == state.id)
+                ).one()
+                self._reshard = (
+                    state.id,
+                    HashRing.from_dict(json.loads(old_text)),
+                    HashRing.from_dict(json.loads(new_text)),
+                )
+        self._active = state is not None
+        self._tables = frozenset(json.loads(state.tables)) if state is not None else frozenset()
+        if self._manual:
+            return
+        if state is None or self._reshard is None:
+            self._fence = None
+            return
+        _, old, new = self._reshard
+        writes, reads = state.phase in WRITE_PHASES, state.phase in READ_PHASES
+        self._fence = _Fence(router, old, new, self._tables, writes, reads) if writes or reads else None
 
     # -- the router methods ---------------------------------------------------------------
-    def db_for_write(self, model: Any, **hints: Any) -> str | None:
+    def _guard(self, model: Any) -> tuple[_Fence | None, str]:
+        """(the fence if ``model``'s table is fenced, its table name); raises while the state
+        of a reshard under way cannot be read."""
         self._poll()
         f = self._fence
-        if f is None or not f.writes:
-            return None
+        if f is None and self._unknown is None:
+            return None, ""
         table = _table_name(model)
-        if table is None or table not in f.tables:
+        if table is None:
+            return None, ""
+        if self._unknown is not None and self._active and not self._manual and table in self._tables:
+            raise ShardMovingError(
+                f"{table} is being resharded and the reshard's state cannot be read from default "
+                f"({self._unknown}); the ring of this process may be stale: retry shortly",
+                key=None,
+                table=table,
+            )
+        if f is None or table not in f.tables:
+            return None, table
+        return f, table
+
+    def _moving(self, f: _Fence, table: str, key: Any) -> None:
+        if key is not None and f.old.get(key) != f.new.get(key):
+            raise ShardMovingError(
+                f"key {key!r} of {table} is moving from {f.old.get(key)} to {f.new.get(key)}; retry shortly",
+                key=key,
+                table=table,
+            )
+
+    def _write_fence(self, model: Any) -> tuple[_Fence, str] | None:
+        f, table = self._guard(model)
+        return (f, table) if f is not None and f.writes else None
+
+    def db_for_write(self, model: Any, **hints: Any) -> str | None:
+        fenced = self._write_fence(model)
+        if fenced is None:
             return None
+        f, table = fenced
         instance = hints.get("instance")
         key = hints.get("shard_key")
         if key is None and instance is None:
@@ -153,23 +284,50 @@ class FencingRouter:
         if not isinstance(alias, str):
             return None
         if key is None:
-            spec = f.router._spec(model)
-            key = getattr(instance, spec.attr) if spec is not None else None
-        if key is not None and f.old.get(key) != f.new.get(key):
-            raise ShardMovingError(
-                f"key {key!r} of {table} is moving from {f.old.get(key)} to {f.new.get(key)}; retry shortly",
-                key=key,
-                table=table,
-            )
+            spec = f.router.shard_key_column(model)
+            key = getattr(instance, spec[0]) if spec is not None else None
+        self._moving(f, table, key)
         return alias
 
-    def db_for_read(self, model: Any, **hints: Any) -> str | ShardTargets | None:
-        self._poll()
-        f = self._fence
-        if f is None or not f.reads:
+    def db_for_write_instances(self, model: Any, instances: list[Any], **hints: Any) -> list[str] | None:
+        """Many new instances at once: passes unless fenced, then checks each key."""
+        fenced = self._write_fence(model)
+        if fenced is None:
             return None
-        table = _table_name(model)
-        if table is None or table not in f.tables:
+        f, table = fenced
+        method = getattr(f.router, "db_for_write_instances", None)
+        spec = f.router.shard_key_column(model)
+        if method is None or spec is None:
+            return [self.db_for_write(model, instance=i, **hints) or "" for i in instances]
+        aliases = method(model, instances, **hints)
+        for instance in instances:
+            self._moving(f, table, getattr(instance, spec[0], None))
+        return aliases  # type: ignore[no-any-return]
+
+    def db_for_write_rows(self, model: Any, rows: list[dict[str, Any]], **hints: Any) -> list[str] | None:
+        """Many rows at once: passes unless fenced, then checks each row's key."""
+        fenced = self._write_fence(model)
+        if fenced is None:
+            return None
+        f, table = fenced
+        method = getattr(f.router, "db_for_write_rows", None)
+        spec = f.router.shard_key_column(model)
+        if method is None or spec is None:
+            raise ShardMovingError(
+                f"bulk writes to {table} are refused while its rows move to new shards; retry shortly",
+                key=None,
+                table=table,
+            )
+        aliases = method(model, rows, **hints)  # may fill in generated keys
+        column = spec[1]
+        for row in rows:
+            key = row.get(spec[0], row.get(getattr(column, "key", spec[0])))
+            self._moving(f, table, key)
+        return aliases  # type: ignore[no-any-return]
+
+    def db_for_read(self, model: Any, **hints: Any) -> str | ShardTargets | None:
+        f, table = self._guard(model)
+        if f is None or not f.reads:
             return None
         target = f.router.db_for_read(model, **hints)
         if isinstance(target, ShardTargets) and target.all_shards:
@@ -179,3 +337,9 @@ class FencingRouter:
                 table=table,
             )
         return None
+
+
+def attach_fencing(cluster: Cluster) -> None:
+    """Let the cluster's fencing routers follow it (called by :class:`~shardkit.Cluster`)."""
+    for router in fences_of(cluster):
+        router.attach(cluster)

@@ -6,20 +6,25 @@ The run, step by step (each step is idempotent; the phase is stored on ``default
    scan the rows in primary-key batches, hash their shard keys with the *new* ring, and copy
    the rows that now belong elsewhere into the target's hidden shadow table.  Progress (the
    last primary key) is saved after every batch.  Writes keep going to the old owners.
-2. **fence** (phase ``fenced``): writes of moving keys are refused (:class:`FencingRouter`),
-   in-flight write transactions are waited for, then a **catch-up** pass compares every
-   moving row with its copy and repairs the differences (rows written during the copy).
+2. **fence** (phase ``fenced``): writes of moving keys are refused, by the
+   :class:`FencingRouter` of every process and by the databases themselves (triggers, see
+   :mod:`._dbfence`, whose installation waits for the write transactions under way); then a
+   **catch-up** pass compares every moving row with its copy and repairs the differences.
 3. **verify**: row counts and checksums per primary-key range, source against target; any
    difference is a :class:`ReshardVerifyError` listing every differing primary key, the
-   fence is lifted and nothing is switched (the next run repairs and verifies again).
+   fences are lifted and nothing is switched (the next run repairs and verifies again).
 4. **merge** (phase ``merging``): each target moves its shadow rows into the real tables and
-   drops the shadows, in one transaction per target.
+   drops the shadows, in one transaction per target.  A run resumed here raises the fences
+   again and catches up the targets not merged yet before it merges them.
 5. **switch** (phase ``switched``): the new ring is stored on ``default`` with the phase, in
-   one transaction, and put in the ring router (``router.ring = new``); writes are unfenced.
-6. **delete**: the moved rows are deleted from their old shards (children first); then
-   phase ``done``.
+   one transaction, and put in the ring router (``router.ring = new``); moving keys stay
+   fenced for ``fence_grace`` seconds while every other process reads the new ring.
+6. **delete** (phase ``deleting``): writes are unfenced (the databases still refuse a key
+   the new ring gives to another shard), the moved rows are deleted from their old shards
+   (children first); then phase ``done`` and the database fence is removed.
 
-A killed run (even SIGKILL) started again continues from its stored phase and progress.
+A killed run (even SIGKILL) started again continues from its stored phase and progress; the
+database fence stays up meanwhile.
 """
 
 from __future__ import annotations
@@ -39,9 +44,9 @@ from sqlalchemy import func, inspect, select
 
 from ..errors import ConfigError, ReshardError
 from ..ring import HashRing, HashRingRouter
-from . import _copy, _pg
+from . import _copy, _dbfence, _pg
 from ._errors import ReshardVerifyError
-from ._fence import FencingRouter, find_ring_router
+from ._fence import FencingRouter, fences_of, find_ring_router
 from ._state import Lease, ReshardState, StateStore, load_current_ring
 from ._tables import SOURCE_COLUMN, MovingTable, discover
 
@@ -373,17 +378,10 @@ class Resharder:
         return ReshardPlan(old, new, self.tables, moves, rows, _movement(old, new), time.perf_counter() - t0)
 
     # -- run ----------------------------------------------------------------------------
-    def run(
-        self,
-        dry_run: bool = False,
-        batch_size: int | None = None,
-        *,
-        before_verify: Callable[[Resharder], None] | None = None,
-    ) -> ReshardResult:
+    def run(self, dry_run: bool = False, batch_size: int | None = None) -> ReshardResult:
         """Run (or resume) the reshard to the end; see the module docstring for the steps.
 
         :param dry_run: write nothing; return the steps that would run (with measured counts).
-        :param before_verify: called after the catch-up, just before verify (for tests).
         :raises ReshardLockedError: another reshard is running.
         :raises ReshardVerifyError: verify found differences; nothing was switched.
         """
@@ -401,9 +399,11 @@ class Resharder:
             old, new, state = self.rings()  # again, under the lock
             if new == old and state is None:
                 return ReshardResult(old, new, "done", steps=["nothing to do: the ring is already the target ring"])
-            return self._run(old, new, state, lease, before_verify)
+            return self._run(old, new, state, lease)
         finally:
             lease.release()
+            for fence in self._fences():  # back to following the stored state
+                fence.follow()
 
     def _dry_run(self, old: HashRing, new: HashRing, state: ReshardState | None) -> ReshardResult:
         plan = self.plan()
@@ -413,10 +413,12 @@ class Resharder:
         steps.append(f"create {names} and their shadow tables on {', '.join(new)} (where missing)")
         steps += [f"copy {m.rows} rows of {m.table} from {m.source} to {m.target}" for m in plan.moves if m.rows]
         steps += [
-            "fence writes to moving keys; wait for in-flight writes; catch up the rows written during the copy",
+            "fence writes to moving keys (in this process, in every following process and in the databases); "
+            "wait for in-flight writes; catch up the rows written during the copy",
             "verify row counts and checksums per key range on source and target",
             f"merge the shadow tables into {names} on {', '.join(targets) or 'no shard'}",
-            f"switch the ring: version {old.version} -> {new.version} (stored on default); unfence writes",
+            f"switch the ring: version {old.version} -> {new.version} (stored on default); "
+            f"wait {self.fence_grace:g}s for other processes to follow; unfence writes",
         ]
         steps += [
             f"delete {m.rows} rows of {m.table} from {m.source}"
@@ -426,20 +428,28 @@ class Resharder:
         return ReshardResult(old, new, state.phase if state else "planned", steps=steps, resumed_from=None)
 
     def _fences(self) -> list[FencingRouter]:
-        return [r for r in self.cluster.router.routers if isinstance(r, FencingRouter)]
+        return fences_of(self.cluster)
 
     def _set_fence(self, old: HashRing, new: HashRing, *, writes: bool, reads: bool) -> None:
         for fence in self._fences():
             fence.fence(self.router, old, new, [t.name for t in self.tables], writes=writes, reads=reads)
 
-    def _run(
-        self,
-        old: HashRing,
-        new: HashRing,
-        state: ReshardState | None,
-        lease: Lease,
-        before_verify: Callable[[Resharder], None] | None,
-    ) -> ReshardResult:
+    def _db_fence(self, engines: dict[str, Engine], old: HashRing, new: HashRing, state: ReshardState,
+                  stage: str) -> None:  # fmt: skip
+        """Raise the database-side fence at ``stage`` on every shard (idempotent).  Installing it
+        waits for the write transactions under way: it is also the in-flight barrier."""
+        for alias, engine in engines.items():
+            if _dbfence.supported(engine):
+                arcs = _dbfence.fenced_arcs(old, new, alias, stage)
+                _dbfence.install(engine, self.tables, arcs, state.id, alias=alias)
+            else:
+                _copy.barrier(engine, [t.table for t in self.tables if _has(engine, t.table.name)], alias=alias)
+
+    def _db_unfence(self, engines: dict[str, Engine]) -> None:
+        for alias, engine in engines.items():
+            _dbfence.remove(engine, self.tables, alias=alias)
+
+    def _run(self, old: HashRing, new: HashRing, state: ReshardState | None, lease: Lease) -> ReshardResult:
         engines = self._engines(old, new)
         names = [t.name for t in self.tables]
         result = ReshardResult(old, new, "copying", resumed_from=state.phase if state else None)
@@ -451,7 +461,7 @@ class Resharder:
                 f"the stored reshard #{state.id} moves tables {state.tables}, this run names {names}", tables=names
             )
         if not self._fences():
-            logger.warning("no FencingRouter in the router chain: writes during the cut-over are not fenced")
+            logger.warning("no FencingRouter in the router chain: writes are fenced by the databases only")
         if state.phase in ("copying", "fenced"):
             t0 = time.perf_counter()
             self._prepare(engines, new)
@@ -461,31 +471,22 @@ class Resharder:
             self._set_fence(old, new, writes=True, reads=False)
             self.store.set_phase(state, "fenced")
             try:
-                time.sleep(self.fence_grace)
-                for source in old:
-                    _copy.barrier(
-                        engines[source], [t.table for t in self.tables if _has(engines[source], t.table.name)]
-                    )
-                t1 = time.perf_counter()
-                _, result.repaired = self._compare_all(engines, old, new, lease, repair=True)
-                result.seconds["catch-up"] = time.perf_counter() - t1
-                if before_verify is not None:
-                    before_verify(self)
-                t1 = time.perf_counter()
-                report, _ = self._compare_all(engines, old, new, lease, repair=False)
-                result.seconds["verify"] = time.perf_counter() - t1
-                result.verify = report
-                result.seconds["fenced"] = time.perf_counter() - t0
-                if not report.ok:
-                    raise ReshardVerifyError(
-                        "verify failed: the cut-over did not happen\n" + report.render(), report=report
-                    )
-            except BaseException:
-                self._set_fence(old, new, writes=False, reads=False)
-                self.store.set_phase(state, "copying")
+                self._fence_and_check(engines, old, new, state, lease, result, set(new))
+            except BaseException:  # nothing switched: lift the fences, back to copying
+                try:
+                    self._db_unfence(engines)
+                    self._set_fence(old, new, writes=False, reads=False)
+                    self.store.set_phase(state, "copying")
+                except Exception:  # the fences stay up until a run gets past this point
+                    logger.exception("reshard #%s: could not lift the fence after a failure", state.id)
                 raise
+            result.seconds["fenced"] = time.perf_counter() - t0
             self._set_fence(old, new, writes=True, reads=True)
             self.store.set_phase(state, "merging")
+        elif state.phase == "merging":  # resumed: the fence again, then catch up what is not merged
+            self._set_fence(old, new, writes=True, reads=True)
+            pending = {t for t in new if any(_has(engines[t], mt.shadow.name) for mt in self.tables)}
+            self._fence_and_check(engines, old, new, state, lease, result, pending)
         if state.phase == "merging":
             t0 = time.perf_counter()
             self._set_fence(old, new, writes=True, reads=True)
@@ -495,15 +496,61 @@ class Resharder:
             result.seconds["merge+switch"] = time.perf_counter() - t0
         if state.phase == "switched":
             self.router.ring = new
+            self._set_fence(old, new, writes=True, reads=True)
+            self._db_fence(engines, old, new, state, "fence")  # again, if this run resumed here
+            time.sleep(self.fence_grace)  # every following process reads the new ring meanwhile
+            for alias, engine in engines.items():
+                if _dbfence.supported(engine):
+                    _dbfence.set_stage(engine, _dbfence.fenced_arcs(old, new, alias, "switched"), state.id)
+            self.store.set_phase(state, "deleting")
+        if state.phase == "deleting":
+            self.router.ring = new
             self._set_fence(old, new, writes=False, reads=True)
+            self._db_fence(engines, old, new, state, "switched")  # again, if this run resumed here
             t0 = time.perf_counter()
             self._delete(engines, old, new, state, lease, result)
             result.seconds["delete"] = time.perf_counter() - t0
             self.store.set_phase(state, "done")
+            self._db_unfence(engines)
             self._set_fence(old, new, writes=False, reads=False)
         self.router.ring = new
         result.phase = state.phase
         return result
+
+    def _fence_and_check(
+        self, engines: dict[str, Engine], old: HashRing, new: HashRing, state: ReshardState, lease: Lease,
+        result: ReshardResult, targets: set[str],
+    ) -> None:  # fmt: skip
+        """Under the write fence: the database fence (and barrier), the catch-up, then the verify
+        of the copies on ``targets``.  :raises ReshardVerifyError: the copies differ."""
+        t0 = time.perf_counter()
+        self._db_fence(engines, old, new, state, "fence")
+        if not all(_dbfence.supported(e) for e in engines.values()):
+            time.sleep(self.fence_grace)  # no database fence here: let routed writes land first
+            for source in old:
+                _copy.barrier(engines[source], [t.table for t in self.tables if _has(engines[source], t.table.name)])
+        result.seconds["barrier"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        result.repaired += self._catch_up(engines, old, new, lease, targets)
+        result.seconds["catch-up"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        report = self._verify_copies(engines, old, new, lease, targets)
+        result.seconds["verify"] = time.perf_counter() - t1
+        result.verify = report
+        if not report.ok:
+            raise ReshardVerifyError("verify failed: the cut-over did not happen\n" + report.render(), report=report)
+
+    def _catch_up(
+        self, engines: dict[str, Engine], old: HashRing, new: HashRing, lease: Lease | None, targets: set[str]
+    ) -> int:
+        """Repair every copy on ``targets`` from its source; the number of rows repaired."""
+        return self._compare_all(engines, old, new, lease, repair=True, targets=targets)[1]
+
+    def _verify_copies(
+        self, engines: dict[str, Engine], old: HashRing, new: HashRing, lease: Lease | None, targets: set[str]
+    ) -> VerifyReport:
+        """Compare every moving row with its copy on ``targets``."""
+        return self._compare_all(engines, old, new, lease, repair=False, targets=targets)[0]
 
     # -- the steps ---------------------------------------------------------------------
     def _prepare(self, engines: dict[str, Engine], new: HashRing) -> None:
@@ -702,15 +749,17 @@ class Resharder:
         return job
 
     def _compare_all(
-        self, engines: dict[str, Engine], old: HashRing, new: HashRing, lease: Lease | None, *, repair: bool
-    ) -> tuple[VerifyReport, int]:
-        """Compare every moving row with its copy: repair (catch-up) or report (verify)."""
+        self, engines: dict[str, Engine], old: HashRing, new: HashRing, lease: Lease | None, *, repair: bool,
+        targets: set[str] | None = None,
+    ) -> tuple[VerifyReport, int]:  # fmt: skip
+        """Compare every moving row with its copy (on ``targets``, default every shard): repair
+        (catch-up) or report (verify)."""
         report = VerifyReport()
         repaired = 0
         if self._fast(engines):
             pairs = [(mt, s) for mt in self.tables for s in old if _has(engines[s], mt.table.name)]
             shadows = {t: {mt.name for mt in self.tables if _has(engines[t], mt.shadow.name)} for t in new}
-            jobs = [self._compare_job(engines, mt, s, new, shadows, repair=repair) for mt, s in pairs]
+            jobs = [self._compare_job(engines, mt, s, new, shadows, repair=repair, only=targets) for mt, s in pairs]
             for part, n in self._parallel(jobs, lease):  # in table, source order
                 repaired += n
                 report.rows += part.rows
@@ -721,19 +770,19 @@ class Resharder:
             return report, repaired
         for mt in self.tables:
             for source in old:
-                repaired += self._compare(engines, mt, source, new, report, repair=repair)
+                repaired += self._compare(engines, mt, source, new, report, repair=repair, only=targets)
         return report, repaired
 
     def _compare_job(
         self, engines: dict[str, Engine], mt: MovingTable, source: str, new: HashRing,
-        shadows: dict[str, set[str]], *, repair: bool,
+        shadows: dict[str, set[str]], *, repair: bool, only: set[str] | None = None,
     ) -> Job:  # fmt: skip
         """:meth:`_compare` on raw COPY: moving rows as COPY lines (or server md5s) on both sides."""
 
         def job(emit: Emit) -> tuple[VerifyReport, int]:
             report = VerifyReport()
             engine = engines[source]
-            targets = [t for t in new if t != source and t in engines]
+            targets = [t for t in new if t != source and t in engines and (only is None or t in only)]
             src: dict[str, dict[Any, bytes]] = {t: {} for t in targets}
             raw = engine.raw_connection()
             try:
@@ -828,20 +877,20 @@ class Resharder:
 
     def _compare(
         self, engines: dict[str, Engine], mt: MovingTable, source: str, new: HashRing, report: VerifyReport, *,
-        repair: bool,
+        repair: bool, only: set[str] | None = None,
     ) -> int:  # fmt: skip
         """Compare the moving rows of ``source`` with their copies; repair them (catch-up) or report."""
         src_engine = engines[source]
         if not _has(src_engine, mt.table.name):
             return 0
-        targets = [t for t in new if t != source and t in engines]
+        targets = [t for t in new if t != source and t in engines and (only is None or t in only)]
         sql_md5 = all(e.dialect.name == "postgresql" for e in engines.values())
         src: dict[str, dict[tuple[Any, ...], str]] = {t: {} for t in targets}
         with src_engine.connect() as conn:
             for batch in _copy.digests(conn, mt, mt.table, sql_md5=sql_md5, batch=self.batch_size):
                 owners = new.get_many([k for _, k, _ in batch])
                 for (pk, _, digest), owner in zip(batch, owners, strict=True):
-                    if owner != source:
+                    if owner != source and owner in src:
                         src[owner][pk] = digest
         repaired = 0
         for target in targets:
@@ -879,7 +928,7 @@ class Resharder:
         present = [mt for mt in self.tables if _has(engine, mt.shadow.name)]
         if not present:
             return
-        with engine.begin() as conn:
+        with engine.begin() as conn, _dbfence.bypass(conn):
             for mt in present:  # parents first
                 cols = [c.name for c in mt.table.columns]
                 src = select(*[mt.shadow.c[c] for c in cols])
@@ -918,7 +967,9 @@ class Resharder:
                         if rows:
                             owners = new.get_many([r[key_at] for r in rows])
                             gone = [tuple(r[:npk]) for r, o in zip(rows, owners, strict=True) if o != source]
-                            _copy.delete_keys(conn, mt, mt.table, gone)
+                            if gone:
+                                with _dbfence.bypass(conn):
+                                    _copy.delete_keys(conn, mt, mt.table, gone)
                             last = tuple(rows[-1][:npk])
                         conn.commit()
                         deleted += len(gone)

@@ -2,7 +2,7 @@
 
 * ``shardkit_reshard``: one row per reshard: the old and new ring (``to_dict()`` JSON), the
   tables it moves, its phase (``copying`` -> ``fenced`` -> ``merging`` -> ``switched`` ->
-  ``done``) and timestamps.  At most one row is not ``done``: the active reshard.
+  ``deleting`` -> ``done``) and timestamps.  At most one row is not ``done``: the active reshard.
 * ``shardkit_reshard_progress``: per reshard, step (``copy`` / ``delete``), table and source
   shard, the last primary key done (JSON) and the rows moved so far.
 * ``shardkit_ring``: the current ring (JSON + version), written at cut-over; read it with
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ACTIVE_PHASES", "PHASES", "Lease", "ReshardState", "StateStore", "load_current_ring", "owner_name"]
 
-PHASES = ("copying", "fenced", "merging", "switched", "done")
+PHASES = ("copying", "fenced", "merging", "switched", "deleting", "done")
 ACTIVE_PHASES = PHASES[:-1]
 
 _ADVISORY_KEY = 0x5348_4B52  # "SHKR": the reshard lock's key on PostgreSQL

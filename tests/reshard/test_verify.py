@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -31,14 +32,19 @@ def test_corrupted_copy_is_named_and_blocks_the_cutover(make_urls: Callable[...,
     moving = _moving(1000)
     bad_user, gone_order = moving[3], moving[5] * 10 + 1
 
-    def corrupt(r: Resharder) -> None:
-        with cluster.engine("s4").begin() as conn:
-            conn.execute(text("UPDATE shardkit_reshard__users SET name = 'evil' WHERE id = :i"), {"i": bad_user})
-            conn.execute(text("DELETE FROM shardkit_reshard__orders WHERE id = :i"), {"i": gone_order})
+    class Corrupting(Resharder):
+        """Damages two copies right after the catch-up, just before the verify."""
 
-    resharder = Resharder(cluster, router, add="s4", models=[User], batch_size=100)
+        def _catch_up(self, *args: Any, **kwargs: Any) -> int:
+            repaired = super()._catch_up(*args, **kwargs)
+            with cluster.engine("s4").begin() as conn:
+                conn.execute(text("UPDATE shardkit_reshard__users SET name = 'evil' WHERE id = :i"), {"i": bad_user})
+                conn.execute(text("DELETE FROM shardkit_reshard__orders WHERE id = :i"), {"i": gone_order})
+            return repaired
+
+    resharder = Corrupting(cluster, router, add="s4", models=[User], batch_size=100)
     with pytest.raises(ReshardVerifyError) as info:
-        resharder.run(before_verify=corrupt)
+        resharder.run()
     report = info.value.report
     assert report.differing_keys == sorted([("orders", (gone_order,)), ("users", (bad_user,))], key=repr)
     assert [(t, pk) for t, _, _, pk in report.different] == [("users", (bad_user,))]
