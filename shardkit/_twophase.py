@@ -188,11 +188,32 @@ def two_phase_commit(session: ShardSession, aliases: list[str]) -> None:
             except BaseException:
                 _discard(conns[alias])
                 raise
-        _log_decision(cluster, txid, aliases)
     except BaseException:
-        for alias in attempted:  # every one, even if one of them fails; then the original error
-            with contextlib.suppress(Exception):
-                _finish_prepared(cluster, alias, gids[alias], "ROLLBACK")
+        _roll_back_prepared(cluster, attempted, gids)
+        raise
+    try:
+        _log_decision(cluster, txid, aliases)
+    except BaseException as exc:
+        # The decision's COMMIT may have reached 'default' before the failure.  Only once its
+        # absence is certain may the participants be rolled back; else a participant that
+        # cannot be rolled back would be committed by recovery while the others were not.
+        try:
+            with cluster.engine().begin() as conn:
+                if inspect(conn).has_table(twophase_log.name):  # else it was never written
+                    conn.execute(delete(twophase_log).where(twophase_log.c.txid == txid))
+        except Exception:
+            raise TwoPhaseCommitError(
+                f"two-phase commit {txid}: logging the decision on 'default' failed ({_brief(exc)}) and "
+                f"whether it was written cannot be checked: {', '.join(aliases)} stay prepared, holding their "
+                "locks, until 'shardkit twophase recover' can read 'default': it commits them if the decision "
+                "was written, else rolls them back",
+                decision="unknown",
+                txid=txid,
+                committed=[],
+                not_committed=list(aliases),
+                errors={"default": exc},
+            ) from exc
+        _roll_back_prepared(cluster, aliases, gids)
         raise
     done: list[str] = []
     errors: dict[str, BaseException] = {}
@@ -221,6 +242,13 @@ def two_phase_commit(session: ShardSession, aliases: list[str]) -> None:
         ) from first
     with contextlib.suppress(Exception):  # committed everywhere; a leftover row is removed by recover()
         _forget_decision(cluster, txid)
+
+
+def _roll_back_prepared(cluster: Cluster, aliases: list[str], gids: dict[str, str]) -> None:
+    """ROLLBACK PREPARED on each alias, even if one of them fails (recovery rolls back what is left)."""
+    for alias in aliases:
+        with contextlib.suppress(Exception):
+            _finish_prepared(cluster, alias, gids[alias], "ROLLBACK")
 
 
 # -- cross_shard_writes="allow": one connection after the other, in a known order ---------------

@@ -142,6 +142,8 @@ class TwoPhaseCommitError(CommitError):
     """``cross_shard_writes="twophase"``: the decision (``decision == "commit"``) is logged
     and ``committed`` are committed, but ``COMMIT PREPARED`` failed on ``not_committed``
     (their transactions stay prepared, locks held, until ``recover`` commits them).
+    ``decision == "unknown"``: logging the decision failed and ``default`` could not be
+    checked; every alias stays prepared until ``recover`` settles it by the log.
 
     ``txid`` names the transaction in ``shardkit_twophase_log``; ``errors`` maps each alias
     that failed to its exception.

@@ -294,6 +294,92 @@ def test_twophase_failure_at_prepare_rolls_back_everywhere_and_rollback_is_harml
     assert shards.rows("a") == shards.rows("b") == []
 
 
+def _commit_with_decision_step(urls: dict[str, str], step: Any, monkeypatch: pytest.MonkeyPatch) -> BaseException:
+    log_decision = _twophase._log_decision
+    monkeypatch.setattr(_twophase, "_log_decision", lambda *args: step(log_decision, *args))
+    cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    try:
+        with cluster.session() as s:
+            write(s, "a", 1)
+            write(s, "b", 2)
+            with pytest.raises(Exception) as caught:
+                s.commit()
+            s.rollback()
+    finally:
+        monkeypatch.undo()
+        cluster.dispose()
+    return caught.value
+
+
+def test_a_blip_on_default_at_the_decision_rolls_back_everywhere(
+    shards: Shards, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    direct = shards.add("default", "a", "b")
+    urls = {**direct, "default": proxied_url(direct["default"], proxy)}
+
+    def blip(log_decision: Any, *args: Any) -> None:
+        proxy.cut()
+        try:
+            log_decision(*args)  # refused: nothing was written
+        finally:
+            proxy.restore()  # back at once: its absence can be checked
+
+    error = _commit_with_decision_step(urls, blip, monkeypatch)
+    assert isinstance(error, OperationalError)
+    assert shards.prepared("a") == shards.prepared("b") == []
+    assert shards.rows("a") == shards.rows("b") == []
+
+
+def test_a_decision_that_may_have_been_written_leaves_every_shard_prepared(
+    shards: Shards, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    direct = shards.add("default", "a", "b")
+    urls = {**direct, "default": proxied_url(direct["default"], proxy)}
+
+    def written_then_lost(log_decision: Any, cluster: shardkit.Cluster, *args: Any) -> None:
+        log_decision(cluster, *args)  # the decision is written...
+        proxy.cut()  # ...and 'default' is gone before the committer learns it
+        with cluster.engine().connect() as conn:
+            conn.execute(text("SELECT 1"))  # fails for real: the link is cut
+
+    error = _commit_with_decision_step(urls, written_then_lost, monkeypatch)
+    assert isinstance(error, TwoPhaseCommitError) and error.decision == "unknown"
+    assert error.not_committed == ["a", "b"] and isinstance(error.__cause__, OperationalError)
+    # rolling back some of them could leave the others to be committed by recovery: none is touched
+    assert len(shards.prepared("a")) == len(shards.prepared("b")) == 1
+    proxy.restore()
+    cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    resolved = cluster.recover_twophase(min_age=3600)  # the decision was written: committed at once
+    cluster.dispose()
+    assert sorted((d.alias, d.action) for d in resolved) == [("a", "commit"), ("b", "commit")]
+    assert shards.rows("a") == [(1, "on a")] and shards.rows("b") == [(2, "on b")]
+
+
+def test_a_decision_never_written_while_default_is_down_is_rolled_back_by_recovery(
+    shards: Shards, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    direct = shards.add("default", "a", "b")
+    urls = {**direct, "default": proxied_url(direct["default"], proxy)}
+
+    def down(log_decision: Any, *args: Any) -> None:
+        proxy.cut()
+        log_decision(*args)
+
+    error = _commit_with_decision_step(urls, down, monkeypatch)
+    assert isinstance(error, TwoPhaseCommitError) and error.decision == "unknown"
+    assert len(shards.prepared("a")) == len(shards.prepared("b")) == 1
+    cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    with pytest.raises(TwoPhaseRecoveryError, match="'default'"):
+        cluster.recover_twophase(min_age=0)  # without the decisions nothing is resolved
+    assert len(shards.prepared("a")) == 1
+    proxy.restore()
+    assert cluster.recover_twophase(min_age=3600) == []  # undecided and young: may still be running
+    resolved = cluster.recover_twophase(min_age=0)
+    cluster.dispose()
+    assert sorted((d.alias, d.action) for d in resolved) == [("a", "rollback"), ("b", "rollback")]
+    assert shards.rows("a") == shards.rows("b") == []
+
+
 # -- cross_shard_writes="allow", one shard failing at commit ------------------------------------
 
 
