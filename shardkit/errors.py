@@ -11,6 +11,7 @@ keeps working for code that does not know shardkit::
      |    +-- RouterImportError (ImportError) a DATABASE_ROUTERS entry that does not import
      +-- RoutingError                        the router chain gave an unusable answer
      |    +-- InvalidRouteError               a router returned something that is not an alias
+     |    +-- RouterError                     a router's own method raised (the cause is kept)
      +-- InvalidKeyError (TypeError)         a shard key of a type or value the ring refuses
      +-- RelationError                       allow_relation refused a relation (cross-shard)
      +-- CrossShardWriteError                a multi-shard commit refused by the strict setting
@@ -20,6 +21,7 @@ keeps working for code that does not know shardkit::
  +-- TwoPhaseRecoveryError               recovery could not reach or resolve some aliases
      +-- FanoutError                         a read across shards failed
      |    +-- UnsupportedQueryError           a statement shape that cannot be merged correctly
+     |    +-- InvalidCursorError (TypeError)  a keyset cursor value that is not a plain value
      |    +-- ShardQueryError                 one or more shards failed: ``.errors`` maps alias -> exception
      |    +-- FanoutTimeoutError (TimeoutError) the fan-out deadline passed
      +-- ReshardError                        a reshard that cannot start, continue or verify
@@ -41,11 +43,13 @@ __all__ = [
     "CrossShardWriteError",
     "FanoutError",
     "FanoutTimeoutError",
+    "InvalidCursorError",
     "InvalidKeyError",
     "InvalidRouteError",
     "PartialCommitError",
     "RelationError",
     "ReshardError",
+    "RouterError",
     "RouterImportError",
     "RoutingError",
     "ShardQueryError",
@@ -101,6 +105,16 @@ class RoutingError(ShardkitError):
 
 class InvalidRouteError(RoutingError, ValueError):
     """A router returned a value that is not an alias of the cluster."""
+
+
+class RouterError(RoutingError):
+    """A method of a router raised an exception that is not a shardkit error.
+
+    ``router`` is the router object, ``method`` the method's name (``"db_for_read"`` ...),
+    ``model`` the model asked about; the router's exception is ``__cause__``.  A shardkit
+    error a router raises on purpose (``ShardMovingError``, ``InvalidKeyError`` ...) is not
+    wrapped: it reaches the caller unchanged.
+    """
 
 
 class InvalidKeyError(ShardkitError, TypeError):
@@ -173,6 +187,14 @@ class UnsupportedQueryError(FanoutError, NotImplementedError):
     """The statement has a shape whose cross-shard merge would not be exact.
 
     ``construct`` names what was refused (``"window function"``, ``"LIMIT in a subquery"`` ...).
+    """
+
+
+class InvalidCursorError(FanoutError, TypeError):
+    """A keyset cursor value that is a SQL expression (or anything but a plain value).
+
+    ``position`` is its index in the cursor.  Cursor values are bound as parameters, never
+    spliced into the SQL, so ``text("-1 OR TRUE")`` is refused rather than run.
     """
 
 

@@ -43,7 +43,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, inspect
 from sqlalchemy.sql import elements, functions, operators, selectable, sqltypes, visitors
 
-from shardkit.errors import UnsupportedQueryError
+from shardkit.errors import InvalidCursorError, UnsupportedQueryError
 from shardkit.fanout._merge import (
     AggregatePlan,
     AggregateSpec,
@@ -774,6 +774,22 @@ def _keyset_orders(stmt: Select[Any]) -> tuple[list[_Element], list[_Order]]:
     return elems, orders
 
 
+def _check_cursor_value(value: Any, position: int, depth: int = 0) -> None:
+    """Refuse a cursor value that SQLAlchemy would splice into the SQL instead of binding it:
+    a clause (``text("-1 OR TRUE")``, ``literal_column(...)``), or anything that turns into one
+    (an ORM attribute, any object with ``__clause_element__``), also inside a list or tuple."""
+    if isinstance(value, elements.ClauseElement) or hasattr(value, "__clause_element__"):
+        raise InvalidCursorError(
+            f"keyset cursor value at position {position} is a SQL expression ({type(value).__name__}), "
+            "not a plain value: a cursor holds the sort values of a row (see cursor_of())",
+            position=position,
+            value_type=type(value),
+        )
+    if isinstance(value, list | tuple | set | frozenset) and depth < 8:
+        for item in value:
+            _check_cursor_value(item, position, depth + 1)
+
+
 def keyset_page(stmt: Select[Any], *, after: Sequence[Any] | None, page_size: int) -> Select[Any]:
     """The page of ``stmt`` that follows the cursor ``after``.
 
@@ -791,6 +807,9 @@ def keyset_page(stmt: Select[Any], *, after: Sequence[Any] | None, page_size: in
     :raises UnsupportedQueryError: no ORDER BY, a last sort key that is not a
         primary key or unique column, a nullable sort column, a NULL in the
         cursor, or a cursor of the wrong length.
+    :raises InvalidCursorError: a cursor value that is a SQL expression
+        (``text(...)``, a column, anything with ``__clause_element__``): cursor
+        values are always bound as parameters, never spliced into the SQL.
 
     Example::
 
@@ -841,6 +860,8 @@ def keyset_page(stmt: Select[Any], *, after: Sequence[Any] | None, page_size: in
                 "a NULL in the keyset cursor: NULL sort keys cannot be paged with keyset pagination",
                 construct="NULL in keyset cursor",
             )
+        for position, value in enumerate(after):
+            _check_cursor_value(value, position)
         terms = []
         for i, o in enumerate(orders):
             eqs = [orders[j].expr == after[j] for j in range(i)]
