@@ -12,18 +12,25 @@ answer that is not ``None`` wins.  When every router passes:
 name of ``allow_migrate``.  Every alias a router returns is checked against
 the cluster, so a typo in a router is an error naming the router and the
 alias, raised before anything is written.
+
+An exception raised inside a router's method (a bug, a lookup that failed) reaches the
+caller as a :class:`~shardkit.errors.RouterError` naming the router, the method and the
+model, with the router's exception as its ``__cause__``.  A shardkit error a router
+raises on purpose (``ShardMovingError``, ``InvalidKeyError``, ``RoutingError`` ...) is
+not wrapped: it passes through unchanged, so callers can still catch it by its class.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
-from .errors import InvalidRouteError, RouterImportError
+from .errors import InvalidRouteError, RouterError, RouterImportError, ShardkitError
 from .typing import ShardTargets
 
-__all__ = ["RouterChain", "import_string", "model_name"]
+__all__ = ["RouterChain", "import_string", "model_name", "router_error"]
 
 _NO_DB: Callable[[Any], str | None] = lambda obj: None  # noqa: E731
 
@@ -57,6 +64,50 @@ def model_name(model: Any) -> str:
 
 def _router_name(router: Any) -> str:
     return type(router).__qualname__
+
+
+_CAUSE_LIMIT = 300
+
+
+def router_error(exc: BaseException, router: Any, method: str, model: Any) -> RouterError:
+    """The error for an exception raised inside ``router.method``: names the router, the method
+    and the model; the caller raises it ``from exc`` so the router's own exception is the cause."""
+    text = f"{type(exc).__name__}: {exc}"
+    if len(text) > _CAUSE_LIMIT:
+        text = text[: _CAUSE_LIMIT - 3] + "..."
+    return RouterError(
+        f"router {_router_name(router)}.{method} raised {text} (routing model {model_name(model)})",
+        router=router,
+        method=method,
+        model=model,
+    )
+
+
+_DJANGO_STYLE: dict[Any, bool] = {}
+
+
+def _allow_migrate(method: Callable[..., Any], db: str, model: Any, hints: Mapping[str, Any]) -> Any:
+    """Call ``allow_migrate`` in the form its signature asks for: today's Django
+    ``(db, app_label, model_name=None, **hints)`` (``model`` is then a hint, as in Django), or
+    shardkit's ``(db, model, **hints)``."""
+    func = getattr(method, "__func__", method)
+    django = _DJANGO_STYLE.get(func)
+    if django is None:
+        try:
+            django = "app_label" in inspect.signature(method).parameters
+        except (TypeError, ValueError):  # no signature to read: shardkit's form
+            django = False
+        _DJANGO_STYLE[func] = django
+    if not django:
+        return method(db, model, **hints)
+    table = hints.get("table")
+    if isinstance(model, type):
+        app_label = getattr(model, "app_label", None) or model.__module__.rpartition(".")[0] or model.__module__
+        name = model.__name__.lower()
+    else:
+        app_label, name = None, getattr(table, "name", None) or hints.get("model_name")
+    extra = {k: v for k, v in hints.items() if k not in ("model_name", "app_label", "model")}
+    return method(db, app_label, model_name=name, model=model, **extra)
 
 
 class RouterChain:
@@ -99,7 +150,17 @@ class RouterChain:
         if isinstance(entry, str):
             entry = import_string(entry)
         if isinstance(entry, type):
-            entry = entry()
+            try:
+                entry = entry()
+            except ShardkitError:
+                raise
+            except Exception as exc:
+                raise RouterError(
+                    f"router {entry.__qualname__}() raised {type(exc).__name__}: {str(exc)[:_CAUSE_LIMIT]}",
+                    router=entry,
+                    method="__init__",
+                    model=None,
+                ) from exc
         return entry
 
     def _methods(self, name: str) -> list[tuple[Any, Callable[..., Any]]]:
@@ -172,7 +233,12 @@ class RouterChain:
     def read_opinion(self, model: Any, **hints: Any) -> str | ShardTargets | None:
         """What the routers say about a read of ``model``; ``None`` if every router passes."""
         for router, method in self._read:
-            target = method(model, **hints)
+            try:
+                target = method(model, **hints)
+            except ShardkitError:
+                raise
+            except Exception as exc:
+                raise router_error(exc, router, "db_for_read", model) from exc
             if target is not None:
                 return self._check_target(target, router, model, "db_for_read")
         return None
@@ -189,7 +255,12 @@ class RouterChain:
     def write_opinion(self, model: Any, **hints: Any) -> str | ShardTargets | None:
         """What the routers say about a write of ``model``; ``None`` if every router passes."""
         for router, method in self._write:
-            target = method(model, **hints)
+            try:
+                target = method(model, **hints)
+            except ShardkitError:
+                raise
+            except Exception as exc:
+                raise router_error(exc, router, "db_for_write", model) from exc
             if target is not None:
                 checked = self._check_target(target, router, model, "db_for_write")
                 if not isinstance(checked, str) and hints.get("instance") is not None:
@@ -238,10 +309,15 @@ class RouterChain:
     ) -> list[str] | None:
         """The first router's answer for a whole batch, checked: one known alias per item."""
         for router, method in methods:
-            aliases = method(model, items, **hints)
-            if aliases is None:
-                continue
-            aliases = list(aliases)
+            try:
+                aliases = method(model, items, **hints)
+                if aliases is None:
+                    continue
+                aliases = list(aliases)
+            except ShardkitError:
+                raise
+            except Exception as exc:
+                raise router_error(exc, router, name, model) from exc
             if len(aliases) != len(items):
                 raise InvalidRouteError(
                     f"router {_router_name(router)}.{name} returned {len(aliases)} aliases "
@@ -263,18 +339,29 @@ class RouterChain:
 
     def allow_relation(self, obj1: Any, obj2: Any, **hints: Any) -> bool:
         """Whether ``obj1`` and ``obj2`` may be related (a foreign key between them)."""
-        for _router, method in self._relation:
-            allowed = method(obj1, obj2, **hints)
-            if allowed is not None:
-                return bool(allowed)
+        for router, method in self._relation:
+            try:
+                allowed = method(obj1, obj2, **hints)
+                if allowed is not None:
+                    return bool(allowed)
+            except ShardkitError:
+                raise
+            except Exception as exc:
+                raise router_error(exc, router, "allow_relation", type(obj1)) from exc
         db1 = hints.get("db1") or self._db_of(obj1) or self.default
         db2 = hints.get("db2") or self._db_of(obj2) or self.default
         return bool(db1 == db2)
 
     def allow_migrate(self, db: str, model: Any, **hints: Any) -> bool:
         """Whether ``model``'s table should exist on database ``db``."""
-        for _router, method, modern in self._migrate:
-            allowed = method(db, model, **hints) if modern else method(db, model)
-            if allowed is not None:
-                return bool(allowed)
+        for router, method, modern in self._migrate:
+            try:
+                allowed = _allow_migrate(method, db, model, hints) if modern else method(db, model)
+                if allowed is not None:
+                    return bool(allowed)
+            except ShardkitError:
+                raise
+            except Exception as exc:
+                name = "allow_migrate" if modern else "allow_syncdb"
+                raise router_error(exc, router, name, model) from exc
         return True
