@@ -44,7 +44,7 @@ from sqlalchemy.orm.exc import NO_STATE
 from sqlalchemy.orm.interfaces import MANYTOONE, ORMOption
 
 from . import _sqla
-from ._twophase import commit_in_order, two_phase_commit
+from ._twophase import CommitOrder, two_phase_commit
 from .errors import CommitError, InvalidRouteError, RoutingError, ShardkitError
 from .typing import ShardTargets
 
@@ -179,6 +179,8 @@ class ShardSession(Session):
             if self._context_tokens:
                 _current_session.reset(self._context_tokens.pop())
 
+    _commit_order: CommitOrder | None = None  # set while commit() runs (not twophase)
+
     def commit(self) -> None:
         """Commit.  With ``cross_shard_writes="twophase"`` a commit that wrote to several
         aliases is made atomic by two-phase commit first; otherwise a transaction holding
@@ -189,21 +191,23 @@ class ShardSession(Session):
         :class:`~shardkit.errors.CommitError` that names them (see :mod:`shardkit._twophase`);
         that error and any two-phase failure leave the session rolled back, so a later
         ``rollback()`` does nothing."""
-        if self._transaction is not None:
-            self.flush()  # every connection this commit involves is open from here on
-            if self.cluster.cross_shard_writes != "twophase":
-                commit_in_order(self)
-            elif len(self._tx_write_aliases) > 1:
+        if self._transaction is not None and self.cluster.cross_shard_writes == "twophase":
+            self.flush()
+            if len(self._tx_write_aliases) > 1:
                 try:
                     two_phase_commit(self, sorted(self._tx_write_aliases))
                 except BaseException:
                     self._rollback_quietly()
                     raise
+        elif self._transaction is not None:
+            self._commit_order = CommitOrder(self)  # told of connections the final flush opens
         try:
             super().commit()
         except CommitError:
             self._rollback_quietly()
             raise
+        finally:
+            self._commit_order = None
 
     def _rollback_quietly(self) -> None:
         """Roll back after a failed commit; connections that broke were invalidated, so they are skipped."""
@@ -1023,6 +1027,13 @@ def _after_flush(session: Session, flush_context: Any) -> None:
     session._flush_conns.clear()
     session._link_aliases.clear()
     session._collection_parents.clear()
+
+
+@event.listens_for(ShardSession, "after_begin")
+def _after_begin(session: Session, transaction: Any, connection: Connection) -> None:
+    order = getattr(session, "_commit_order", None)
+    if order is not None:  # a connection opened by the final flush of a commit
+        order.add(connection)
 
 
 @event.listens_for(ShardSession, "after_transaction_end")

@@ -22,7 +22,7 @@ is ever half applied.  Only GIDs of exactly shardkit's format are touched.
 PostgreSQL needs ``max_prepared_transactions`` above zero for this; every
 written alias must be PostgreSQL (checked before anything is written).
 
-With ``cross_shard_writes="allow"``, :func:`commit_in_order` makes a commit over
+With ``cross_shard_writes="allow"``, :class:`CommitOrder` makes a commit over
 several connections commit them one by one in the order of DATABASES, and a
 failure part way raise :class:`~shardkit.errors.PartialCommitError` naming the
 aliases that committed and those that did not.
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from ._cluster import Cluster
     from ._session import ShardSession
 
-__all__ = ["InDoubt", "commit_in_order", "make_gid", "parse_gid", "recover", "two_phase_commit"]
+__all__ = ["CommitOrder", "InDoubt", "make_gid", "parse_gid", "recover", "two_phase_commit"]
 
 GID_PREFIX = "shardkit_"
 #: ``shardkit_<txid: 32 hex digits>_<participants>_<index>``, and nothing else
@@ -254,44 +254,66 @@ def _roll_back_prepared(cluster: Cluster, aliases: list[str], gids: dict[str, st
 # -- cross_shard_writes="allow": one connection after the other, in a known order ---------------
 
 
-def commit_in_order(session: ShardSession) -> None:
-    """Make the coming ``Session.commit()`` commit the transaction's connections one by one,
-    in a known order (aliases only read from first, then the written ones, each in the order
-    of DATABASES), and say which committed if one of them fails.
+class CommitOrder:
+    """Make one ``Session.commit()`` commit the transaction's connections one by one, in a
+    known order (aliases only read from first, then the written ones, each in the order of
+    DATABASES), and say which committed if one of them fails.
 
     SQLAlchemy commits a session's connections in no set order and stops at the first
-    failure without saying which committed.  Hooked on the first connection's ``commit``
-    event (so ``before_commit`` listeners and the final flushes run first, as usual), this
-    commits every connection of the transaction in order; if one fails, the later ones are
-    rolled back and :class:`~shardkit.errors.PartialCommitError` is raised (or, if nothing
-    had committed yet, the driver's error, as SQLAlchemy would raise it).
+    failure without saying which committed.  Made by ``ShardSession.commit`` before it calls
+    ``Session.commit()``, and told (:meth:`add`) of every connection the transaction opens
+    meanwhile (the final flush may open some), it hooks the ``commit`` event of each
+    connection once there are two or more.  The first connection SQLAlchemy commits then
+    commits all of them in order, after ``before_commit`` listeners and the final flush ran
+    as usual; if one fails, the later ones are rolled back and
+    :class:`~shardkit.errors.PartialCommitError` is raised (or, if nothing had committed yet,
+    the driver's error, as SQLAlchemy would raise it).  One connection: nothing is hooked.
     """
-    conns = _transaction_connections(session)
-    if len(conns) < 2:
-        return
-    fired = False
 
-    def on_commit(conn: Connection) -> None:
-        nonlocal fired
-        if not fired:
-            fired = True
-            _commit_each(session)
+    __slots__ = ("_conns", "_fired", "_hooked", "session")
 
-    for _, conn in conns:
-        event.listen(conn, "commit", on_commit)
+    def __init__(self, session: ShardSession) -> None:
+        self.session = session
+        self._conns: list[Connection] = list(_held_connections(session))
+        self._hooked = 0  # _conns[:_hooked] have the listener
+        self._fired = False
+        self._hook()
+
+    def add(self, conn: Connection) -> None:
+        """The transaction has begun on one more connection (a savepoint repeats one: ignored)."""
+        if any(known is conn for known in self._conns):
+            return
+        self._conns.append(conn)
+        self._hook()
+
+    def _hook(self) -> None:
+        if len(self._conns) < 2:
+            return
+        for conn in self._conns[self._hooked :]:
+            event.listen(conn, "commit", self._on_commit)
+        self._hooked = len(self._conns)
+
+    def _on_commit(self, conn: Connection) -> None:
+        if not self._fired:
+            self._fired = True
+            _commit_each(self.session)
 
 
-def _transaction_connections(session: ShardSession) -> list[tuple[str, Connection]]:
-    """(alias, connection) of every connection the root transaction will commit, in commit order:
-    those with no known write first, then the written ones, each group in DATABASES order."""
+def _held_connections(session: ShardSession) -> list[Connection]:
+    """Every connection the root transaction holds and will commit (not those it only joined)."""
     trans = session.get_transaction()
     if trans is None:
         return []
     # SQLAlchemy keeps them in SessionTransaction._connections: (conn, trans, should_commit, autoclose)
     # under two keys each (the connection and its engine)
     conns = {id(entry[0]): entry[0] for entry in trans._connections.values() if entry[2]}
-    if len(conns) < 2:
-        return [(session.cluster.router.default, conn) for conn in conns.values()]  # nothing to order
+    return list(conns.values())
+
+
+def _transaction_connections(session: ShardSession) -> list[tuple[str, Connection]]:
+    """(alias, connection) of every connection the root transaction will commit, in commit order:
+    those with no known write first, then the written ones, each group in DATABASES order."""
+    conns = _held_connections(session)
     aliases = session.cluster.aliases
     rank = {alias: i for i, alias in enumerate(aliases)}
     by_engine: dict[int, str] = {}
@@ -299,7 +321,7 @@ def _transaction_connections(session: ShardSession) -> list[tuple[str, Connectio
         engine = session.cluster._engines.get(alias)
         if engine is not None:
             by_engine[id(engine)] = alias
-    found = [(by_engine.get(id(conn.engine), str(conn.engine.url.database)), conn) for conn in conns.values()]
+    found = [(by_engine.get(id(conn.engine), str(conn.engine.url.database)), conn) for conn in conns]
     # aliases this transaction is not known to have written to first: if one of them fails,
     # nothing that matters is committed yet and every write can still be rolled back
     written = session._tx_write_aliases

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, insert, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import DeclarativeBase
 
 import shardkit
 from shardkit import _twophase
@@ -26,6 +27,14 @@ from tests.test_twophase import crash_at
 
 metadata = MetaData()
 notes = Table("notes", metadata, Column("id", Integer, primary_key=True), Column("body", String(50)))
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Note(Base):
+    __table__ = notes
 
 
 def _literal(gid: str) -> str:
@@ -400,6 +409,25 @@ def test_allow_mode_names_the_shards_that_committed_and_those_that_did_not(shard
         assert "'b'" in str(error) and "a had committed" in str(error) and "rolled back on c" in str(error)
         assert s.execute(select(notes.c.id).execution_options(shardkit_using="c")).scalars().all() == []
     cluster.dispose()
+    assert shards.rows("a") == [(3, "on a")]
+    assert shards.rows("b") == shards.rows("c") == []
+
+
+def test_allow_mode_orm_objects_flushed_by_the_commit_itself(shards: Shards, proxy: TcpProxy) -> None:
+    from sqlalchemy import event
+
+    direct = shards.add("default", "a", "b", "c")
+    urls = {**direct, "b": proxied_url(direct["b"], proxy)}
+    cluster = shardkit.Cluster(urls)
+    with cluster.session() as s:  # no connection is open before commit(): its flush opens them
+        for row_id, alias in enumerate(("c", "b", "a"), start=1):
+            s.save(Note(id=row_id, body=f"on {alias}"), using=alias)
+        event.listen(s, "after_flush_postexec", lambda *args: proxy.cut())  # flushed: now b's link dies
+        with pytest.raises(PartialCommitError) as caught:
+            s.commit()
+        s.rollback()
+    cluster.dispose()
+    assert (caught.value.committed, caught.value.not_committed) == (["a"], ["b", "c"])
     assert shards.rows("a") == [(3, "on a")]
     assert shards.rows("b") == shards.rows("c") == []
 
