@@ -33,7 +33,7 @@ def twophase() -> None:
     type=click.FloatRange(0),
     default=60.0,
     show_default=True,
-    help="Only transactions prepared at least this many seconds ago.",
+    help="Roll back an undecided transaction only once prepared this long (a decided one is committed at once).",
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing.")
 def recover(settings_path: str | None, as_json: bool, min_age: float, dry_run: bool) -> None:
