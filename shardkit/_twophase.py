@@ -53,7 +53,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError
 
-from .errors import CrossShardWriteError, PartialCommitError, TwoPhaseCommitError, TwoPhaseRecoveryError
+from .errors import (
+    CrossShardWriteError,
+    PartialCommitError,
+    ShardkitError,
+    TwoPhaseCommitError,
+    TwoPhaseRecoveryError,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -97,7 +103,7 @@ def make_gid(txid: str, count: int, index: int) -> str:
     """The GID of participant ``index`` (of ``count``) of transaction ``txid``: ``shardkit_<txid>_<count>_<index>``."""
     gid = f"{GID_PREFIX}{txid}_{count}_{index}"
     if parse_gid(gid) is None:
-        raise ValueError(f"not a shardkit two-phase GID: {gid!r}")
+        raise ShardkitError(f"not a shardkit two-phase GID: {gid!r}", gid=gid)
     return gid
 
 
@@ -117,7 +123,7 @@ def parse_gid(gid: str) -> str | None:
 def _gid_literal(gid: str) -> str:
     """``gid`` as an SQL string literal, for statements that take no bind parameters."""
     if parse_gid(gid) is None:  # only shardkit's own GIDs are ever spliced into SQL
-        raise ValueError(f"not a shardkit two-phase GID: {gid!r}")
+        raise ShardkitError(f"not a shardkit two-phase GID: {gid!r}", gid=gid)
     return "'" + gid.replace("'", "''") + "'"
 
 

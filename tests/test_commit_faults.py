@@ -20,7 +20,13 @@ from sqlalchemy.orm import DeclarativeBase
 import shardkit
 from shardkit import _twophase
 from shardkit._twophase import make_gid, parse_gid
-from shardkit.errors import CommitError, PartialCommitError, TwoPhaseCommitError, TwoPhaseRecoveryError
+from shardkit.errors import (
+    CommitError,
+    PartialCommitError,
+    ShardkitError,
+    TwoPhaseCommitError,
+    TwoPhaseRecoveryError,
+)
 from tests.conftest import IN_CI, PG_URL, DatabaseFactory, require_server
 from tests.faults import TcpProxy, proxied_url, tcp_proxy
 from tests.test_twophase import crash_at
@@ -152,7 +158,7 @@ def test_only_shardkit_gids_parse() -> None:
         f"shardkit_{txid[:31]}_2_0",
     ):
         assert parse_gid(foreign) is None, foreign
-    with pytest.raises(ValueError):
+    with pytest.raises(ShardkitError, match="not a shardkit two-phase GID"):
         make_gid("not-hex", 2, 0)
 
 
