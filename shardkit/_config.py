@@ -15,6 +15,7 @@ every repr and message uses the URL rendered with its password hidden.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -129,6 +130,45 @@ def _drivername(alias: str, engine: Any) -> str:
     return drivername
 
 
+def _check_port(alias: str, port: int) -> int:
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"DATABASES[{alias!r}]: port {port} is out of range (1-65535)", alias=alias, port=port)
+    return port
+
+
+def _dict_port(alias: str, port: Any) -> int | None:
+    if port is None or port == "":
+        return None
+    if isinstance(port, bool) or not isinstance(port, int | str):
+        raise ConfigError(
+            f"DATABASES[{alias!r}]: PORT must be a number, got {type(port).__name__}", alias=alias, key="PORT"
+        )
+    if isinstance(port, str):
+        if not port.strip().isascii() or not port.strip().isdigit():
+            raise ConfigError(
+                f"DATABASES[{alias!r}]: PORT must be a number, got {port[:20]!r}", alias=alias, key="PORT"
+            )
+        port = int(port)
+    return _check_port(alias, port)
+
+
+def _url_from_text(alias: str, entry: URL | str) -> URL:
+    """Parse a URL; every parse failure is a ConfigError naming the alias, never echoing the text
+    (it may hold a password)."""
+    try:
+        url = make_url(entry)
+    except ArgumentError as exc:
+        raise ConfigError(f"DATABASES[{alias!r}]: not a valid database URL", alias=alias) from exc
+    except (ValueError, TypeError):
+        # SQLAlchemy parses the port with int(): "h:abc", "h:5432x", "[::1:5432"
+        raise ConfigError(
+            f"DATABASES[{alias!r}]: not a valid database URL: its port is not a number", alias=alias
+        ) from None
+    if url.port is not None:
+        _check_port(alias, url.port)
+    return url
+
+
 def _spec_from_dict(alias: str, entry: Mapping[str, Any]) -> AliasSpec:
     unknown = sorted(set(entry) - _DJANGO_KEYS - _SHARDKIT_KEYS)
     if unknown:
@@ -140,13 +180,26 @@ def _spec_from_dict(alias: str, entry: Mapping[str, Any]) -> AliasSpec:
     if "ENGINE" not in entry:
         raise ConfigError(f"DATABASES[{alias!r}]: ENGINE is required", alias=alias)
     drivername = _drivername(alias, entry["ENGINE"])
-    name = entry.get("NAME") or None
-    port = entry.get("PORT") or None
-    if port is not None:
-        try:
-            port = int(port)
-        except (TypeError, ValueError):
-            raise ConfigError(f"DATABASES[{alias!r}]: PORT must be a number, got {port!r}", alias=alias) from None
+    port = _dict_port(alias, entry.get("PORT"))
+    for key in ("USER", "PASSWORD", "HOST"):
+        value = entry.get(key)
+        if value not in (None, "") and not isinstance(value, str):
+            shown = "" if key == "PASSWORD" else f", got {type(value).__name__}"  # never echo a password
+            raise ConfigError(f"DATABASES[{alias!r}]: {key} must be a string{shown}", alias=alias, key=key)
+    name = entry.get("NAME")
+    if name in (None, ""):
+        if not (isinstance(entry.get("OPTIONS"), Mapping) and entry["OPTIONS"].get("service")):
+            hint = "a file path, or ':memory:'" if drivername.startswith("sqlite") else "the database name"
+            raise ConfigError(f"DATABASES[{alias!r}]: NAME is required ({hint})", alias=alias, key="NAME")
+        name = None
+    elif isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(
+            f"DATABASES[{alias!r}]: NAME must be a string or a path, got {type(name).__name__}",
+            alias=alias,
+            key="NAME",
+        )
     options = entry.get("OPTIONS") or {}
     engine_options = entry.get("ENGINE_OPTIONS") or {}
     for key in ("OPTIONS", "ENGINE_OPTIONS"):
@@ -169,11 +222,7 @@ def _spec(alias: Any, entry: Any) -> AliasSpec:
     if isinstance(entry, Engine):
         return AliasSpec(alias, entry.url, engine=entry)
     if isinstance(entry, URL | str):
-        try:
-            url = make_url(entry)
-        except ArgumentError as exc:
-            # the text may hold a password: do not echo it back
-            raise ConfigError(f"DATABASES[{alias!r}]: not a valid database URL", alias=alias) from exc
+        url = _url_from_text(alias, entry)
         _drivername(alias, url.drivername)
         if url.drivername in _BARE_URL_DRIVERS:  # the driver shardkit installs, not the dialect's default
             url = url.set(drivername=_BARE_URL_DRIVERS[url.drivername])

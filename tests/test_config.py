@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 from sqlalchemy import text
@@ -165,3 +167,79 @@ def test_a_url_without_a_driver_gets_the_installed_one() -> None:
     assert cluster.spec("default").url.drivername == "postgresql+psycopg2"
     assert cluster.spec("m").url.drivername == "mysql+pymysql"
     assert cluster.spec("l").url.drivername == "sqlite"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://mario:{SECRET}@db.example:abc/app",
+        f"mysql://mario:{SECRET}@db.example:3306x/app",
+        f"postgresql://mario:{SECRET}@[::1:5432/app",
+        f"postgresql://mario:{SECRET}@db.example:99999/app",
+        f"postgresql://mario:{SECRET}@db.example:0/app",
+    ],
+)
+def test_a_url_with_a_bad_port_is_a_config_error_naming_the_alias(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"DATABASES\['shard7'\].*port") as info:
+        shardkit.Cluster({"default": "sqlite://", "shard7": url})
+    assert info.value.alias == "shard7"  # type: ignore[attr-defined]
+    assert SECRET not in str(info.value) and SECRET not in repr(info.value)
+    assert info.value.__cause__ is None or SECRET not in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ({"ENGINE": "postgresql", "NAME": "x", "PORT": "five"}, "PORT must be a number"),
+        ({"ENGINE": "postgresql", "NAME": "x", "PORT": True}, "PORT must be a number"),
+        ({"ENGINE": "postgresql", "NAME": "x", "PORT": 5432.5}, "PORT must be a number"),
+        ({"ENGINE": "postgresql", "NAME": "x", "PORT": 70000}, "out of range"),
+        ({"ENGINE": "postgresql", "NAME": "x", "PORT": "-1"}, "PORT must be a number"),
+        ({"ENGINE": "postgresql", "NAME": "x", "HOST": 127}, "HOST must be a string"),
+        ({"ENGINE": "postgresql", "NAME": "x", "USER": ["mario"]}, "USER must be a string"),
+        ({"ENGINE": "postgresql", "NAME": "x", "PASSWORD": 12345}, "PASSWORD must be a string"),
+        ({"ENGINE": "postgresql"}, "NAME is required"),
+        ({"ENGINE": "sqlite", "NAME": ""}, "NAME is required"),
+        ({"ENGINE": "postgresql", "NAME": 5}, "NAME must be a string"),
+        ({"ENGINE": "oracle9000", "NAME": "x"}, "unknown ENGINE"),
+        ({"ENGINE": "", "NAME": "x"}, "ENGINE must be a non-empty string"),
+        ({"NAME": "x"}, "ENGINE is required"),
+        ({"ENGINE": "postgresql", "NAME": "x", "OPTIONS": "sslmode=require"}, "OPTIONS must be a dict"),
+    ],
+)
+def test_malformed_dict_settings_name_the_alias_and_the_key(entry: dict[str, object], match: str) -> None:
+    entry = {**entry}
+    with pytest.raises(ConfigError, match=match) as info:
+        shardkit.Cluster({"default": "sqlite://", "s1": entry})
+    assert info.value.alias == "s1"  # type: ignore[attr-defined]
+    assert "12345" not in str(info.value)  # a password is never echoed, whatever its type
+
+
+def test_well_formed_variants_still_parse(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cluster = shardkit.Cluster(
+        {
+            "default": {"ENGINE": "sqlite", "NAME": tmp_path / "a.db"},  # a Path, as Django's BASE_DIR / "db"
+            "p": {"ENGINE": "postgresql", "NAME": "x", "PORT": " 5433 ", "HOST": "", "USER": None},
+            "svc": {"ENGINE": "postgresql", "OPTIONS": {"service": "my_service"}},  # libpq service: no NAME
+            "u": "postgresql://mario@db.example:6543/app",
+        }
+    )
+    assert cluster.spec("default").url.database == str(tmp_path / "a.db")
+    assert cluster.spec("p").url.port == 5433
+    assert cluster.spec("svc").url.database is None
+    assert cluster.spec("u").url.port == 6543
+
+
+def test_the_cli_prints_one_line_without_the_password(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    settings = tmp_path / "settings.toml"
+    settings.write_text(f'[databases]\ndefault = "sqlite://"\nshard3 = "postgresql://mario:{SECRET}@h:54x32/app"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "shardkit", "--settings", str(settings), "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and SECRET not in done.stderr + done.stdout
+    assert "shard3" in done.stderr and "port" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
