@@ -326,8 +326,11 @@ class Cluster:
         return done
 
     def recover_twophase(self, *, min_age: float = 60.0, dry_run: bool = False) -> list[InDoubt]:
-        """Resolve two-phase transactions left in doubt by a crash: committed everywhere if their
-        decision was logged, else rolled back everywhere (see :func:`shardkit._twophase.recover`)."""
+        """Resolve two-phase transactions left in doubt by a crash: committed everywhere at once if
+        their decision was logged, else rolled back everywhere once older than ``min_age`` seconds
+        (see :func:`shardkit._twophase.recover`).  Only GIDs shardkit wrote are touched.  An alias
+        that cannot be reached does not stop the others: it is named afterwards by
+        :class:`~shardkit.errors.TwoPhaseRecoveryError`."""
         return recover(self, min_age=min_age, dry_run=dry_run)
 
     def reshard(self, new_ring: Any = None, **kwargs: Any) -> Any:
