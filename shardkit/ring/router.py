@@ -435,9 +435,12 @@ class HashRingRouter:
     def db_for_write_rows(self, model: type[Any], rows: list[dict[str, Any]], **hints: Any) -> list[str] | None:
         """Aliases of a batch of rows to insert (``{column key: value}``), hashed in one C call.
 
-        Missing integer primary-key shard keys are generated: such a row is replaced in ``rows``
-        by a copy holding its new key (the caller's dicts are never changed);
+        Missing integer primary-key shard keys are generated, and keys of another type than
+        the column's are converted (``"5"`` -> ``5``): such a row is replaced in ``rows`` by a
+        copy holding its new key (the caller's dicts are never changed);
         ``None`` for models that are not sharded (and for reference tables).
+
+        :raises InvalidKeyError: a key the column would not accept (names the model and row's value).
         """
         if self.is_reference(model):
             return None
