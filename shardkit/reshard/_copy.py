@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, insert, literal, select, text, tuple_
 
-from ._dbfence import locked
+from ._dbfence import barrier_tables
 from ._tables import SOURCE_COLUMN, MovingTable
 
 if TYPE_CHECKING:
@@ -292,14 +292,14 @@ def delete_keys(
 def barrier(engine: Engine, tables: Sequence[Table], timeout: float = 120.0, *, alias: str = "") -> None:
     """Wait until every transaction that is writing to ``tables`` on ``engine`` has ended.
 
-    PostgreSQL: ``LOCK TABLE a, b IN SHARE MODE`` (every table in one statement: it waits for
-    every holder of a write lock), released at once; under a short ``lock_timeout`` and tried
-    again with a growing pause on a lock timeout or a deadlock, so a writer that holds one of
-    the tables and wants another never deadlocks with it (see :func:`._dbfence.locked`).
+    PostgreSQL: ``LOCK TABLE t IN SHARE MODE`` (it waits for every holder of a write lock on
+    ``t``), released at once, one table per transaction, under a short ``lock_timeout``,
+    retried (see :func:`._dbfence.locked`): the barrier never holds one table while it waits
+    for another, so it cannot deadlock with a writer that holds one and wants the other.
     SQLite: ``BEGIN IMMEDIATE`` (it waits for the one writer).  Other databases: nothing.
 
     :raises ReshardError: the tables stayed busy for ``timeout`` seconds (run again).
     """
     if engine.dialect.name not in ("postgresql", "sqlite"):
         return  # no barrier on other backends (documented)
-    locked(engine, tables, "SHARE", timeout=timeout, alias=alias)
+    barrier_tables(engine, tables, "SHARE", timeout=timeout, alias=alias)

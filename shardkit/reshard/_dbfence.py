@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REFUSED_SQLSTATE",
+    "barrier_tables",
     "bypass",
     "fenced_arcs",
     "install",
@@ -146,55 +147,76 @@ def locked(
     body: Callable[[Connection], Any] | None = None,
     *,
     timeout: float = 120.0,
-    attempt_timeout: float = 0.2,
     alias: str = "",
 ) -> Any:
-    """Run ``body`` in one transaction that holds ``tables`` locked in ``mode``: deadlock-free.
+    """Run ``body`` in a transaction that holds ``tables`` (at most one) locked in ``mode``.
 
-    PostgreSQL: ``LOCK TABLE a, b IN <mode> MODE`` (every table in one statement) under a
-    short ``lock_timeout`` (``attempt_timeout``, below PostgreSQL's ``deadlock_timeout`` of 1 s,
-    so when a writer that holds one of the tables waits for another one, this transaction
-    gives up first and lets the writer finish); on a lock timeout or a deadlock the
-    transaction is rolled back, and tried again after a growing, jittered pause, until
-    ``timeout`` seconds have passed.  SQLite: ``BEGIN IMMEDIATE`` (waits for the one writer),
-    tried again the same way while the database is locked.  A lock never held at all while
-    the application writes is the point: waiting for it never makes a writer fail.
+    Deadlock-free by construction: a transaction of the reshard holds at most one table lock,
+    so it never holds one table while it waits for another (the fault this replaces: ``LOCK
+    users; LOCK orders`` in one transaction deadlocked with a writer that held ``orders`` and
+    wanted ``users``).  Taking several tables in one ``LOCK`` statement would not do: the
+    server still takes them one after the other, and under writers that touch both, a short
+    timeout and a retry then starve.  Callers lock table after table, each in its own
+    transaction (:func:`barrier_tables`).
 
-    :raises ReshardError: the locks could not be had within ``timeout`` (retryable: run again).
+    PostgreSQL: ``LOCK TABLE t IN <mode> MODE`` under a ``lock_timeout`` that starts short
+    (0.2 s, so the writers that queue behind the waiting lock are held up briefly when a long
+    transaction holds the table) and doubles on each retry, up to 5 s; tried again after a
+    jittered pause until ``timeout`` seconds have passed.  A deadlock reported anyway is
+    retried the same way.  SQLite: ``BEGIN IMMEDIATE`` (waits for the one writer), retried
+    while the database is locked.  Other databases: ``body`` in a plain transaction.
+
+    :raises ReshardError: no lock within ``timeout`` (long transactions hold the table; retryable).
     """
+    if len(tables) > 1:
+        raise ValueError("lock one table per transaction")
     name = engine.dialect.name
     deadline = time.monotonic() + timeout
-    pause = 0.01
-    attempts = 0
+    wait, attempts = 0.2, 0
     while True:
         attempts += 1
         try:
             if name == "postgresql":
                 with engine.begin() as conn:
-                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{max(1, int(attempt_timeout * 1000))}ms'")
+                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{int(wait * 1000)}ms'")
                     if tables:
-                        prep = engine.dialect.identifier_preparer
-                        names = ", ".join(prep.format_table(t) for t in tables)
-                        conn.exec_driver_sql(f"LOCK TABLE {names} IN {mode} MODE")
+                        target = engine.dialect.identifier_preparer.format_table(tables[0])
+                        conn.exec_driver_sql(f"LOCK TABLE {target} IN {mode} MODE")
                     conn.exec_driver_sql("SET LOCAL lock_timeout = 0")
                     return body(conn) if body is not None else None
             if name == "sqlite":
-                return _sqlite_immediate(engine, body, attempt_timeout)
-            with engine.begin() as conn:  # no barrier on other databases (documented)
+                return _sqlite_immediate(engine, body, wait)
+            with engine.begin() as conn:
                 return body(conn) if body is not None else None
         except Exception as exc:
             if not _lock_error(exc):
                 raise
-            if time.monotonic() + pause > deadline:
+            if time.monotonic() >= deadline:
+                what = ", ".join(getattr(t, "name", str(t)) for t in tables) or "the database"
                 raise ReshardError(
-                    f"could not lock {', '.join(getattr(t, 'name', str(t)) for t in tables)}"
-                    f"{' on ' + alias if alias else ''} within {timeout:.0f}s ({attempts} attempts): "
-                    "long write transactions hold them; the reshard can be run again",
+                    f"could not lock {what}{' on ' + alias if alias else ''} within {timeout:.0f}s "
+                    f"({attempts} attempts): long write transactions hold it; the reshard can be run again",
                     alias=alias,
                     retryable=True,
                 ) from exc
-            time.sleep(pause * random.uniform(0.5, 1.5))
-            pause = min(pause * 2, 0.5)
+            time.sleep(random.uniform(0.005, 0.05))
+            wait = min(wait * 2, 5.0, max(0.05, deadline - time.monotonic()))
+
+
+def barrier_tables(engine: Engine, tables: Sequence[Any], mode: str = "SHARE", *, timeout: float = 120.0,
+                   alias: str = "") -> None:  # fmt: skip
+    """Wait until no transaction that was writing to ``tables`` when this was called is still
+    open: each table locked in ``mode`` in a transaction of its own (see :func:`locked`).
+
+    A transaction that wrote a table holds its write lock until it ends, so the lock of that
+    table waits for it; a writer that locks ``orders`` then ``users`` is waited for at both
+    and never waits for this.
+    """
+    if engine.dialect.name == "sqlite":
+        locked(engine, [], mode, timeout=timeout, alias=alias)  # one writer at a time: one wait
+        return
+    for table in tables:
+        locked(engine, [table], mode, timeout=timeout, alias=alias)
 
 
 def _sqlite_immediate(engine: Engine, body: Callable[[Connection], Any] | None, wait: float) -> Any:
@@ -435,9 +457,10 @@ def install(
 ) -> None:  # fmt: skip
     """Raise the database fence on ``engine`` (idempotent): refuse writes of keys in ``arcs``.
 
-    Taken under the locks of :func:`locked` (``SHARE ROW EXCLUSIVE``, what creating a trigger
-    needs anyway): it waits for the write transactions under way, and every write after it
-    is checked.  So it is also the in-flight barrier of those tables.
+    Each table's trigger is created under that table's ``SHARE ROW EXCLUSIVE`` lock (what
+    creating a trigger takes anyway), one table per transaction (:func:`locked`): it waits
+    for the write transactions under way on the table, and every write after it is checked.
+    So it is also the in-flight barrier of those tables.
     """
     name = engine.dialect.name
     if not supported(engine):
@@ -447,12 +470,15 @@ def install(
     if not present:
         return
 
-    def body(conn: Connection) -> None:
-        if name == "postgresql":
+    if name == "postgresql":
+        with engine.begin() as conn:  # the functions first: no table lock needed
             conn.exec_driver_sql(_PG_MURMUR)
             conn.exec_driver_sql(_pg_fenced(arcs))
             for mt in present:
                 conn.exec_driver_sql(_pg_trigger_function(mt, reshard_id))
+        for mt in present:  # then each table's trigger, each in its own transaction (see locked())
+
+            def create(conn: Connection, mt: MovingTable = mt) -> None:
                 target = engine.dialect.identifier_preparer.format_table(mt.table)
                 exists = conn.execute(
                     text("SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass(:t) AND tgname = :n"),
@@ -463,13 +489,17 @@ def install(
                         f"CREATE TRIGGER {_TRIGGER} BEFORE INSERT OR UPDATE OR DELETE ON {target} "
                         f"FOR EACH ROW EXECUTE PROCEDURE {_pg_function_name(mt)}()"
                     )
-        else:
-            _sqlite_set_arcs(conn, arcs, reshard_id)
-            for mt in present:
-                for ddl in _sqlite_triggers(mt):
-                    conn.exec_driver_sql(ddl)
 
-    locked(engine, [mt.table for mt in present], "SHARE ROW EXCLUSIVE", body, timeout=timeout, alias=alias)
+            locked(engine, [mt.table], "SHARE ROW EXCLUSIVE", create, timeout=timeout, alias=alias)
+        return
+
+    def body(conn: Connection) -> None:
+        _sqlite_set_arcs(conn, arcs, reshard_id)
+        for mt in present:
+            for ddl in _sqlite_triggers(mt):
+                conn.exec_driver_sql(ddl)
+
+    locked(engine, [], "", body, timeout=timeout, alias=alias)
 
 
 def set_stage(engine: Engine, arcs: Sequence[tuple[int, int]], reshard_id: int) -> None:
@@ -499,22 +529,28 @@ def remove(engine: Engine, tables: Sequence[MovingTable], *, alias: str = "", ti
         return
     set_stage(engine, [], 0)  # nothing refused from now on, even if dropping has to wait
 
-    def body(conn: Connection) -> None:
+    try:
         if name == "postgresql":
-            for mt in present:
-                target = engine.dialect.identifier_preparer.format_table(mt.table)
-                conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {_TRIGGER} ON {target}")
-                conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {_pg_function_name(mt)}()")
-            conn.exec_driver_sql("DROP FUNCTION IF EXISTS shardkit_fenced(bytea)")
-        else:
+            for mt in present:  # DROP TRIGGER takes ACCESS EXCLUSIVE: one table per transaction
+
+                def drop(conn: Connection, mt: MovingTable = mt) -> None:
+                    target = engine.dialect.identifier_preparer.format_table(mt.table)
+                    conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {_TRIGGER} ON {target}")
+                    conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {_pg_function_name(mt)}()")
+
+                locked(engine, [mt.table], "ACCESS EXCLUSIVE", drop, timeout=timeout, alias=alias)
+            with engine.begin() as conn:
+                conn.exec_driver_sql("DROP FUNCTION IF EXISTS shardkit_fenced(bytea)")
+            return
+
+        def drop_sqlite(conn: Connection) -> None:
             for mt in present:
                 for op in ("insert", "update", "delete"):
                     conn.exec_driver_sql(f'DROP TRIGGER IF EXISTS "{_TRIGGER}__{mt.table.name}__{op}"')
             conn.exec_driver_sql("DROP TABLE IF EXISTS shardkit_fence_arcs")
             conn.exec_driver_sql("DROP TABLE IF EXISTS shardkit_fence_state")
 
-    try:
-        locked(engine, [mt.table for mt in present], "ACCESS EXCLUSIVE", body, timeout=timeout, alias=alias)
+        locked(engine, [], "", drop_sqlite, timeout=timeout, alias=alias)
     except ReshardError:  # the triggers refuse nothing now; they go with the next reshard
         logger.warning("could not drop the fence triggers on %s (busy tables); they refuse nothing", alias)
 
