@@ -27,9 +27,9 @@ from shardkit.errors import (
     TwoPhaseCommitError,
     TwoPhaseRecoveryError,
 )
-from tests.conftest import IN_CI, PG_URL, DatabaseFactory, require_server
+from tests.conftest import PG_URL, DatabaseFactory, require_server
 from tests.faults import TcpProxy, proxied_url, tcp_proxy
-from tests.test_twophase import crash_at
+from tests.test_twophase import _prepared_transactions_enabled, crash_at
 
 metadata = MetaData()
 notes = Table("notes", metadata, Column("id", Integer, primary_key=True), Column("body", String(50)))
@@ -45,19 +45,6 @@ class Note(Base):
 
 def _literal(gid: str) -> str:
     return "'" + gid.replace("'", "''") + "'"
-
-
-def _require_prepared_transactions() -> None:
-    require_server(PG_URL, "pg")
-    engine = create_engine(PG_URL)
-    with engine.connect() as conn:
-        enabled = int(conn.execute(text("SHOW max_prepared_transactions")).scalar_one())
-    engine.dispose()
-    if not enabled:
-        message = "!!! PostgreSQL has max_prepared_transactions = 0: two-phase commit cannot run (.ci/run sets it)"
-        if IN_CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
 
 
 class Shards:
@@ -114,7 +101,7 @@ class Shards:
 
 @pytest.fixture
 def shards(databases: DatabaseFactory) -> Iterator[Shards]:
-    _require_prepared_transactions()
+    _prepared_transactions_enabled()
     found = Shards(databases)
     yield found
     found.finish_all()  # a prepared transaction would keep its database from being dropped
