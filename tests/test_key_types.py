@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from sqlalchemy import BigInteger, String, Uuid, insert, select, text
+from sqlalchemy import BigInteger, String, Uuid, delete, insert, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import shardkit
@@ -164,3 +164,18 @@ def test_text_and_uuid_keys(world: World, backend: str) -> None:
             s.get(Doc, "not-a-uuid")
         with pytest.raises(InvalidKeyError, match=r"Tag\.code"):
             s.scalars(select(Tag).where(Tag.code == 4.5)).all()
+
+
+def test_update_and_delete_by_a_digit_string_reach_the_row(world: World) -> None:
+    cluster, ring = world
+    key = a_key_whose_text_moves(ring, 9000)
+    with cluster.session() as s:
+        s.add(User(id=key, name="before"))
+        s.commit()
+    with cluster.session() as s:
+        s.execute(update(User).where(User.id == str(key)).values(name="after"))
+        s.commit()
+        assert s.scalars(select(User.name).where(User.id == key)).one() == "after"
+        s.execute(delete(User).where(User.id.in_([str(key)])))
+        s.commit()
+    assert where_is(cluster, "users") == {}
