@@ -220,12 +220,15 @@ class Cluster:
         if engine is not None:
             return engine
         spec = self.spec(alias)
+        from .fanout._connect import bound_sockets
         from .reshard._dbfence import instrument
 
         with self._lock:
             engine = self._engines.get(alias)
             if engine is None:
                 engine = spec.create_engine(**self._engine_options)
+                if spec.engine is None:  # one shardkit made: bounded sockets (psycopg2; see fanout._connect)
+                    bound_sockets(engine, lambda: self.deadline)
                 instrument(engine)  # a reshard's database-side fence refusal -> ShardMovingError
                 self._engines[alias] = engine
         return engine

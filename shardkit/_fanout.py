@@ -21,23 +21,26 @@ Execution options (per statement, or per cluster as ``Cluster(deadline=, partial
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import event, nulls_first, nulls_last
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import nulls_first, nulls_last
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.pool import SingletonThreadPool
 from sqlalchemy.sql import operators
 
 from .errors import ShardQueryError, UnsupportedQueryError
-from .fanout import CallableTask, FanoutPlan, merge_rows, pg_statement_timeout_sql, plan_select, run_parallel
+from .fanout import FanoutPlan, merge_rows, pg_statement_timeout_sql, plan_select, run_parallel
+from .fanout._connect import ConnectionTask
 from .fanout._merge import null_is_larger
 from .typing import ShardTargets
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection, Result
-    from sqlalchemy.orm import ORMExecuteState
+    from sqlalchemy.engine import Connection, Engine, Result
+    from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
     from ._session import ShardSession
 
@@ -76,14 +79,93 @@ def shards_of(result: Any) -> tuple[str, ...]:
     return ()
 
 
-def _cancel(conn: Connection) -> None:
-    dbapi = conn.connection.dbapi_connection
-    if dbapi is None:
+_ADOPTED = "shardkit.fanout.adopted"  # session.info key: connections a fan-out worker checked out
+
+
+def _held_connection(session: ShardSession, engine: Engine) -> Connection | None:
+    """The connection the session's outermost transaction holds for ``engine``, or ``None``.
+
+    SQLAlchemy has no public way to ask without connecting (``session.connection()`` would
+    check one out, in the caller's thread, outside the deadline): this reads the transaction's
+    connection map.
+    """
+    trans = session.get_transaction()
+    while trans is not None and trans.parent is not None:
+        trans = trans.parent
+    entry = trans._connections.get(engine) if trans is not None else None
+    return None if entry is None else entry[0]
+
+
+def _adopt(session: ShardSession, conn: Connection) -> Connection:
+    """Make ``conn`` (checked out by a fan-out worker, no transaction begun) the session's
+    connection for its engine, as if the session had connected itself: it joins the session's
+    transaction, and goes back to its pool when that transaction ends."""
+    _close_adopted_at_transaction_end()
+    adopted: list[Connection] = session.info.setdefault(_ADOPTED, [])
+    adopted.append(conn)
+    try:
+        return session.connection(bind_arguments={"bind": conn})
+    except BaseException:
+        with contextlib.suppress(ValueError):
+            adopted.remove(conn)
+        raise
+
+
+_listening = False
+
+
+def _close_adopted_at_transaction_end() -> None:
+    global _listening
+    if _listening:
         return
-    if hasattr(dbapi, "cancel"):  # psycopg2
-        dbapi.cancel()
-    elif hasattr(dbapi, "interrupt"):  # sqlite3
-        dbapi.interrupt()
+    from ._session import ShardSession
+
+    if not event.contains(ShardSession, "after_transaction_end", _close_adopted):
+        event.listen(ShardSession, "after_transaction_end", _close_adopted)
+    _listening = True
+
+
+def _close_adopted(session: Session, transaction: SessionTransaction) -> None:
+    # A connection handed to the session (bind=connection) is the giver's to close: SQLAlchemy
+    # ends its transaction with the session's, and this returns it to its pool.
+    if transaction.parent is None and _ADOPTED in session.info:
+        for conn in session.info.pop(_ADOPTED):
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+def _runner(
+    orm_context: ORMExecuteState,
+    alias: str,
+    statement: Any,
+    base_bind_args: dict[str, Any],
+    deadline: float | None,
+) -> Callable[[Connection, float | None], Result[Any]]:
+    """The body of ``alias``'s task: run its statement on the session's connection of the shard
+    (on PostgreSQL with the time left as ``statement_timeout``)."""
+
+    def run(conn: Connection, remaining: float | None) -> Result[Any]:
+        pg = conn.dialect.name == "postgresql"
+        started = time.monotonic()
+        try:
+            if remaining is not None and pg:
+                conn.exec_driver_sql(pg_statement_timeout_sql(remaining))
+            result = orm_context.invoke_statement(
+                statement=statement,
+                execution_options={"identity_token": alias, "autoflush": False},  # flushed by the caller
+                bind_arguments={**base_bind_args, "shard_id": alias},
+            )
+            if remaining is not None and pg:
+                conn.exec_driver_sql("SET LOCAL statement_timeout = DEFAULT")
+        except sa_exc.DBAPIError as exc:
+            if remaining is not None and _is_timeout(exc, started + remaining):
+                raise TimeoutError(
+                    f"shard {alias!r} did not answer within {deadline}s (server cancelled the statement)"
+                ) from exc
+            raise
+        return result
+
+    return run
 
 
 def _first_line(exc: BaseException) -> str:
@@ -162,57 +244,40 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     # taking each shard's connection from the session's transaction.
     if orm_context.load_options._autoflush:
         session._autoflush()
-    # A shard that cannot be reached is a shard failure like any other (named, or
-    # skipped in partial mode), not a bare driver error.
-    conns: dict[str, Connection] = {}
+    # Getting each shard's connection counts against the deadline: a shard the session holds
+    # no connection for yet is checked out (and maybe connected) in its worker, and the
+    # connection adopted into the session's transaction there; a shard that hangs in its
+    # checkout is abandoned at the deadline like a slow statement (shardkit.fanout._connect).
+    base_bind_args = dict(orm_context.bind_arguments)
+    tasks: dict[str, ConnectionTask[Result[Any]]] = {}
     unreachable: dict[str, BaseException] = {}
     for alias in shard_statements:
+        engine = session.cluster.engine(alias)
+        body = _runner(orm_context, alias, shard_statements[alias], base_bind_args, deadline)
+        if _held_connection(session, engine) is None and not isinstance(engine.pool, SingletonThreadPool):
+            tasks[alias] = ConnectionTask(
+                alias, body, checkout=engine.connect, adopt=functools.partial(_adopt, session)
+            )
+            continue
+        # Held already (no I/O), or one connection per thread (SQLite in memory): the caller's.
         try:
-            conns[alias] = session.connection(bind_arguments={"shard_id": alias})
+            conn = session.connection(bind_arguments={"shard_id": alias})
         except sa_exc.DBAPIError as exc:
+            # A shard that cannot be reached is a shard failure like any other (named, or
+            # skipped in partial mode), not a bare driver error.
             unreachable[alias] = exc
             if not partial:
                 break
-    if unreachable and (not partial or not conns):
+            continue
+        tasks[alias] = ConnectionTask(alias, body, held=conn)
+    if unreachable and (not partial or not tasks):
         detail = "; ".join(f"{a}: {type(e).__name__}: {_first_line(e)}" for a, e in unreachable.items())
         raise ShardQueryError(
             f"fan-out failed on shard(s) {', '.join(repr(a) for a in unreachable)}: cannot connect ({detail})",
             errors=unreachable,
             aliases=tuple(unreachable),
         )
-    base_bind_args = dict(orm_context.bind_arguments)
-
-    def task(alias: str) -> CallableTask[Result[Any]]:
-        conn = conns[alias]
-        pg = conn.dialect.name == "postgresql"
-
-        def run(remaining: float | None) -> Result[Any]:
-            started = time.monotonic()
-            try:
-                if remaining is not None and pg:
-                    conn.exec_driver_sql(pg_statement_timeout_sql(remaining))
-                result = orm_context.invoke_statement(
-                    statement=shard_statements[alias],
-                    execution_options={"identity_token": alias, "autoflush": False},  # flushed above
-                    bind_arguments={**base_bind_args, "shard_id": alias},
-                )
-                if remaining is not None and pg:
-                    conn.exec_driver_sql("SET LOCAL statement_timeout = DEFAULT")
-            except sa_exc.DBAPIError as exc:
-                if remaining is not None and _is_timeout(exc, started + remaining):
-                    raise TimeoutError(
-                        f"shard {alias!r} did not answer within {deadline}s (server cancelled the statement)"
-                    ) from exc
-                raise
-            return result
-
-        return CallableTask(run, lambda: _cancel(conn))
-
-    outcome = run_parallel(
-        {alias: task(alias) for alias in conns},
-        deadline=deadline,
-        partial=partial,
-    )
+    outcome = run_parallel(tasks, deadline=deadline, partial=partial)
     outcome.errors.update(unreachable)
     answered = tuple(a for a in shard_statements if a in outcome.results)
     # An ordered merge with a LIMIT keeps only offset+limit rows of all the shards'

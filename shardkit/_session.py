@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -241,6 +242,12 @@ class ShardSession(Session):
             if isinstance(target, str):
                 return self.cluster.engine(target)
         return self.cluster.engine(self.cluster.router.default)
+
+    def _connection_for_bind(self, engine: Any, execution_options: Any = None, **kw: Any) -> Connection:
+        # A fan-out's workers look up (and adopt) their shards' connections at the same time, and
+        # SessionTransaction's state bookkeeping is not thread-safe: one at a time.
+        with self.__dict__.setdefault("_shardkit_bind_lock", threading.RLock()):
+            return super()._connection_for_bind(engine, execution_options, **kw)
 
     @property
     def connection_callable(self) -> Any:  # type: ignore[override]

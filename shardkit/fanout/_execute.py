@@ -3,9 +3,15 @@
 The executor knows nothing of SQL or merges: it takes :class:`ShardTask`
 objects (a ``run(remaining_seconds)`` and a best-effort ``cancel()``), runs
 them in threads and waits until all finish, one fails, or the deadline
-passes.  Still-running tasks are then cancelled (``cancel()`` is called from
-a helper thread so a hanging cancel cannot hold the caller) and the caller
-gets its answer without waiting for the cancelled threads.
+passes.  Still-running tasks are then cancelled: each ``cancel()`` is called
+in a helper thread of its own and all of them are given :data:`CANCEL_GRACE`
+seconds together, so a hanging cancel cannot hold the caller; the caller gets
+its answer without waiting any longer for the cancelled threads.
+
+A task's ``cancel()`` should return once the task no longer touches anything
+the caller shares with it (shardkit's own connection task: see
+:mod:`shardkit.fanout._connect`), and must never hold the GIL while it waits
+on the network: it runs while the rest of the process goes on.
 
 Threads: a module-level pool (``shardkit-fanout-*`` threads) is used by
 default.  A fan-out started from inside one of its own worker threads, or
@@ -40,8 +46,9 @@ __all__ = [
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
-#: Seconds given to the cancel() calls before the caller is answered anyway.
-CANCEL_GRACE = 0.05
+#: Seconds given to the cancel() calls (together) before the caller is answered anyway.
+#: shardkit's connection task needs at most 0.35 s of it (see ``shardkit.fanout._connect``).
+CANCEL_GRACE = 0.4
 
 
 class ShardTask(Protocol[T_co]):
@@ -51,6 +58,10 @@ class ShardTask(Protocol[T_co]):
     so it can set a statement timeout on its connection.  ``cancel`` is called
     from another thread while ``run`` may be executing (psycopg2:
     ``connection.cancel()``; sqlite3: ``connection.interrupt()``).
+
+    A task may also have a ``stage`` attribute (a few words: ``"connecting"``,
+    ``"running the statement"`` ...): error messages then say where a late or
+    failed shard was.
     """
 
     def run(self, remaining_seconds: float | None) -> T_co: ...
@@ -151,18 +162,31 @@ class _Slot:
 
 
 def _cancel(slots: list[_Slot]) -> None:
+    """Cancel the running tasks in parallel; wait at most CANCEL_GRACE for all of them."""
     running = [s for s in slots if s.cancel()]
-    if not running:
-        return
+    helpers = []
+    for s in running:
 
-    def call_all() -> None:
-        for s in running:
+        def call(task: ShardTask[Any] = s.task) -> None:
             with contextlib.suppress(Exception):
-                s.task.cancel()
+                task.cancel()
 
-    t = threading.Thread(target=call_all, name="shardkit-fanout-cancel", daemon=True)
-    t.start()
-    t.join(CANCEL_GRACE)
+        t = threading.Thread(target=call, name="shardkit-fanout-cancel", daemon=True)
+        t.start()
+        helpers.append(t)
+    give_up = time.monotonic() + CANCEL_GRACE
+    for t in helpers:
+        t.join(max(0.0, give_up - time.monotonic()))
+
+
+def _stage(task: ShardTask[Any]) -> str:
+    stage = getattr(task, "stage", None)
+    return f" ({stage})" if isinstance(stage, str) and stage else ""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _names(aliases: Any) -> str:
@@ -240,7 +264,7 @@ def run_parallel(
     elapsed = time.monotonic() - start
     if timed_out:
         for alias in late:
-            errors[alias] = TimeoutError(f"shard {alias!r} did not answer within {deadline}s")
+            errors[alias] = TimeoutError(f"shard {alias!r} did not answer within {deadline}s{_stage(tasks[alias])}")
     if errors and (not partial or not results):
         ordered = {a: errors[a] for a in tasks if a in errors}
         # A task may itself report the deadline (a server-side statement
@@ -248,12 +272,16 @@ def run_parallel(
         slow = [a for a, e in ordered.items() if isinstance(e, TimeoutError)]
         if deadline is not None and slow and len(slow) == len(ordered):
             raise FanoutTimeoutError(
-                f"fan-out deadline of {deadline}s passed; no answer from shard(s) {_names(slow)}",
+                f"fan-out deadline of {deadline}s passed; no answer from shard(s) "
+                + ", ".join(f"{a!r}{_stage(tasks[a]) if a in late else ''}" for a in slow),
                 errors=ordered,
                 aliases=tuple(slow),
             )
         failed = [a for a in ordered if a not in late] if timed_out else list(ordered)
-        detail = "; ".join(f"{a}: {type(e).__name__}: {e}" for a, e in ordered.items())
+        detail = "; ".join(
+            f"{a}{'' if a in late else _stage(tasks[a])}: {type(e).__name__}: {_first_line(e)}"
+            for a, e in ordered.items()
+        )
         raise ShardQueryError(
             f"fan-out failed on shard(s) {_names(failed)}"
             + (f", no answer from {_names(late)}" if timed_out and late else "")

@@ -1,0 +1,190 @@
+"""Child process of ``tests/fanout/test_deadlines.py``: one deadline scenario, measured.
+
+Run as ``python -m tests.fanout.deadline_probe '<json config>'``; prints one JSON line.
+The fan-out runs here, in a process of its own, because the fault it guards against
+freezes the whole interpreter (a cancel that holds the GIL while it waits on a black
+hole): the parent's timeout then turns a frozen process into a failure instead of a
+hung test run.
+
+Shard ``s2`` is reached through a :class:`~tests.faults.TcpProxy`.  Scenarios:
+
+``statement``
+    ``s2`` has a pooled connection; the proxy black-holes it: the statement is sent,
+    nothing ever comes back.
+``connect``
+    ``s2``'s pool is emptied, then the proxy black-holes: the new connection is accepted
+    at TCP level and the server's greeting never comes.
+``pool``
+    ``s2``'s pool (size 1, no overflow) is exhausted by a connection held elsewhere.
+
+Each attempt measures how long the fan-out took and the largest gap between the
+wake-ups of a ticker thread sleeping 5 ms (only while the fan-out runs), then restores
+the shard and reports what the pools hold and whether a full fan-out works again.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import String, event, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import shardkit
+from shardkit import HashRing, HashRingRouter
+from shardkit.errors import ShardQueryError
+
+from ..faults import TcpProxy
+
+RING_SHARDS = ["s0", "s1", "s2"]
+PROXIED = "s2"
+STALL = 0.05  # the contract: no other thread stalls longer than this
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "deadline_users"
+    __shard_key__ = "id"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+
+
+class Ticker:
+    """A thread that sleeps 5 ms at a time and records its largest gap between wake-ups."""
+
+    def __init__(self) -> None:
+        self.max_gap = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ticker", daemon=True)
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.is_set():
+            time.sleep(0.005)
+            now = time.monotonic()
+            self.max_gap = max(self.max_gap, now - last)
+            last = now
+
+    def __enter__(self) -> Ticker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _databases(urls: dict[str, str], proxy: TcpProxy, scenario: str) -> dict[str, Any]:
+    databases: dict[str, Any] = dict(urls)
+    url = make_url(urls[PROXIED])
+    databases[PROXIED] = {
+        "ENGINE": "postgresql",
+        "NAME": url.database,
+        "USER": url.username,
+        "PASSWORD": url.password,
+        "HOST": "127.0.0.1",
+        "PORT": proxy.port,
+        "ENGINE_OPTIONS": {"pool_size": 1, "max_overflow": 0, "pool_timeout": 3} if scenario == "pool" else {},
+    }
+    return databases
+
+
+def _wait_until_returned(cluster: shardkit.Cluster, limit: float) -> float:
+    """Seconds until no pool has a connection checked out (at most ``limit``)."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        if all(cluster.engine(a).pool.checkedout() == 0 for a in RING_SHARDS):  # type: ignore[attr-defined]
+            break
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def attempt(
+    cluster: shardkit.Cluster, proxy: TcpProxy, scenario: str, deadline: float | None, partial: bool
+) -> dict[str, Any]:
+    invalidated = dict.fromkeys(RING_SHARDS, 0)
+    hooks = []
+    for alias in RING_SHARDS:
+
+        def count(*_args: Any, alias: str = alias) -> None:
+            invalidated[alias] += 1
+
+        event.listen(cluster.engine(alias), "invalidate", count)
+        hooks.append((cluster.engine(alias), count))
+
+    proxy.restore()
+    with cluster.session() as s:  # every shard has a pooled connection; the statement is compiled
+        s.scalars(select(User).order_by(User.id)).all()
+    hog = None
+    if scenario == "statement":
+        proxy.blackhole()
+    elif scenario == "connect":
+        cluster.engine(PROXIED).dispose()
+        proxy.blackhole()
+    else:
+        hog = cluster.engine(PROXIED).connect()
+        hog.exec_driver_sql("SELECT 1")
+
+    report: dict[str, Any] = {"partial": partial}
+    stmt = select(User).order_by(User.id).execution_options(shardkit_deadline=deadline, shardkit_partial=partial)
+    with cluster.session() as s:
+        with Ticker() as ticker:
+            started = time.monotonic()
+            try:
+                result = s.execute(stmt)
+                report["rows"] = [u.id for u in result.scalars()]
+                report["complete"] = result.complete  # type: ignore[attr-defined]
+                report["errors"] = {a: [type(e).__name__, str(e)] for a, e in result.errors.items()}  # type: ignore[attr-defined]
+            except ShardQueryError as exc:
+                report["error"] = [type(exc).__name__, str(exc), list(exc.errors)]  # type: ignore[attr-defined]
+            report["elapsed"] = time.monotonic() - started
+        report["max_gap"] = ticker.max_gap
+        s.rollback()
+
+    proxy.restore()
+    if hog is not None:
+        hog.close()
+    report["returned_after"] = _wait_until_returned(cluster, 5.0)
+    report["checked_out"] = {a: cluster.engine(a).pool.checkedout() for a in RING_SHARDS}  # type: ignore[attr-defined]
+    report["invalidated"] = dict(invalidated)
+    with cluster.session() as s:  # the shard works again, in full
+        result = s.execute(select(User).order_by(User.id))
+        report["after_rows"] = [u.id for u in result.scalars()]
+        report["after_complete"] = result.complete  # type: ignore[attr-defined]
+    for engine, hook in hooks:
+        event.remove(engine, "invalidate", hook)
+    return report
+
+
+def main(config: dict[str, Any]) -> dict[str, Any]:
+    scenario = config["scenario"]
+    deadline = config["deadline"]
+    pg = make_url(config["urls"][PROXIED])
+    proxy = TcpProxy((pg.host or "127.0.0.1", pg.port or 5432))
+    try:
+        cluster = shardkit.Cluster(
+            _databases(config["urls"], proxy, scenario), routers=[HashRingRouter(HashRing(RING_SHARDS))]
+        )
+        attempts = []
+        # both modes once; then (a shared 2-core machine can stall any process now and
+        # then) up to two more tries while no attempt ran without a stall
+        for partial in (False, True, False, True):
+            attempts.append(attempt(cluster, proxy, scenario, deadline, partial))
+            if len(attempts) >= 2 and min(a["max_gap"] for a in attempts) < STALL:
+                break
+        cluster.dispose()
+        return {"attempts": attempts}
+    finally:
+        proxy.close()
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(json.loads(sys.argv[1]))))

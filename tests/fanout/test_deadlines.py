@@ -1,0 +1,264 @@
+"""Deadlines that hold: a black-holed shard, a shard that hangs at connect, an exhausted pool.
+
+The contract (issue 10): against a shard that accepts TCP and never answers, a fan-out
+answers -- an error, or a partial result in partial mode -- within deadline + 0.5 s, and no
+other thread of the process stalls more than 50 ms meanwhile; connecting and the pool
+checkout count against the deadline; the error is shardkit's and names the shard; the
+healthy shards' connections go back to their pools healthy, and the shard works again once
+the network does.
+
+The black-hole scenarios run in a child process (``tests/fanout/deadline_probe.py``): the
+fault they guard against froze the whole interpreter, so a regression must fail here by
+the parent's timeout, not hang the test run.  Everything goes through the real loopback
+proxy of ``tests/faults.py`` in front of the real PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
+
+import shardkit
+from shardkit import HashRing, HashRingRouter
+from shardkit.errors import FanoutTimeoutError, ShardQueryError
+from shardkit.fanout import run_parallel
+from shardkit.fanout._connect import pg_socket_options
+
+from ..conftest import PG_URL, DatabaseFactory, require_server
+from ..faults import tcp_proxy
+from .deadline_probe import PROXIED, RING_SHARDS, STALL, Base, User
+
+pytestmark = pytest.mark.postgres
+
+DEADLINE = 1.0
+SLACK = 0.5  # the contract: answered within deadline + 0.5 s
+N_USERS = 45
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def direct(databases: DatabaseFactory) -> dict[str, str]:
+    """default + s0..s2 on PostgreSQL, with ``deadline_users`` rows 1..N on the ring's shards."""
+    require_server(PG_URL, "pg")
+    urls = databases.urls("postgresql", "default", *RING_SHARDS)
+    cluster = shardkit.Cluster(urls, routers=[HashRingRouter(HashRing(RING_SHARDS))])
+    try:
+        cluster.create_all(Base)
+        with cluster.session() as s:
+            s.add_all(User(id=i, name=f"u{i}") for i in range(1, N_USERS + 1))
+            s.commit()
+    finally:
+        cluster.dispose()
+    return urls
+
+
+def ids_on(*aliases: str) -> list[int]:
+    ring = HashRing(RING_SHARDS)
+    return [i for i in range(1, N_USERS + 1) if ring.get(i) in aliases]
+
+
+def probe(urls: dict[str, str], scenario: str, deadline: float | None = DEADLINE) -> list[dict[str, Any]]:
+    config = {"urls": urls, "scenario": scenario, "deadline": deadline}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.fanout.deadline_probe", json.dumps(config)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONWARNINGS": "error"},
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the fan-out process froze ({scenario}): no answer in {exc.timeout}s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    attempts: list[dict[str, Any]] = json.loads(done.stdout.strip().splitlines()[-1])["attempts"]
+    return attempts
+
+
+def check_attempts(attempts: list[dict[str, Any]], stage: str) -> None:
+    healthy = ids_on("s0", "s1")
+    assert {a["partial"] for a in attempts} == {False, True}
+    for a in attempts:
+        # answered within the deadline + 0.5 s, every time
+        assert a["elapsed"] < DEADLINE + SLACK, f"answered after {a['elapsed']:.3f}s: {a}"
+        if a["partial"]:
+            assert a["rows"] == healthy and a["complete"] is False
+            assert list(a["errors"]) == [PROXIED]
+            kind, message = a["errors"][PROXIED]
+            assert kind == "TimeoutError" and stage in message, message
+        else:
+            kind, message, failed = a["error"]
+            assert kind == "FanoutTimeoutError" and failed == [PROXIED]
+            assert f"'{PROXIED}' ({stage})" in message, message
+        # afterwards: every connection back in its pool; the healthy shards' never invalidated
+        assert a["checked_out"] == dict.fromkeys(RING_SHARDS, 0), a
+        assert a["invalidated"]["s0"] == a["invalidated"]["s1"] == 0, a
+        # and the shard works again once the network does
+        assert a["after_rows"] == list(range(1, N_USERS + 1)) and a["after_complete"] is True
+    gaps = [round(a["max_gap"] * 1000, 1) for a in attempts]
+    # the ticker sleeps 5 ms; a cancel that holds the GIL on a black hole stalls it for seconds
+    assert min(a["max_gap"] for a in attempts) < STALL, f"largest ticker gaps (ms) per attempt: {gaps}"
+
+
+def test_black_holed_statement(direct: dict[str, str]) -> None:
+    attempts = probe(direct, "statement")
+    check_attempts(attempts, "running the statement")
+    # the black-holed connection was dropped (its socket shut down), not given back to the pool
+    assert all(a["invalidated"][PROXIED] >= 1 for a in attempts)
+
+
+def test_black_holed_at_connect(direct: dict[str, str]) -> None:
+    attempts = probe(direct, "connect")
+    check_attempts(attempts, "connecting")
+    # the abandoned connect gives up by itself soon after (connect_timeout cut to the time left, 2 s at least)
+    assert all(a["returned_after"] < 3.0 for a in attempts), [a["returned_after"] for a in attempts]
+
+
+def test_exhausted_pool(direct: dict[str, str]) -> None:
+    attempts = probe(direct, "pool")
+    check_attempts(attempts, "waiting for a pooled connection")
+    # the abandoned checkout got the connection when it was freed and gave it straight back
+    assert all(a["invalidated"][PROXIED] == 0 for a in attempts)
+
+
+# ------------------------------------------------------------------- in this process
+
+
+def test_exhausted_pool_without_deadline_is_a_shard_error(direct: dict[str, str]) -> None:
+    databases: dict[str, Any] = dict(direct)
+    url = make_url(direct[PROXIED])
+    databases[PROXIED] = {
+        "ENGINE": "postgresql",
+        "NAME": url.database,
+        "USER": url.username,
+        "HOST": url.host,
+        "PORT": url.port,
+        "ENGINE_OPTIONS": {"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.5},
+    }
+    cluster = shardkit.Cluster(databases, routers=[HashRingRouter(HashRing(RING_SHARDS))])
+    try:
+        hog = cluster.engine(PROXIED).connect()
+        stmt = select(User).order_by(User.id)
+        with cluster.session() as s:
+            started = time.monotonic()
+            with pytest.raises(ShardQueryError, match=r"'s2'.*no connection from the pool") as info:
+                s.scalars(stmt).all()
+            assert time.monotonic() - started < 0.5 + SLACK
+            assert not isinstance(info.value, FanoutTimeoutError)  # the pool's timeout, not the deadline
+            assert list(info.value.errors) == [PROXIED]  # type: ignore[attr-defined]
+            s.rollback()
+            result = s.execute(stmt.execution_options(shardkit_partial=True))
+            assert [u.id for u in result.scalars()] == ids_on("s0", "s1")
+            assert list(result.errors) == [PROXIED]  # type: ignore[attr-defined]
+            s.rollback()
+        hog.close()
+        with cluster.session() as s:
+            assert len(s.scalars(stmt).all()) == N_USERS
+        assert all(cluster.engine(a).pool.checkedout() == 0 for a in RING_SHARDS)  # type: ignore[attr-defined]
+    finally:
+        cluster.dispose()
+
+
+def test_slow_live_shard_keeps_its_connection(direct: dict[str, str]) -> None:
+    """At the deadline a live shard is stopped by the server (statement_timeout), not by
+    dropping its connection: the connection goes back to the pool and is used again."""
+    cluster = shardkit.Cluster(direct, routers=[HashRingRouter(HashRing(RING_SHARDS))])
+    try:
+        engine = cluster.engine("s1")
+        with cluster.session() as s:
+            s.scalars(select(User)).all()
+        pid_before = _backend_pids(engine)
+        sleepy = select(User).where(
+            text("(SELECT pg_sleep(CASE WHEN current_database() LIKE '%s1' THEN 5 ELSE 0 END)) IS NOT NULL")
+        )
+        with cluster.session() as s:
+            started = time.monotonic()
+            with pytest.raises(FanoutTimeoutError, match="'s1'"):
+                s.scalars(sleepy.execution_options(shardkit_deadline=0.5)).all()
+            assert time.monotonic() - started < 0.5 + SLACK
+            s.rollback()
+        assert _backend_pids(engine) == pid_before  # the same server connection, still pooled
+    finally:
+        cluster.dispose()
+
+
+def _backend_pids(engine: Any) -> set[int]:
+    with engine.connect() as conn:
+        return {int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())}
+
+
+def test_sockets_are_bounded(direct: dict[str, str]) -> None:
+    """New psycopg2 connections get TCP keepalives, tcp_user_timeout and connect_timeout derived
+    from the cluster's deadline; what the URL or OPTIONS say wins."""
+    with tcp_proxy(PG_URL) as proxy:
+        urls = dict(direct)
+        urls[PROXIED] = (
+            make_url(direct[PROXIED])
+            .set(host="127.0.0.1", port=proxy.port, query={"connect_timeout": "3", "keepalives_idle": "7"})
+            .render_as_string(hide_password=False)
+        )
+        cluster = shardkit.Cluster(urls, deadline=30.0)
+        try:
+            with cluster.engine("s0").connect() as conn:
+                params = conn.connection.dbapi_connection.get_dsn_parameters()  # type: ignore[union-attr]
+            expected = pg_socket_options(30.0)
+            assert expected["tcp_user_timeout"] == 60_000 and expected["connect_timeout"] == 60
+            for key, value in expected.items():
+                assert params[key] == str(value), (key, params)
+            with cluster.engine(PROXIED).connect() as conn:
+                params = conn.connection.dbapi_connection.get_dsn_parameters()  # type: ignore[union-attr]
+            assert params["connect_timeout"] == "3" and params["keepalives_idle"] == "7"
+            assert params["tcp_user_timeout"] == str(expected["tcp_user_timeout"])
+        finally:
+            cluster.dispose()
+
+
+# ------------------------------------------------------------------- the executor
+
+
+class Blocking:
+    """A task whose cancel() takes ``cancel_takes`` seconds and then lets run() return."""
+
+    stage = "doing things"
+
+    def __init__(self, cancel_takes: float) -> None:
+        self.cancel_takes = cancel_takes
+        self.released = threading.Event()
+
+    def run(self, remaining: float | None) -> int:
+        self.released.wait(5)
+        return 1
+
+    def cancel(self) -> None:
+        time.sleep(self.cancel_takes)
+        self.released.set()
+
+
+def test_cancels_run_side_by_side_within_the_grace() -> None:
+    tasks = {f"t{i}": Blocking(0.2) for i in range(4)}
+    started = time.monotonic()
+    with pytest.raises(FanoutTimeoutError) as info:
+        run_parallel(tasks, deadline=0.3)
+    elapsed = time.monotonic() - started
+    assert elapsed < 0.3 + 0.2 + 0.15, elapsed  # four 0.2 s cancels at once, not one after another
+    assert "'t0' (doing things)" in str(info.value)
+    assert all(t.released.is_set() for t in tasks.values())
+
+
+def test_a_hanging_cancel_does_not_hold_the_caller() -> None:
+    task = Blocking(3.0)
+    started = time.monotonic()
+    with pytest.raises(FanoutTimeoutError):
+        run_parallel({"t": task}, deadline=0.2)
+    assert time.monotonic() - started < 0.2 + SLACK
+    assert task.released.wait(5)
