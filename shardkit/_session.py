@@ -45,8 +45,8 @@ from sqlalchemy.orm.exc import NO_STATE
 from sqlalchemy.orm.interfaces import MANYTOONE, ORMOption
 
 from . import _sqla
-from ._twophase import CommitOrder, two_phase_commit
-from .errors import CommitError, InvalidRouteError, RoutingError, ShardkitError
+from ._twophase import CommitOrder
+from .errors import InvalidRouteError, RoutingError, ShardkitError
 from .typing import ShardTargets
 
 if TYPE_CHECKING:
@@ -192,20 +192,14 @@ class ShardSession(Session):
         :class:`~shardkit.errors.CommitError` that names them (see :mod:`shardkit._twophase`);
         that error and any two-phase failure leave the session rolled back, so a later
         ``rollback()`` does nothing."""
-        if self._transaction is not None and self.cluster.cross_shard_writes == "twophase":
-            self.flush()
-            if len(self._tx_write_aliases) > 1:
-                try:
-                    two_phase_commit(self, sorted(self._tx_write_aliases))
-                except BaseException:
-                    self._rollback_quietly()
-                    raise
-        elif self._transaction is not None:
-            self._commit_order = CommitOrder(self)  # told of connections the final flush opens
+        # Takes over once every before_commit listener and the final flush have run; told of
+        # the connections that flush opens.
+        order = self._commit_order = CommitOrder(self) if self._transaction is not None else None
         try:
             super().commit()
-        except CommitError:
-            self._rollback_quietly()
+        except BaseException:
+            if order is not None and order.failed:
+                self._rollback_quietly()
             raise
         finally:
             self._commit_order = None

@@ -181,10 +181,18 @@ def two_phase_commit(session: ShardSession, aliases: list[str]) -> None:
     """
     cluster = session.cluster
     check_twophase_aliases(cluster, set(aliases))
+    held = {id(conn.engine): conn for conn in _held_connections(session)}
+    conns: dict[str, Connection] = {}
+    for alias in aliases:  # two aliases sharing one engine share one connection: one participant
+        conn = held[id(cluster.engine(alias))]
+        if all(known is not conn for known in conns.values()):
+            conns[alias] = conn
+    aliases = list(conns)
+    if len(aliases) < 2:
+        return  # one database after all: its plain COMMIT is atomic
     txid = uuid.uuid4().hex
     # the alias is not in the GID (it may hold any character); its position is
     gids = {alias: make_gid(txid, len(aliases), i) for i, alias in enumerate(aliases)}
-    conns = {alias: session.connection(bind_arguments={"shard_id": alias}) for alias in aliases}
     attempted: list[str] = []
     try:
         for alias in aliases:
@@ -261,28 +269,33 @@ def _roll_back_prepared(cluster: Cluster, aliases: list[str], gids: dict[str, st
 
 
 class CommitOrder:
-    """Make one ``Session.commit()`` commit the transaction's connections one by one, in a
-    known order (aliases only read from first, then the written ones, each in the order of
-    DATABASES), and say which committed if one of them fails.
+    """Take over one ``Session.commit()`` of a transaction that holds several connections.
 
     SQLAlchemy commits a session's connections in no set order and stops at the first
     failure without saying which committed.  Made by ``ShardSession.commit`` before it calls
     ``Session.commit()``, and told (:meth:`add`) of every connection the transaction opens
-    meanwhile (the final flush may open some), it hooks the ``commit`` event of each
-    connection once there are two or more.  The first connection SQLAlchemy commits then
-    commits all of them in order, after ``before_commit`` listeners and the final flush ran
-    as usual; if one fails, the later ones are rolled back and
-    :class:`~shardkit.errors.PartialCommitError` is raised (or, if nothing had committed yet,
-    the driver's error, as SQLAlchemy would raise it).  One connection: nothing is hooked.
+    meanwhile (the final flush may open some), this hooks the ``commit`` event of each
+    connection once there are two or more.  When SQLAlchemy commits the first of them (after
+    ``before_commit`` listeners and the final flush ran, as usual), the hook:
+
+    * with ``cross_shard_writes="twophase"`` and several written aliases, runs
+      :func:`two_phase_commit` (SQLAlchemy's own COMMITs then find nothing left to do);
+    * otherwise commits every connection one by one, in a known order (aliases only read
+      from first, then the written ones, each in the order of DATABASES); if one fails, the
+      later ones are rolled back and :class:`~shardkit.errors.PartialCommitError` is raised
+      (or, if nothing had committed yet, the driver's error, as SQLAlchemy would raise it).
+
+    One connection: nothing is hooked.  ``failed`` tells the session to roll back.
     """
 
-    __slots__ = ("_conns", "_fired", "_hooked", "session")
+    __slots__ = ("_conns", "_fired", "_hooked", "failed", "session")
 
     def __init__(self, session: ShardSession) -> None:
         self.session = session
         self._conns: list[Connection] = list(_held_connections(session))
         self._hooked = 0  # _conns[:_hooked] have the listener
         self._fired = False
+        self.failed = False  #: the ordered (or two-phase) commit raised: roll the session back
         self._hook()
 
     def add(self, conn: Connection) -> None:
@@ -300,9 +313,19 @@ class CommitOrder:
         self._hooked = len(self._conns)
 
     def _on_commit(self, conn: Connection) -> None:
-        if not self._fired:
-            self._fired = True
-            _commit_each(self.session)
+        if self._fired:
+            return
+        self._fired = True
+        session = self.session
+        try:
+            if session.cluster.cross_shard_writes != "twophase":
+                _commit_each(session)
+            elif len(session._tx_write_aliases) > 1:
+                two_phase_commit(session, sorted(session._tx_write_aliases))
+            # else one written alias: SQLAlchemy's own COMMITs are atomic enough
+        except BaseException:
+            self.failed = True
+            raise
 
 
 def _held_connections(session: ShardSession) -> list[Connection]:

@@ -457,11 +457,12 @@ def test_allow_mode_commits_a_shard_only_read_from_first(shards: Shards, proxy: 
     assert shards.rows("a") == shards.rows("b") == []
 
 
-def test_allow_mode_runs_before_commit_listeners_before_any_shard_commits(shards: Shards) -> None:
+@pytest.mark.parametrize("mode", ["allow", "twophase"])
+def test_before_commit_listeners_run_before_any_shard_commits(shards: Shards, mode: str) -> None:
     from sqlalchemy import event
 
     urls = shards.add("default", "a", "b")
-    cluster = shardkit.Cluster(urls)
+    cluster = shardkit.Cluster(urls, cross_shard_writes=mode)
 
     def veto(session: Any) -> None:
         raise RuntimeError("vetoed by a before_commit listener")
@@ -479,3 +480,23 @@ def test_allow_mode_runs_before_commit_listeners_before_any_shard_commits(shards
         s.commit()
     cluster.dispose()
     assert shards.rows("a") == [(3, "on a")] and shards.rows("b") == [(4, "on b")]
+    assert shards.prepared("a") == shards.prepared("b") == []
+
+
+def test_twophase_covers_writes_made_by_the_commits_own_flush(shards: Shards, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy import event
+
+    urls = shards.add("default", "a", "b", "c")
+    cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    prepared: list[str] = []
+    prepare = _twophase._prepare
+    monkeypatch.setattr(_twophase, "_prepare", lambda conn, gid: (prepared.append(gid), prepare(conn, gid)))
+    with cluster.session() as s:
+        write(s, "a", 1)
+        write(s, "b", 2)
+        # an audit row added by a before_commit listener, flushed by commit() itself, on a third shard
+        event.listen(s, "before_commit", lambda session: session.save(Note(id=3, body="audit"), using="c"))
+        s.commit()
+    cluster.dispose()
+    assert len(prepared) == 3  # a, b and c are all participants of the one atomic commit
+    assert shards.rows("c") == [(3, "audit")]
