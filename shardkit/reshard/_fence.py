@@ -99,6 +99,8 @@ def fences_of(cluster: Cluster) -> list[FencingRouter]:
 
 def _shared_default(cluster: Cluster) -> bool:
     """False for an in-memory SQLite ``default``: nothing another process could have stored."""
+    if "default" not in cluster.aliases:
+        return False
     url = cluster.spec("default").url
     return not (url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"))
 
