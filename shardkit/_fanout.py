@@ -36,6 +36,7 @@ from .errors import ShardQueryError, UnsupportedQueryError
 from .fanout import FanoutPlan, merge_rows, pg_statement_timeout_sql, plan_select, run_parallel
 from .fanout._connect import ConnectionTask
 from .fanout._merge import null_is_larger
+from .fanout._threads import calling_thread_executor
 from .typing import ShardTargets
 
 if TYPE_CHECKING:
@@ -277,7 +278,8 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
             errors=unreachable,
             aliases=tuple(unreachable),
         )
-    outcome = run_parallel(tasks, deadline=deadline, partial=partial)
+    executor = calling_thread_executor((session.cluster.engine(a) for a in tasks), deadline)
+    outcome = run_parallel(tasks, deadline=deadline, partial=partial, executor=executor)
     outcome.errors.update(unreachable)
     answered = tuple(a for a in shard_statements if a in outcome.results)
     # An ordered merge with a LIMIT keeps only offset+limit rows of all the shards'
