@@ -1,4 +1,5 @@
-"""Django's model API over SQLAlchemy: ``objects``, ``using()``, ``db_manager()``, ``save(using=)``.
+"""Django's model API over SQLAlchemy: ``objects``, ``using()``, ``db_manager()``, ``save(using=)``,
+related managers.
 
 Add :class:`ModelMixin` to a declarative base and every model gets::
 
@@ -6,31 +7,48 @@ Add :class:`ModelMixin` to a declarative base and every model gets::
     User.objects.filter(name__startswith="a", score__gte=10).order_by("-score")[:10]
     User.objects.db_manager("credentials").create_user("mario")   # your own manager method
     user.save(using="other"); user.delete(using="other")
+    book.authors.add(person); book.authors.filter(name="x").count()  # related managers
 
 Which session and cluster are used
 ----------------------------------
 * An object that belongs to a session is saved and deleted through it.
 * Inside ``with cluster.session() as s:``, every manager call uses ``s`` and only
   flushes: you commit (Django's ``transaction.atomic()``).
-* Anywhere else, calls use the *active* cluster's per-thread autocommit session
-  and commit at once, as Django does by default.  Activate a cluster with
-  ``cluster.activate()`` at start-up; without one a :class:`ConfigError` says so.
+* Anywhere else, as in Django, every evaluation reads the database: each queryset
+  evaluation (and each ``create()``/``save()`` of a new object) gets a session of its own, whose
+  objects are distinct from those of any other evaluation, and each call commits at once.  The
+  objects stay attached to their session, so lazy loads work; a load outside a call runs in a
+  transaction of its own, ended at once, so no connection stays checked out.  A failed call
+  rolls back, and the next one works.  The *active* cluster is used (``cluster.activate()``);
+  without one a :class:`ConfigError` says so.
 """
 
 from __future__ import annotations
 
+import builtins
 import copy
-from collections.abc import Iterator, Sequence
+import datetime
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, ClassVar, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, overload
 
-from sqlalchemy import ColumnElement, and_, delete, func, inspect, not_, select, update
-from sqlalchemy.orm import Mapper, object_session
-from sqlalchemy.orm.attributes import InstrumentedAttribute
+from sqlalchemy import ColumnElement, and_, event, extract, func, inspect, not_, select, text, update
+from sqlalchemy.orm import Mapper, load_only, object_session
+from sqlalchemy.orm.attributes import InstrumentedAttribute, instance_state
+from sqlalchemy.orm.collections import collection
+from sqlalchemy.orm.interfaces import MANYTOONE
+from sqlalchemy.orm.session import _sessions
+from sqlalchemy.sql.elements import ClauseElement
 
-from ._cluster import get_active_cluster
-from ._session import ShardSession, current_session
-from .errors import ShardkitError
+from . import _events
+from ._cluster import Cluster, get_active_cluster
+from ._relations import django_lead, relation_error
+from ._session import _DB, _USING, ShardSession, current_session, db_of
+from .errors import CrossDatabaseQueryError, ShardkitError, UnsavedObjectError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import RelationshipProperty
+    from sqlalchemy.orm.state import InstanceState
 
 __all__ = [
     "FieldError",
@@ -39,9 +57,13 @@ __all__ = [
     "MultipleObjectsReturned",
     "ObjectDoesNotExist",
     "QuerySet",
+    "RelatedList",
+    "RelatedManager",
 ]
 
 M = TypeVar("M")
+
+_KEEP = "shardkit.manager_session"  # state.info: keeps an evaluation's session alive with its objects
 
 
 class ObjectDoesNotExist(ShardkitError, LookupError):
@@ -56,35 +78,95 @@ class FieldError(ShardkitError, AttributeError):
     """A keyword lookup names a field or a lookup the model does not have."""
 
 
+# -- sessions --------------------------------------------------------------------------------
+
+
+class _CallSession(ShardSession):
+    """The session of one manager evaluation outside ``with cluster.session()``.
+
+    Autoflush is off (nothing is written but by a call), objects survive commits
+    (``expire_on_commit=False``), and an object of another such session that gets related to one
+    of ours (``book.editor = person``) moves here instead of failing as "attached to another
+    session", as Django objects of two querysets can be related freely.
+    """
+
+    _shardkit_autocommit = True
+
+    def __init__(self, cluster: Cluster) -> None:
+        super().__init__(cluster, expire_on_commit=False, autoflush=False)
+        self._calls = 0
+
+    def _before_attach(self, state: InstanceState[Any], obj: object) -> bool:
+        other_id = state.session_id
+        if other_id is not None and other_id != self.hash_key:
+            other = _sessions.get(other_id)
+            if isinstance(other, _CallSession) and other._calls == 0:
+                other.expunge(obj)
+        return super()._before_attach(state, obj)
+
+
+@event.listens_for(_CallSession, "loaded_as_persistent")
+def _keep_loaded(session: Any, instance: Any) -> None:
+    instance_state(instance).info[_KEEP] = session  # the session lives as long as its objects
+
+
+@event.listens_for(_CallSession, "before_attach")
+def _keep_attached(session: Any, instance: Any) -> None:
+    instance_state(instance).info[_KEEP] = session
+
+
+@event.listens_for(_CallSession, "do_orm_execute", retval=True, insert=True)
+def _load_outside_calls(orm_context: Any) -> Any:
+    """A lazy load or refresh outside any call: run it, then end its transaction at once."""
+    session = orm_context.session
+    if not isinstance(session, _CallSession) or session._calls:
+        return None
+    frozen = orm_context.invoke_statement().freeze()
+    transaction = session.get_transaction()
+    if transaction is not None:
+        transaction.close()  # gives the connection back; unlike rollback(), expires nothing
+    return frozen()
+
+
+def _cluster() -> Cluster:
+    session = current_session()
+    return session.cluster if session is not None else get_active_cluster()
+
+
 @contextmanager
 def _session_scope(obj: Any = None) -> Iterator[ShardSession]:
-    """The session a manager call runs in; commits when it is the autocommit one."""
+    """The session a manager call runs in; commits (or rolls back) when it is a call session."""
     session: Any = object_session(obj) if obj is not None else None
     if session is None:
         session = current_session()
     if session is None:
-        session = get_active_cluster().autocommit_session()
+        session = _CallSession(get_active_cluster())
     if not isinstance(session, ShardSession):
         raise ShardkitError(f"{type(obj).__name__} belongs to a plain SQLAlchemy session, not a shardkit session")
-    autocommit = bool(getattr(session, "_shardkit_autocommit", False))
+    if not isinstance(session, _CallSession):
+        yield session
+        session.flush()
+        return
+    session._calls += 1
     try:
         yield session
-    except BaseException:
-        if autocommit:
-            session.rollback()
-        raise
-    else:
-        if autocommit:
+        if session._calls == 1:
             session.commit()
-        else:
-            session.flush()
+    except BaseException:
+        if session._calls == 1:
+            session.rollback()  # the session stays usable: no PendingRollbackError next time
+        raise
+    finally:
+        session._calls -= 1
 
+
+# -- lookups -----------------------------------------------------------------------------------
 
 _LOOKUPS: dict[str, Any] = {
     "exact": lambda c, v: c.is_(None) if v is None else c == v,
     "iexact": lambda c, v: func.lower(c) == func.lower(v),
     "ne": lambda c, v: c.is_not(None) if v is None else c != v,
-    "in": lambda c, v: c.in_(list(v)),
+    "in": lambda c, v: c.in_(v if isinstance(v, ClauseElement) else list(v)),
     "gt": lambda c, v: c > v,
     "gte": lambda c, v: c >= v,
     "lt": lambda c, v: c < v,
@@ -97,15 +179,27 @@ _LOOKUPS: dict[str, Any] = {
     "iendswith": lambda c, v: c.iendswith(v, autoescape=True),
     "isnull": lambda c, v: c.is_(None) if v else c.is_not(None),
     "range": lambda c, v: c.between(v[0], v[1]),
+    "year": lambda c, v: extract("year", c) == v,
+    "month": lambda c, v: extract("month", c) == v,
+    "day": lambda c, v: extract("day", c) == v,
 }
 
 
+def _mapper(model: type[Any]) -> Mapper[Any]:
+    return inspect(model)  # type: ignore[no-any-return]
+
+
+def _pk_attr(model: type[Any]) -> str:
+    mapper = _mapper(model)
+    if len(mapper.primary_key) != 1:
+        raise FieldError(f"{model.__name__} has a composite primary key: 'pk' is ambiguous", model=model)
+    return mapper.get_property_by_column(mapper.primary_key[0]).key
+
+
 def _column(model: type[Any], name: str) -> Any:
-    mapper: Mapper[Any] = inspect(model)
+    mapper = _mapper(model)
     if name == "pk":
-        if len(mapper.primary_key) != 1:
-            raise FieldError(f"{model.__name__} has a composite primary key: 'pk' is ambiguous", model=model)
-        name = mapper.get_property_by_column(mapper.primary_key[0]).key
+        name = _pk_attr(model)
     attr = getattr(model, name, None)
     if not isinstance(attr, InstrumentedAttribute) or name not in mapper.column_attrs:
         fields = ", ".join(sorted(p.key for p in mapper.column_attrs))
@@ -113,21 +207,75 @@ def _column(model: type[Any], name: str) -> Any:
     return attr
 
 
-def _criteria(model: type[Any], args: Sequence[Any], kwargs: dict[str, Any]) -> list[ColumnElement[bool]]:
-    criteria: list[ColumnElement[bool]] = list(args)
-    for key, value in kwargs.items():
-        name, _, lookup = key.partition("__")
-        lookup = lookup or "exact"
+def _as_key(value: Any) -> Any:
+    """A mapped object stands for its primary key (``filter(owner=person)``)."""
+    if hasattr(value, "_sa_instance_state"):
+        return _mapper(type(value)).primary_key_from_instance(value)[0]
+    return value
+
+
+class _Criteria:
+    """Turns Django lookups into SQLAlchemy criteria; remembers subqueries' databases."""
+
+    def __init__(self) -> None:
+        self.sub_dbs: list[str] = []
+
+    def build(self, model: type[Any], args: Sequence[Any], kwargs: dict[str, Any]) -> list[ColumnElement[bool]]:
+        criteria: list[ColumnElement[bool]] = list(args)
+        for key, value in kwargs.items():
+            criteria.append(self.lookup(model, key.split("__"), value, key))
+        return criteria
+
+    def lookup(self, model: type[Any], parts: list[str], value: Any, key: str) -> ColumnElement[bool]:
+        name, rest = parts[0], parts[1:]
+        mapper = _mapper(model)
+        rel = mapper.relationships.get(name) if name != "pk" else None
+        if rel is not None:
+            pairs = rel.local_remote_pairs or []
+            if rel.direction is MANYTOONE and len(pairs) == 1 and (not rest or rest[0] in _LOOKUPS):
+                # owner=person, owner__in=[...]: the foreign key column
+                fk = getattr(model, mapper.get_property_by_column(pairs[0][0]).key)
+                return self.operate(model, fk, rest[0] if rest else "exact", value, key)
+            if not rest:
+                raise FieldError(f"lookup {key!r} names the relationship {name!r} without a field", model=model)
+            inner = self.lookup(rel.mapper.class_, rest, value, key)
+            attr = getattr(model, name)
+            return attr.any(inner) if rel.uselist else attr.has(inner)  # type: ignore[no-any-return]
+        lookup = rest[0] if rest else "exact"
+        if len(rest) > 1:
+            raise FieldError(f"unsupported lookup {key!r} for {model.__name__}", model=model, field=name)
+        return self.operate(model, _column(model, name), lookup, value, key)
+
+    def operate(self, model: type[Any], column: Any, lookup: str, value: Any, key: str) -> ColumnElement[bool]:
         op = _LOOKUPS.get(lookup)
         if op is None:
             raise FieldError(
                 f"unsupported lookup {lookup!r} in {key!r} for {model.__name__} "
                 f"(supported: {', '.join(sorted(_LOOKUPS))})",
                 model=model,
-                field=name,
+                field=key,
             )
-        criteria.append(op(_column(model, name), value))
-    return criteria
+        if isinstance(value, QuerySet):  # a subquery: its primary keys, on the outer query's database
+            if value._db is not None:
+                self.sub_dbs.append(value._db)
+            self.sub_dbs.extend(value._sub_dbs)
+            value = value._pk_subquery()
+        elif lookup in ("in", "range") and not isinstance(value, ClauseElement):
+            value = [_as_key(v) for v in value]
+        else:
+            value = _as_key(value)
+        return op(column, value)  # type: ignore[no-any-return]
+
+
+def _criteria(model: type[Any], args: Sequence[Any], kwargs: dict[str, Any]) -> list[ColumnElement[bool]]:
+    return _Criteria().build(model, args, kwargs)
+
+
+def _str_or_none(target: Any) -> str | None:
+    return target if isinstance(target, str) else None
+
+
+# -- QuerySet ------------------------------------------------------------------------------------
 
 
 class QuerySet(Generic[M]):
@@ -137,12 +285,22 @@ class QuerySet(Generic[M]):
     for ``len``, ``get``, ``first``, ``count`` ...  Every method returns a new queryset.
     """
 
-    def __init__(self, model: type[M], *, using: str | None = None, manager: Manager[M] | None = None) -> None:
+    def __init__(
+        self,
+        model: type[M],
+        *,
+        using: str | None = None,
+        manager: Manager[M] | None = None,
+        hints: dict[str, Any] | None = None,
+    ) -> None:
         self.model = model
         self._db = using
         self._manager = manager
+        self._hints: dict[str, Any] = dict(hints or {})
+        self._for_write = False
         self._where: tuple[ColumnElement[bool], ...] = ()
-        self._order: tuple[Any, ...] = ()
+        self._sub_dbs: tuple[str, ...] = ()
+        self._order: tuple[Any, ...] | None = None
         self._options: tuple[Any, ...] = ()
         self._limit: int | None = None
         self._offset: int | None = None
@@ -155,6 +313,11 @@ class QuerySet(Generic[M]):
             setattr(clone, key, value)
         return clone
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        return state
+
     # -- chaining --------------------------------------------------------------
 
     def using(self, alias: str) -> QuerySet[M]:
@@ -164,12 +327,19 @@ class QuerySet(Generic[M]):
     def all(self) -> QuerySet[M]:
         return self._clone()
 
+    def _filtered(self, negate: bool, criteria: Sequence[Any], lookups: dict[str, Any]) -> QuerySet[M]:
+        builder = _Criteria()
+        where = builder.build(self.model, criteria, lookups)
+        added = (not_(and_(*where)),) if negate else tuple(where)
+        return self._clone(_where=(*self._where, *added), _sub_dbs=(*self._sub_dbs, *builder.sub_dbs))
+
     def filter(self, *criteria: Any, **lookups: Any) -> QuerySet[M]:
-        """Keep rows matching SQLAlchemy criteria and Django lookups (``name__startswith="a"``)."""
-        return self._clone(_where=(*self._where, *_criteria(self.model, criteria, lookups)))
+        """Keep rows matching SQLAlchemy criteria and Django lookups (``name__startswith="a"``,
+        ``owner=person``, ``authors__name="x"`` across a relationship, ``id__in=other_queryset``)."""
+        return self._filtered(False, criteria, lookups)
 
     def exclude(self, *criteria: Any, **lookups: Any) -> QuerySet[M]:
-        return self._clone(_where=(*self._where, not_(and_(*_criteria(self.model, criteria, lookups)))))
+        return self._filtered(True, criteria, lookups)
 
     def order_by(self, *fields: Any) -> QuerySet[M]:
         """Order by ``"name"``, ``"-score"`` (descending) or SQLAlchemy expressions; replaces earlier ordering."""
@@ -187,26 +357,69 @@ class QuerySet(Generic[M]):
         """Add SQLAlchemy loader options (``selectinload(User.orders)`` ...)."""
         return self._clone(_options=(*self._options, *options))
 
-    # -- the statement ---------------------------------------------------------
+    def only(self, *fields: str) -> QuerySet[M]:
+        """Load only these columns now; the others load from the object's database on first access."""
+        return self.options(load_only(*[_column(self.model, f) for f in fields]))
+
+    # -- where it runs ---------------------------------------------------------
 
     @property
     def db(self) -> str | None:
-        """The alias this queryset was placed on with ``using()``, if any."""
-        return self._db
+        """The alias this queryset runs on: ``using()``'s, else the routers' pick
+        (``db_for_read``, or ``db_for_write`` for a write), as Django's ``QuerySet.db``;
+        ``None`` when the routers name several aliases (a fan-out)."""
+        if self._db is not None:
+            return self._db
+        router = _cluster().router
+        if self._for_write:
+            return _str_or_none(router.db_for_write(self.model, **self._hints))
+        return _str_or_none(router.db_for_read(self.model, **self._hints))
 
-    def _apply(self, stmt: Any) -> Any:
+    def _run_alias(self, write: bool) -> str | None:
+        """The alias to place the statement on: ``using()``'s, or the routers' answer with this
+        queryset's hints (a related manager's instance); ``None`` leaves it to the session's
+        routing, which also sees the statement (a ring router reads the shard key from it)."""
+        alias = self._db
+        if alias is None and self._hints:
+            router = _cluster().router
+            target = (
+                router.db_for_write(self.model, **self._hints)
+                if write
+                else router.db_for_read(self.model, **self._hints)
+            )
+            alias = _str_or_none(target)
+        if self._sub_dbs:
+            outer = alias if alias is not None else self._clone(_for_write=write).db
+            for sub in self._sub_dbs:
+                if outer is not None and sub != outer:
+                    raise CrossDatabaseQueryError(
+                        "Subqueries aren't allowed across different databases. Force the inner query "
+                        f"to be evaluated using `list(inner_query)`. (the subquery is placed on {sub!r}, "
+                        f"the query runs on {outer!r})",
+                        model=self.model,
+                        alias=outer,
+                    )
+        return alias
+
+    def _apply(self, stmt: Any, alias: str | None) -> Any:
         if self._where:
             stmt = stmt.where(*self._where)
-        if self._db is not None:
-            stmt = stmt.execution_options(shardkit_using=self._db)
+        if alias is not None:
+            stmt = stmt.execution_options(shardkit_using=alias)
         return stmt
 
-    @property
-    def statement(self) -> Any:
-        """The SQLAlchemy ``Select`` this queryset runs."""
-        stmt = self._apply(select(self.model))
-        if self._order:
-            stmt = stmt.order_by(*self._order)
+    def _ordering(self) -> tuple[Any, ...]:
+        if self._order is not None:
+            return self._order
+        meta = getattr(self.model, "Meta", None)
+        default = getattr(meta, "ordering", None) or ()
+        return self._clone().order_by(*default)._order or ()
+
+    def _statement(self, alias: str | None) -> Any:
+        stmt = self._apply(select(self.model), alias)
+        order = self._ordering()
+        if order:
+            stmt = stmt.order_by(*order)
         if self._options:
             stmt = stmt.options(*self._options)
         if self._offset:
@@ -214,6 +427,14 @@ class QuerySet(Generic[M]):
         if self._limit is not None:
             stmt = stmt.limit(self._limit)
         return stmt
+
+    @property
+    def statement(self) -> Any:
+        """The SQLAlchemy ``Select`` this queryset runs."""
+        return self._statement(self._db)
+
+    def _pk_subquery(self) -> Any:
+        return self._apply(select(_column(self.model, "pk")), None)
 
     def __repr__(self) -> str:
         where = " AND ".join(str(c) for c in self._where) or "all"
@@ -223,8 +444,9 @@ class QuerySet(Generic[M]):
 
     def _fetch(self) -> list[M]:
         if self._cache is None:
+            alias = self._run_alias(write=False)
             with _session_scope() as session:
-                self._cache = list(session.scalars(self.statement).unique())
+                self._cache = list(session.scalars(self._statement(alias)).unique())
         return self._cache
 
     def __iter__(self) -> Iterator[M]:
@@ -264,19 +486,19 @@ class QuerySet(Generic[M]):
         return self._clone(_offset=start or None, _limit=limit)
 
     def _pk_order(self) -> tuple[Any, ...]:
-        mapper: Mapper[Any] = inspect(self.model)
+        mapper = _mapper(self.model)
         return tuple(getattr(self.model, mapper.get_property_by_column(c).key) for c in mapper.primary_key)
 
     def first(self) -> M | None:
         """The first object (ordered by primary key when unordered), or ``None``."""
-        qs = self if self._order else self._clone(_order=tuple(c.asc() for c in self._pk_order()))
+        qs = self if self._ordering() else self._clone(_order=tuple(c.asc() for c in self._pk_order()))
         rows = qs[:1]._fetch()
         return rows[0] if rows else None
 
     def last(self) -> M | None:
         if self._limit is not None or self._offset:
             raise ShardkitError("cannot reverse a query once a slice has been taken (as in Django)", model=self.model)
-        order = self._order or tuple(c.asc() for c in self._pk_order())
+        order = self._ordering() or tuple(c.asc() for c in self._pk_order())
         reversed_order = tuple(_reverse(o) for o in order)
         rows = self._clone(_order=reversed_order)[:1]._fetch()
         return rows[0] if rows else None
@@ -301,12 +523,44 @@ class QuerySet(Generic[M]):
             return len(self._cache)
         if self._limit is not None or self._offset:
             return len(self._fetch())
-        stmt = self._apply(select(func.count()).select_from(self.model))
+        alias = self._run_alias(write=False)
+        stmt = self._apply(select(func.count()).select_from(self.model), alias)
         with _session_scope() as session:
             return int(session.execute(stmt).scalar_one())
 
     def exists(self) -> bool:
         return self[:1]._fetch() != []
+
+    def values_list(self, *fields: str, flat: bool = False) -> list[Any]:
+        """The values of ``fields`` for each row (tuples, or the values themselves with ``flat=True``)."""
+        if flat and len(fields) != 1:
+            raise ShardkitError("values_list(flat=True) takes exactly one field", model=self.model)
+        names = fields or tuple(p.key for p in _mapper(self.model).column_attrs)
+        alias = self._run_alias(write=False)
+        stmt = self._apply(select(*[_column(self.model, f) for f in names]), alias)
+        order = self._ordering()
+        if order:
+            stmt = stmt.order_by(*order)
+        if self._offset:
+            stmt = stmt.offset(self._offset)
+        if self._limit is not None:
+            stmt = stmt.limit(self._limit)
+        with _session_scope() as session:
+            rows = session.execute(stmt).all()
+        return [row[0] for row in rows] if flat else [tuple(row) for row in rows]
+
+    def dates(self, field: str, kind: str) -> list[datetime.date]:
+        """The distinct dates of ``field`` truncated to ``kind`` (``"year"``, ``"month"``, ``"day"``), ascending."""
+        parts = {"year": ("year",), "month": ("year", "month"), "day": ("year", "month", "day")}.get(kind)
+        if parts is None:
+            raise ShardkitError(f"dates() kind must be 'year', 'month' or 'day', not {kind!r}", model=self.model)
+        col = _column(self.model, field)
+        alias = self._run_alias(write=False)
+        exprs = [extract(p, col) for p in parts]
+        stmt = self._apply(select(*exprs).distinct(), alias).order_by(*exprs)
+        with _session_scope() as session:
+            rows = session.execute(stmt).all()
+        return [datetime.date(int(r[0]), int(r[1]) if len(r) > 1 else 1, int(r[2]) if len(r) > 2 else 1) for r in rows]
 
     def create(self, **fields: Any) -> M:
         """Make a ``Model(**fields)`` and save it (on this queryset's alias, if placed)."""
@@ -315,24 +569,36 @@ class QuerySet(Generic[M]):
         return obj
 
     def get_or_create(self, defaults: dict[str, Any] | None = None, **lookups: Any) -> tuple[M, bool]:
+        """As Django: the whole of it runs on the write database (``db_for_write``), so a
+        read/write-split router does not read a replica and then insert a duplicate."""
+        qs = self._clone(_for_write=True)
+        if qs._db is None:
+            qs._db = _str_or_none(_cluster().router.write_opinion(self.model, **self._hints))
         try:
-            return self.get(**lookups), False
+            return qs.get(**lookups), False
         except ObjectDoesNotExist:
-            return self.create(**{**lookups, **(defaults or {})}), True
+            params = {k: v for k, v in lookups.items() if "__" not in k}
+            return qs.create(**{**params, **(defaults or {})}), True
 
     def update(self, **values: Any) -> int:
         """``UPDATE`` the matching rows; returns the number of rows changed."""
-        stmt = self._apply(update(self.model)).values(**values)
+        alias = self._run_alias(write=True)
+        stmt = self._apply(update(self.model), alias).values(**{k: _as_key(v) for k, v in values.items()})
         with _session_scope() as session:
-            result = session.execute(stmt.execution_options(synchronize_session="fetch"))
+            result = session.execute(stmt.execution_options(synchronize_session=False))
             return int(getattr(result, "rowcount", 0) or 0)
 
     def delete(self) -> int:
-        """``DELETE`` the matching rows; returns the number of rows deleted."""
-        stmt = self._apply(delete(self.model))
+        """Delete the matching rows, as Django does: each object through the unit of work, so its
+        many-to-many link rows and cascades go with it and the delete events are sent; returns
+        the number of objects deleted."""
+        alias = self._run_alias(write=True)
         with _session_scope() as session:
-            result = session.execute(stmt.execution_options(synchronize_session="fetch"))
-            return int(getattr(result, "rowcount", 0) or 0)
+            objs = list(session.scalars(self._statement(alias)).unique())
+            for obj in objs:
+                session.delete(obj)
+            session.flush()
+            return len(objs)
 
 
 def _reverse(order: Any) -> Any:
@@ -348,6 +614,28 @@ def _model_error(model: type[Any], name: str, default: type[ShardkitError]) -> t
     return err if isinstance(err, type) and issubclass(err, ShardkitError) else default
 
 
+class RawQuerySet(Generic[M]):
+    """``Manager.raw(sql)``: model objects from a raw SELECT, on one alias (``using()`` changes it)."""
+
+    def __init__(self, model: type[M], sql: str, using: str | None, params: dict[str, Any] | None = None) -> None:
+        self.model, self.sql, self._db, self.params = model, sql, using, dict(params or {})
+
+    @property
+    def db(self) -> str:
+        return self._db or str(_cluster().router.db_for_read(self.model))
+
+    def using(self, alias: str) -> RawQuerySet[M]:
+        return RawQuerySet(self.model, self.sql, alias, self.params)
+
+    def __iter__(self) -> Iterator[M]:
+        stmt = select(self.model).from_statement(text(self.sql)).execution_options(shardkit_using=self.db)
+        with _session_scope() as session:
+            return iter(list(session.scalars(stmt, self.params)))
+
+
+# -- Manager ---------------------------------------------------------------------------------
+
+
 class Manager(Generic[M]):
     """Django's model manager: the entry point of queries, ``Model.objects``.
 
@@ -359,6 +647,7 @@ class Manager(Generic[M]):
         self.model: type[M] | None = None
         self.name = "objects"
         self._db: str | None = None
+        self._hints: dict[str, Any] = {}
         self._bound: dict[type[Any], Manager[Any]] = {}
 
     def __set_name__(self, owner: type[Any], name: str) -> None:
@@ -379,19 +668,25 @@ class Manager(Generic[M]):
 
     @property
     def db(self) -> str | None:
-        """The alias this manager is bound to by :meth:`db_manager`, if any."""
-        return self._db
+        """The alias this manager reads from: :meth:`db_manager`'s, else ``db_for_read``'s pick
+        (as Django's ``Manager.db``); ``None`` when the routers name several aliases."""
+        if self._db is not None:
+            return self._db
+        if self.model is None:
+            return None
+        return _str_or_none(_cluster().router.db_for_read(self.model, **self._hints))
 
-    def db_manager(self, using: str) -> Manager[M]:
+    def db_manager(self, using: str | None = None, hints: dict[str, Any] | None = None) -> Manager[M]:
         """A copy of this manager bound to ``using``: its querysets and ``create()`` go there."""
         clone = copy.copy(self)
-        clone._db = using
+        clone._db = using or self._db
+        clone._hints = {**self._hints, **(hints or {})}
         return clone
 
     def get_queryset(self) -> QuerySet[M]:
         if self.model is None:
             raise ShardkitError("this manager is not attached to a model")
-        return QuerySet(self.model, using=self._db, manager=self)
+        return QuerySet(self.model, using=self._db, manager=self, hints=self._hints)
 
     def __repr__(self) -> str:
         name = self.model.__name__ if self.model else "?"
@@ -413,6 +708,9 @@ class Manager(Generic[M]):
     def order_by(self, *fields: Any) -> QuerySet[M]:
         return self.get_queryset().order_by(*fields)
 
+    def only(self, *fields: str) -> QuerySet[M]:
+        return self.get_queryset().only(*fields)
+
     def get(self, *criteria: Any, **lookups: Any) -> M:
         return self.get_queryset().get(*criteria, **lookups)
 
@@ -428,17 +726,551 @@ class Manager(Generic[M]):
     def exists(self) -> bool:
         return self.get_queryset().exists()
 
+    def values_list(self, *fields: str, flat: bool = False) -> list[Any]:
+        return self.get_queryset().values_list(*fields, flat=flat)
+
+    def dates(self, field: str, kind: str) -> list[datetime.date]:
+        return self.get_queryset().dates(field, kind)
+
+    def update(self, **values: Any) -> int:
+        return self.get_queryset().update(**values)
+
+    def delete(self) -> int:
+        return self.get_queryset().delete()
+
     def create(self, **fields: Any) -> M:
         return self.get_queryset().create(**fields)
 
     def get_or_create(self, defaults: dict[str, Any] | None = None, **lookups: Any) -> tuple[M, bool]:
         return self.get_queryset().get_or_create(defaults, **lookups)
 
+    def raw(self, sql: str, params: dict[str, Any] | None = None) -> RawQuerySet[M]:
+        """Objects from a raw SELECT (``SELECT id, ... FROM table``) on this manager's database."""
+        if self.model is None:
+            raise ShardkitError("this manager is not attached to a model")
+        return RawQuerySet(self.model, sql, self._db, params)
+
+
+# -- related managers ----------------------------------------------------------------------------
+
+
+def _owner_values(owner: Any, cols: Iterable[Any], owner_mapper: Mapper[Any]) -> list[Any]:
+    values = [getattr(owner, owner_mapper.get_property_by_column(c).key) for c in cols]
+    if any(v is None for v in values):
+        raise UnsavedObjectError(
+            f'"{owner!r}" needs to have a value for its primary key before this relationship can be used.',
+            model=type(owner),
+        )
+    return values
+
+
+class RelatedManager(Manager[Any]):
+    """Django's related manager for one object's one-to-many or many-to-many relationship.
+
+    Reached as the collection itself (``author.books.add(book)``, ``book.authors.filter(...)``)
+    on :class:`ModelMixin` models, or as ``RelatedManager.of(obj, "books")``.  Every query and
+    write asks the routers with the object as the ``instance`` hint, as Django does:
+
+    * reads: ``db_for_read(RelatedModel, instance=obj)`` (by default, the object's database);
+    * ``add`` / ``remove`` / ``clear`` / ``set`` of a many-to-many: the link rows go to
+      ``db_for_write(<link table>, instance=obj)``; of a one-to-many:
+      ``db_for_write(RelatedModel, instance=obj)``;
+    * ``create`` / ``get_or_create``: ``db_for_write(RelatedModel, instance=obj)`` for a
+      one-to-many, ``db_for_write(type(obj), instance=obj)`` for a many-to-many.
+
+    The class is made per related model, on top of that model's own manager class, so your
+    manager methods (a ``create()`` override ...) run through it.
+    """
+
+    instance: Any
+    prop: RelationshipProperty[Any]
+    model: type[Any]
+
+    @classmethod
+    def of(cls, instance: Any, key: str, using: str | None = None) -> RelatedManager:
+        """The related manager of ``instance``'s relationship ``key``."""
+        prop = _mapper(type(instance)).relationships[key]
+        model = prop.mapper.class_
+        base = type(getattr(model, "objects", None) or Manager())
+        made = _RELATED_CLASSES.get(base)
+        if made is None:
+            made = _RELATED_CLASSES[base] = type(f"Related{base.__name__}", (cls, base), {})
+        manager: RelatedManager = made.__new__(made)
+        Manager.__init__(manager)
+        manager.model = model
+        manager.name = key
+        manager.instance = instance
+        manager.prop = prop
+        manager._db = using
+        manager._hints = {"instance": instance}
+        return manager
+
+    @property
+    def through(self) -> Any:
+        """The link table of a many-to-many (``None`` for a one-to-many)."""
+        return self.prop.secondary
+
+    @property
+    def _router(self) -> Any:
+        return _cluster().router
+
+    def __repr__(self) -> str:
+        return f"<RelatedManager {type(self.instance).__name__}.{self.prop.key}>"
+
+    def db_manager(self, using: str | None = None, hints: dict[str, Any] | None = None) -> RelatedManager:
+        clone = copy.copy(self)
+        clone._db = using or self._db
+        return clone
+
+    def _relation(self) -> ColumnElement[bool]:
+        """The rows of the related model that belong to the instance."""
+        prop, owner = self.prop, self.instance
+        owner_mapper = _mapper(type(owner))
+        target = prop.mapper
+        if prop.secondary is not None:
+            owner_pairs = prop.synchronize_pairs
+            values = _owner_values(owner, [o for o, _s in owner_pairs], owner_mapper)
+            links = select(*[s for _t, s in (prop.secondary_synchronize_pairs or [])]).where(
+                and_(*[s == v for (_o, s), v in zip(owner_pairs, values, strict=True)])
+            )
+            target_cols = [
+                getattr(self.model, target.get_property_by_column(t).key)
+                for t, _s in (prop.secondary_synchronize_pairs or [])
+            ]
+            if len(target_cols) != 1:
+                raise ShardkitError("related managers need a one-column key on each side", model=self.model)
+            return target_cols[0].in_(links)  # type: ignore[no-any-return]
+        pairs = prop.local_remote_pairs or []
+        values = _owner_values(owner, [local for local, _r in pairs], owner_mapper)
+        return and_(
+            *[
+                getattr(self.model, target.get_property_by_column(r).key) == v
+                for (_l, r), v in zip(pairs, values, strict=True)
+            ]
+        )
+
+    def get_queryset(self) -> QuerySet[Any]:
+        qs: QuerySet[Any] = QuerySet(self.model, using=self._db, manager=self, hints={"instance": self.instance})
+        return qs._clone(_where=(self._relation(),))
+
+    # -- checks -----------------------------------------------------------------
+
+    def _own_db(self, obj: Any) -> str | None:
+        from ._relations import _own_db
+
+        return _own_db(object_session(obj) if isinstance(object_session(obj), ShardSession) else None, obj)  # type: ignore[arg-type]
+
+    def _check_relation(self, obj: Any) -> None:
+        if not isinstance(obj, self.model):
+            raise TypeError(f"'{self.model.__name__}' instance expected, got {obj!r}")
+        db_owner, db_obj = self._own_db(self.instance), self._own_db(obj)
+        if self.prop.secondary is not None:
+            allowed = self._router.allow_relation(
+                obj, self.instance, db1=db_obj, db2=db_owner, relationship=self.prop.key
+            )
+        else:
+            allowed = self._router.allow_relation(
+                self.instance, obj, db1=db_owner, db2=db_obj, relationship=self.prop.key
+            )
+        if not allowed:
+            lead = django_lead(self.instance, obj, self.prop, db_owner, db_obj)
+            name = f"{type(self.instance).__name__}.{self.prop.key}"
+            raise relation_error(self.instance, db_owner, obj, db_obj, name, lead=lead)
+
+    def _target_key(self, obj: Any) -> Any:
+        key = _mapper(type(obj)).primary_key_from_instance(obj)
+        if any(v is None for v in key):
+            raise UnsavedObjectError(
+                f'Cannot add "{obj!r}": the value for its primary key is None (save it first)', model=type(obj)
+            )
+        return key[0]
+
+    def _expire(self, session: ShardSession, objs: Iterable[Any] = ()) -> None:
+        """The in-memory collections no longer say what the database does: reload them when next read."""
+        state = instance_state(self.instance)
+        if state.key is not None and self.prop.key in state.dict and self.instance in session:
+            session.expire(self.instance, [self.prop.key])
+        else:
+            state.dict.pop(self.prop.key, None)
+        back = self.prop.back_populates or (self.prop.backref if isinstance(self.prop.backref, str) else None)
+        for obj in objs:
+            ostate = instance_state(obj)
+            if back and back in ostate.dict:
+                osession = object_session(obj)
+                if osession is not None and ostate.key is not None:
+                    osession.expire(obj, [back])
+                else:
+                    ostate.dict.pop(back, None)
+
+    def _m2m_fire(self, action: str, pk_set: builtins.set[Any] | None, using: str) -> None:
+        _events.fire(
+            "m2m_changed",
+            type(self.instance),
+            self.prop.secondary,
+            instance=self.instance,
+            action=action,
+            model=self.model,
+            pk_set=pk_set,
+            using=using,
+            reverse=_is_reverse(self.prop),
+            relationship=self.prop.key,
+            through=self.prop.secondary,
+        )
+
+    # -- writes -----------------------------------------------------------------
+
+    def add(self, *objs: Any, bulk: bool = True) -> None:
+        """Relate ``objs`` to the instance now (Django's ``add``)."""
+        if self.prop.secondary is not None:
+            using = str(self._router.db_for_write(self.prop.secondary, instance=self.instance))
+            for obj in objs:
+                self._check_relation(obj)
+            self._m2m_write("add", using, objs)
+            return
+        using = str(self._router.db_for_write(self.model, instance=self.instance))
+        for obj in objs:
+            self._check_relation(obj)
+        with _session_scope(self.instance) as session:
+            if bulk:
+                pks = []
+                for obj in objs:
+                    if instance_state(obj).key is None or db_of(obj) != using:
+                        raise UnsavedObjectError(
+                            f"{obj!r} instance isn't saved. Use bulk=False or save the object first.", model=type(obj)
+                        )
+                    pks.append(self._target_key(obj))
+                self._set_fk(session, using, pks, self.instance)
+                self._expire(session, objs)
+                return
+            reverse_key = _reverse_key(self.prop)
+            for obj in objs:
+                if reverse_key is not None:
+                    setattr(obj, reverse_key, self.instance)
+                else:
+                    self._fill_fk(obj, self.instance)
+                save(obj)
+
+    def _fill_fk(self, obj: Any, owner: Any) -> None:
+        owner_mapper = _mapper(type(owner))
+        for local, remote in self.prop.local_remote_pairs or []:
+            value = None if owner is None else getattr(owner, owner_mapper.get_property_by_column(local).key)
+            setattr(obj, self.prop.mapper.get_property_by_column(remote).key, value)
+
+    def _set_fk(self, session: ShardSession, using: str, pks: list[Any], owner: Any) -> None:
+        owner_mapper = _mapper(type(owner)) if owner is not None else None
+        values = {}
+        for local, remote in self.prop.local_remote_pairs or []:
+            key = self.prop.mapper.get_property_by_column(remote).key
+            values[key] = None if owner is None else getattr(owner, owner_mapper.get_property_by_column(local).key)  # type: ignore[union-attr]
+        if not pks:
+            return
+        stmt = update(self.model).where(_column(self.model, "pk").in_(pks)).values(**values)
+        session.execute(stmt.execution_options(shardkit_using=using, synchronize_session=False))
+
+    def _m2m_write(self, action: str, using: str, objs: Sequence[Any]) -> None:
+        prop = self.prop
+        sec: Any = prop.secondary
+        owner_mapper = _mapper(type(self.instance))
+        owner_values = _owner_values(self.instance, [o for o, _s in prop.synchronize_pairs], owner_mapper)
+        owner_match = and_(*[s == v for (_o, s), v in zip(prop.synchronize_pairs, owner_values, strict=True)])
+        target_col = (prop.secondary_synchronize_pairs or [])[0][1]
+        with _session_scope(self.instance) as session:
+            session._note_statement_write(using)
+            conn = session.connection(bind_arguments={"shard_id": using})
+            if action == "clear":
+                self._m2m_fire("pre_clear", None, using)
+                conn.execute(sec.delete().where(owner_match))
+                self._expire(session)
+                self._m2m_fire("post_clear", None, using)
+                return
+            keys = {self._target_key(obj) for obj in objs}
+            if action == "add":
+                there = set(conn.execute(select(target_col).where(owner_match, target_col.in_(list(keys)))).scalars())
+                missing = keys - there
+                self._m2m_fire("pre_add", missing, using)
+                if missing:
+                    rows = []
+                    for key in sorted(missing, key=repr):
+                        row: dict[str, Any] = {
+                            str(s.key): v for (_o, s), v in zip(prop.synchronize_pairs, owner_values, strict=True)
+                        }
+                        row[str(target_col.key)] = key
+                        rows.append(row)
+                    conn.execute(sec.insert(), rows)
+                self._expire(session, objs)
+                self._m2m_fire("post_add", missing, using)
+            else:  # remove
+                self._m2m_fire("pre_remove", keys, using)
+                conn.execute(sec.delete().where(owner_match, target_col.in_(list(keys))))
+                self._expire(session, objs)
+                self._m2m_fire("post_remove", keys, using)
+
+    def remove(self, *objs: Any, bulk: bool = True) -> None:
+        """Unrelate ``objs`` from the instance now (a nullable foreign key is set to NULL)."""
+        if self.prop.secondary is not None:
+            using = str(self._router.db_for_write(self.prop.secondary, instance=self.instance))
+            self._m2m_write("remove", using, objs)
+            return
+        self._require_nullable("remove")
+        related = set(self.values_list("pk", flat=True)) if objs else set()
+        for obj in objs:
+            if self._target_key(obj) not in related:
+                raise _model_error(type(self.instance), "DoesNotExist", ObjectDoesNotExist)(
+                    f"{obj!r} is not related to {self.instance!r}.", model=type(obj)
+                )
+        self._clear_fk([self._target_key(obj) for obj in objs], objs)
+
+    def clear(self, bulk: bool = True) -> None:
+        """Unrelate every related object now."""
+        if self.prop.secondary is not None:
+            using = str(self._router.db_for_write(self.prop.secondary, instance=self.instance))
+            self._m2m_write("clear", using, ())
+            return
+        self._require_nullable("clear")
+        self._clear_fk(None, ())
+
+    def _clear_fk(self, pks: list[Any] | None, objs: Sequence[Any]) -> None:
+        using = str(self._router.db_for_write(self.model, instance=self.instance))
+        with _session_scope(self.instance) as session:
+            if pks is None:
+                pks = list(
+                    session.scalars(
+                        select(_column(self.model, "pk"))
+                        .where(self._relation())
+                        .execution_options(shardkit_using=using)
+                    )
+                )
+            self._set_fk(session, using, pks, None)
+            self._expire(session, objs)
+
+    def _require_nullable(self, what: str) -> None:
+        for _l, remote in self.prop.local_remote_pairs or []:
+            if not remote.nullable:
+                raise FieldError(
+                    f"{what}() needs a nullable foreign key: {self.model.__name__}.{remote.key} is NOT NULL "
+                    "(delete the objects instead)",
+                    model=self.model,
+                )
+
+    def set(self, objs: Iterable[Any], bulk: bool = True, clear: bool = False) -> None:
+        """Make ``objs`` exactly the related objects (Django's ``set``)."""
+        objs = list(objs)
+        if self.prop.secondary is not None:
+            using = str(self._router.db_for_write(self.prop.secondary, instance=self.instance))
+            if clear:
+                self.clear()
+                self.add(*objs)
+                return
+            old = set(self.db_manager(using).values_list("pk", flat=True))
+            new_keys = {self._target_key(o) for o in objs}
+            gone = [k for k in old if k not in new_keys]
+            if gone:
+                self.remove(*[self.model(**{_pk_attr(self.model): k}) for k in gone])
+            self.add(*[o for o in objs if self._target_key(o) not in old])
+            return
+        using = str(self._router.db_for_write(self.model, instance=self.instance))
+        if clear:
+            self.clear()
+            self.add(*objs, bulk=bulk)
+            return
+        old_objs = list(self.db_manager(using).all())
+        keys = {_as_key(o) for o in objs}
+        stale = [o for o in old_objs if _as_key(o) not in keys]
+        if stale:
+            self.remove(*stale, bulk=bulk)
+        old_keys = {_as_key(o) for o in old_objs}
+        self.add(*[o for o in objs if _as_key(o) not in old_keys], bulk=bulk)
+
+    def _create_db(self) -> str:
+        if self.prop.secondary is not None:  # Django asks about the instance's own model here
+            return str(self._router.db_for_write(type(self.instance), instance=self.instance))
+        return str(self._router.db_for_write(self.model, instance=self.instance))
+
+    def create(self, **fields: Any) -> Any:
+        """Create a related object now, on the write database, and relate it."""
+        db = self._create_db()
+        if self.prop.secondary is None:
+            fields = {**fields, **self._fk_fields()}
+        obj = super(RelatedManager, self.db_manager(db)).create(**fields)
+        if self.prop.secondary is not None:
+            self.add(obj)
+        return obj
+
+    def get_or_create(self, defaults: dict[str, Any] | None = None, **lookups: Any) -> tuple[Any, bool]:
+        """Get the related object matching, or create and relate it; all on the write database."""
+        db = self._create_db()
+        if self.prop.secondary is None:
+            lookups = {**lookups, **self._fk_fields()}
+        obj, created = super(RelatedManager, self.db_manager(db)).get_or_create(defaults, **lookups)
+        if created and self.prop.secondary is not None:
+            self.add(obj)
+        return obj, created
+
+    def _fk_fields(self) -> dict[str, Any]:
+        owner_mapper = _mapper(type(self.instance))
+        pairs = self.prop.local_remote_pairs or []
+        values = _owner_values(self.instance, [local for local, _r in pairs], owner_mapper)
+        return {self.prop.mapper.get_property_by_column(r).key: v for (_l, r), v in zip(pairs, values, strict=True)}
+
+
+_RELATED_CLASSES: dict[type[Any], type[RelatedManager]] = {}
+
+
+def _is_reverse(prop: RelationshipProperty[Any]) -> bool:
+    other = prop._reverse_property
+    return any(o._creation_order < prop._creation_order for o in other)
+
+
+def _reverse_key(prop: RelationshipProperty[Any]) -> str | None:
+    for other in prop._reverse_property:
+        if other.direction is MANYTOONE:
+            return other.key
+    return None
+
+
+class RelatedList(list[Any]):
+    """The list behind a one-to-many or many-to-many relationship of a :class:`ModelMixin` model.
+
+    A plain SQLAlchemy collection (``append``, ``extend``, ``pop`` ... are flushed with the
+    owner as usual) that also offers Django's related-manager API, which writes at once:
+    ``add``, ``remove``, ``clear``, ``set``, ``create``, ``get_or_create``, ``all``, ``filter``,
+    ``exclude``, ``get``, ``count()`` (no argument: a query), ``exists``, ``values_list``,
+    ``update``, ``delete``, ``using``, ``db_manager()``, ``.db``.  See :class:`RelatedManager`.
+    """
+
+    @collection.remover  # type: ignore[untyped-decorator]  # what SQLAlchemy removes with (backrefs ...)
+    def _sa_remove_one(self, value: Any) -> None:
+        list.remove(self, value)
+
+    def _m(self) -> RelatedManager:
+        adapter = getattr(self, "_sa_adapter", None)
+        if adapter is None:
+            raise ShardkitError("this list is not (or no longer) the collection of an object")
+        return RelatedManager.of(adapter.owner_state.obj(), adapter.attr.key)
+
+    @property
+    def manager(self) -> RelatedManager:
+        """The related manager of this collection's owner and relationship."""
+        return self._m()
+
+    @property
+    def db(self) -> str | None:
+        return self._m().db
+
+    def db_manager(self, using: str | None = None) -> RelatedManager:
+        return self._m().db_manager(using)
+
+    def using(self, alias: str) -> QuerySet[Any]:
+        return self._m().using(alias)
+
+    def all(self) -> QuerySet[Any]:
+        return self._m().all()
+
+    def filter(self, *criteria: Any, **lookups: Any) -> QuerySet[Any]:
+        return self._m().filter(*criteria, **lookups)
+
+    def exclude(self, *criteria: Any, **lookups: Any) -> QuerySet[Any]:
+        return self._m().exclude(*criteria, **lookups)
+
+    def order_by(self, *fields: Any) -> QuerySet[Any]:
+        return self._m().order_by(*fields)
+
+    def get(self, *criteria: Any, **lookups: Any) -> Any:
+        return self._m().get(*criteria, **lookups)
+
+    def exists(self) -> bool:
+        return self._m().exists()
+
+    def values_list(self, *fields: str, flat: bool = False) -> list[Any]:
+        return self._m().values_list(*fields, flat=flat)
+
+    def update(self, **values: Any) -> int:
+        return self._m().update(**values)
+
+    def delete(self) -> int:
+        return self._m().delete()
+
+    def add(self, *objs: Any, bulk: bool = True) -> None:
+        self._m().add(*objs, bulk=bulk)
+
+    @collection.internally_instrumented  # type: ignore[untyped-decorator]
+    def remove(self, *objs: Any, bulk: bool = True) -> None:
+        self._m().remove(*objs, bulk=bulk)
+
+    @collection.internally_instrumented  # type: ignore[untyped-decorator]
+    def clear(self, bulk: bool = True) -> None:
+        self._m().clear(bulk=bulk)
+
+    def set(self, objs: Iterable[Any], bulk: bool = True, clear: bool = False) -> None:
+        self._m().set(objs, bulk=bulk, clear=clear)
+
+    def create(self, **fields: Any) -> Any:
+        return self._m().create(**fields)
+
+    def get_or_create(self, defaults: dict[str, Any] | None = None, **lookups: Any) -> tuple[Any, bool]:
+        return self._m().get_or_create(defaults, **lookups)
+
+    def count(self, *value: Any) -> int:
+        """``count()``: the number of related rows (a query); ``count(x)``: list.count."""
+        if value:
+            return list.count(self, *value)
+        return self._m().count()
+
+
+@event.listens_for(Mapper, "after_configured")
+def _related_lists() -> None:
+    """Give the list relationships of ModelMixin models the related-manager API."""
+    from sqlalchemy.orm import mapperlib
+
+    for reg in list(mapperlib._all_registries()):
+        for mapper in list(reg.mappers):
+            if not issubclass(mapper.class_, ModelMixin):
+                continue
+            for prop in mapper.relationships:
+                if not prop.uselist or prop.collection_class not in (None, list) or prop.parent is not mapper:
+                    continue
+                if prop.lazy in ("dynamic", "write_only"):
+                    continue
+                impl = getattr(mapper.class_, prop.key).impl
+                if isinstance(impl.collection_factory, type) and issubclass(impl.collection_factory, RelatedList):
+                    continue
+                impl.collection_factory = mapper.class_manager.instrument_collection_class(prop.key, RelatedList)
+
+
+# -- save / delete ---------------------------------------------------------------------------------
+
+
+def _snapshot(obj: Any) -> tuple[Any, ...]:
+    state = instance_state(obj)
+    info = state.__dict__.get("info") or {}
+    return state.key, state.identity_token, info.get(_DB), info.get(_USING)
+
+
+def _restore(obj: Any, snap: tuple[Any, ...]) -> None:
+    """After a failed save: the object says where it was before, as Django's ``_state.db`` does."""
+    from sqlalchemy.orm import make_transient_to_detached
+
+    key, token, db, using = snap
+    state = instance_state(obj)
+    for name, value in ((_DB, db), (_USING, using)):
+        if value is None:
+            state.info.pop(name, None)
+        else:
+            state.info[name] = value
+    state.identity_token = token
+    if key is not None and state.key is None and object_session(obj) is None:
+        make_transient_to_detached(obj)  # it still is the row it was loaded as
+
 
 def save(obj: Any, *, using: str | None = None) -> None:
     """Save ``obj`` now, as Django's ``Model.save(using=...)`` does."""
-    with _session_scope(obj) as session:
-        session.save(obj, using=using)
+    snap = _snapshot(obj)
+    try:
+        with _session_scope(obj) as session:
+            session.save(obj, using=using)
+    except BaseException:
+        _restore(obj, snap)
+        raise
 
 
 def delete_obj(obj: Any, *, using: str | None = None) -> None:
@@ -455,7 +1287,8 @@ def delete_obj(obj: Any, *, using: str | None = None) -> None:
 
 
 class ModelMixin:
-    """Gives a declarative model Django's ``objects``, ``save()`` and ``delete()``.
+    """Gives a declarative model Django's ``objects``, ``save()``, ``delete()``, ``pk``,
+    ``refresh_from_db()`` and related managers.
 
     ::
 
@@ -463,7 +1296,8 @@ class ModelMixin:
         class User(Base): ...
         User.objects.filter(name="mario").using("credentials").first()
 
-    Each subclass gets its own ``DoesNotExist`` and ``MultipleObjectsReturned``.
+    Each subclass gets its own ``DoesNotExist`` and ``MultipleObjectsReturned``.  A nested
+    ``class Meta: ordering = ("name",)`` gives querysets a default order, as in Django.
     """
 
     objects: ClassVar[Manager[Any]] = Manager()
@@ -477,6 +1311,23 @@ class ModelMixin:
             "MultipleObjectsReturned", (cls.MultipleObjectsReturned,), {"__module__": cls.__module__}
         )
 
+    @property
+    def pk(self) -> Any:
+        """The primary key value (one-column keys)."""
+        return getattr(self, _pk_attr(type(self)))
+
+    @pk.setter
+    def pk(self, value: Any) -> None:
+        setattr(self, _pk_attr(type(self)), value)
+
+    def __str__(self) -> str:
+        state = instance_state(self)  # never loads: repr() of an expired object must not query
+        key = state.key[1][0] if state.key is not None else state.dict.get(_pk_attr(type(self)))
+        return f"{type(self).__name__} object ({key})"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {self}>"
+
     def save(self, using: str | None = None) -> None:
         """Write this object now: to ``using`` if given, else where the routers say."""
         save(self, using=using)
@@ -484,3 +1335,30 @@ class ModelMixin:
     def delete(self, using: str | None = None) -> None:
         """Delete this object now: from ``using`` if given, else from where it lives."""
         delete_obj(self, using=using)
+
+    def refresh_from_db(self, using: str | None = None) -> None:
+        """Reload every column from ``using``, else from ``db_for_read(Model, instance=self)``
+        (by default the object's own database); the object's db becomes that alias."""
+        cls = type(self)
+        alias = using or _str_or_none(_cluster().router.db_for_read(cls, instance=self)) or db_of(self)
+        state = instance_state(self)
+        pk = _mapper(cls).primary_key_from_instance(self)
+        with _session_scope(self) as session:
+            if self not in session:
+                session.add(self)
+            stmt = (
+                select(cls)
+                .where(_column(cls, "pk") == pk[0])
+                .execution_options(shardkit_using=alias, populate_existing=True)
+            )
+            if alias is not None and state.key is not None and state.key[2] != alias:
+                # the row of another database: read it into a fresh object, copy the columns over
+                other = session.scalars(stmt).one()
+                for prop in _mapper(cls).column_attrs:
+                    from sqlalchemy.orm.attributes import set_committed_value
+
+                    set_committed_value(self, prop.key, getattr(other, prop.key))
+                session.expunge(other)
+                state.info[_DB] = alias
+                return
+            session.scalars(stmt).one()

@@ -34,14 +34,20 @@ if TYPE_CHECKING:
 
     from ._session import ShardSession
 
-__all__ = ["check_flush_relations", "relation_error"]
+__all__ = ["check_flush_relations", "django_lead", "relation_error"]
 
 
-def relation_error(obj1: Any, db1: str, obj2: Any, db2: str, relationship: str) -> RelationError:
+def relation_error(
+    obj1: Any, db1: str | None, obj2: Any, db2: str | None, relationship: str, *, lead: str = ""
+) -> RelationError:
+    """The error for a refused relation; ``lead`` is Django's own sentence for the case."""
     m1, m2 = type(obj1).__name__, type(obj2).__name__
-    return RelationError(
+    detail = (
         f"relation {relationship} refused: {m1} on {db1!r} and {m2} on {db2!r} are on different "
-        f"databases (allow_relation said no); a foreign key cannot cross databases",
+        f"databases (allow_relation said no); a foreign key cannot cross databases"
+    )
+    return RelationError(
+        f"{lead} ({detail})" if lead else detail,
         model1=type(obj1),
         model2=type(obj2),
         alias1=db1,
@@ -50,11 +56,55 @@ def relation_error(obj1: Any, db1: str, obj2: Any, db2: str, relationship: str) 
     )
 
 
+def django_lead(target: Any, value: Any, prop: RelationshipProperty[Any], db1: Any, db2: Any) -> str:
+    """Django's message for a relation its routers refuse, by the kind of relation."""
+    if prop.secondary is not None:  # a many-to-many add
+        return f'Cannot add "{value!r}": instance is on database "{db1}", value is on database "{db2}"'
+    if prop.uselist:  # a one-to-many add sets the child's foreign key to the owner
+        return f'Cannot assign "{target!r}": the current database router prevents this relation.'
+    return f'Cannot assign "{value!r}": the current database router prevents this relation.'
+
+
 def _db(session: ShardSession, obj: Any) -> str | None:
     try:
         return session.placement_of(obj)
     except ShardkitError:  # not decidable yet (a shard key still unset): the flush check decides
         return None
+
+
+def _own_db(session: ShardSession | None, obj: Any) -> str | None:
+    """The database ``obj`` lives on or was placed on, asking no router (Django's ``_state.db``)."""
+    from ._session import _DB, _USING, _db_of_or_none, _info_get
+
+    state = instance_state(obj)
+    if session is not None:
+        alias = session._flush_aliases.get(state)
+        if alias is not None:
+            return alias
+        if session.pinned is not None:
+            return session.pinned
+    if state.key is None:
+        placed = _info_get(state, _USING) or _info_get(state, _DB)
+        return None if placed is None else str(placed)
+    return _db_of_or_none(obj)
+
+
+def _adopt(cluster: Any, obj: Any, other: Any, other_db: str) -> str | None:
+    """Django's rule for a new object related to one that has a database: it takes
+    ``db_for_write(type(obj), instance=other)``, else the other object's database.  Models a
+    router shards by key are left to the flush, which places them by their key."""
+    from ._session import _DB
+
+    router = cluster.router
+    if any(getattr(r, "is_sharded", None) is not None and r.is_sharded(type(obj)) for r in router.routers):
+        return None
+    try:
+        target = router.write_opinion(type(obj), instance=other)
+    except ShardkitError:
+        return None
+    alias = target if isinstance(target, str) else other_db
+    instance_state(obj).info[_DB] = alias
+    return alias
 
 
 def _session_of(*objs: Any) -> ShardSession | None:
@@ -67,17 +117,44 @@ def _session_of(*objs: Any) -> ShardSession | None:
     return None
 
 
+def _cluster_for(session: ShardSession | None) -> Any:
+    if session is not None:
+        return session.cluster
+    from ._cluster import get_active_cluster
+
+    try:
+        return get_active_cluster()
+    except ShardkitError:  # no cluster: nothing to ask
+        return None
+
+
 def _check_pair(target: Any, value: Any, prop: RelationshipProperty[Any]) -> None:
     if value is None:
         return
     session = _session_of(target, value)
+    cluster = _cluster_for(session)
+    if cluster is None:
+        return
+    own1, own2 = _own_db(session, target), _own_db(session, value)
+    if own1 is None and own2 is not None:
+        own1 = _adopt(cluster, target, value, own2)
+    elif own2 is None and own1 is not None:
+        own2 = _adopt(cluster, value, target, own1)
+    db1 = own1 if own1 is not None or session is None else _db(session, target)
+    db2 = own2 if own2 is not None or session is None else _db(session, value)
+    if (db1 is None) != (db2 is None):
+        return  # one side not decidable yet: the flush check decides
+    if not cluster.router.allow_relation(target, value, db1=db1, db2=db2, relationship=prop.key):
+        name = f"{prop.parent.class_.__name__}.{prop.key}"
+        raise relation_error(target, db1, value, db2, name, lead=_lead(session, target, value, prop, db1, db2))
+
+
+def _lead(session: ShardSession | None, target: Any, value: Any, prop: Any, db1: Any, db2: Any) -> str:
+    """Django's sentence, built without flushing anything (a repr may read an expired attribute)."""
     if session is None:
-        return
-    db1, db2 = _db(session, target), _db(session, value)
-    if db1 is None or db2 is None:
-        return
-    if not session.cluster.router.allow_relation(target, value, db1=db1, db2=db2, relationship=prop.key):
-        raise relation_error(target, db1, value, db2, f"{prop.parent.class_.__name__}.{prop.key}")
+        return django_lead(target, value, prop, db1, db2)
+    with session.no_autoflush:
+        return django_lead(target, value, prop, db1, db2)
 
 
 @event.listens_for(Mapper, "mapper_configured")
@@ -107,7 +184,7 @@ _COLLECTIONS: dict[Mapper[Any], tuple[RelationshipProperty[Any], ...]] = {}
 def _collections(mapper: Mapper[Any]) -> tuple[RelationshipProperty[Any], ...]:
     rels = _COLLECTIONS.get(mapper)
     if rels is None:
-        rels = tuple(r for r in mapper.relationships if r.uselist)
+        rels = tuple(r for r in mapper.relationships if r.direction is not MANYTOONE and not r.viewonly)
         _COLLECTIONS[mapper] = rels
     return rels
 
@@ -186,7 +263,8 @@ def _check(
 ) -> None:
     """Ask the router chain about one relation of ``state``'s object; refuse it by raising."""
     if not router.allow_relation(obj1, obj2, db1=db1, db2=db2, relationship=prop.key):
-        raise relation_error(obj1, db1, obj2, db2, f"{state.class_.__name__}.{prop.key}")
+        lead = _lead(object_session(obj1), obj1, obj2, prop, db1, db2)  # type: ignore[arg-type]
+        raise relation_error(obj1, db1, obj2, db2, f"{state.class_.__name__}.{prop.key}", lead=lead)
 
 
 def check_flush_relations(session: ShardSession) -> None:
@@ -210,8 +288,8 @@ def check_flush_relations(session: ShardSession) -> None:
             _check(router, state.obj(), alias, parent, parent_alias, state, prop)
     # Routers whose answer depends only on the models and aliases are asked once per kind of pair.
     memo: dict[tuple[Any, ...], bool] | None = {} if router.relation_depends_on_dbs_only else None
-    # One-to-many and many-to-many members added since the last flush (a one-to-many without a
-    # back-reference, or a many-to-many, has no many-to-one side to catch it above).
+    # One-to-many (one-to-one too) and many-to-many members added since the last flush (a
+    # one-to-many without a back-reference, or a many-to-many, has no many-to-one side above).
     for state, alias in list(session._flush_aliases.items()):
         if state in deleted:
             continue

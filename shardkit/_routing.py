@@ -101,11 +101,12 @@ def _allow_migrate(method: Callable[..., Any], db: str, model: Any, hints: Mappi
     if not django:
         return method(db, model, **hints)
     table = hints.get("table")
+    app_label: str | None
     if isinstance(model, type):
         app_label = getattr(model, "app_label", None) or model.__module__.rpartition(".")[0] or model.__module__
         name = model.__name__.lower()
     else:
-        app_label, name = None, getattr(table, "name", None) or hints.get("model_name")
+        app_label, name = None, str(getattr(table, "name", None) or hints.get("model_name") or "")
     extra = {k: v for k, v in hints.items() if k not in ("model_name", "app_label", "model")}
     return method(db, app_label, model_name=name, model=model, **extra)
 

@@ -44,7 +44,7 @@ from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.exc import NO_STATE
 from sqlalchemy.orm.interfaces import MANYTOONE, ORMOption
 
-from . import _sqla
+from . import _events, _sqla
 from ._twophase import CommitOrder
 from .errors import InvalidRouteError, RoutingError, ShardkitError
 from .typing import ShardTargets
@@ -378,6 +378,7 @@ class ShardSession(Session):
             self._flush_aliases.clear()
             self._link_aliases.clear()
             self._flush_conns.clear()
+            self.info.pop("shardkit.flush_events", None)
             raise
 
     def _write_alias(self, state: InstanceState[Any]) -> str:
@@ -463,18 +464,27 @@ class ShardSession(Session):
     # -- the Django-style write API ----------------------------------------------
 
     def save(self, obj: Any, *, using: str | None = None) -> None:
-        """Add ``obj`` to be written at the next flush, on ``using`` if given.
+        """Add ``obj`` to be written at the next flush, as Django's ``Model.save(using=...)``.
 
-        As in Django, saving an object that came from alias ``a`` with
-        ``using="b"`` writes it to ``b`` (an UPDATE if ``b`` has a row with that
-        primary key, else an INSERT) and the object's db becomes ``b``.
+        * With ``using``, the object is written there: an UPDATE if that database has a row
+          with its primary key, else an INSERT (for a new object with its primary key set as
+          well), and the object's db becomes ``using``.
+        * Without, ``db_for_write(Model, instance=obj)`` decides.  An object loaded from another
+          database than the one the routers name is written whole to that one (UPDATE, else
+          INSERT) and its db becomes that alias, as in Django.
         """
         state = instance_state(obj)
+        if using is None and state.key is not None and self.pinned is None:
+            target = self.cluster.router.db_for_write(state.class_, instance=obj)
+            if isinstance(target, str) and target != db_of(obj):
+                using = target
         if using is not None:
             using = self.cluster.check_alias(using)
             current = db_of(obj) if state.key is not None else None
             if current is not None and current != using:
                 self._move(obj, using)
+            elif state.key is None and _has_primary_key(state):
+                self._move(obj, using)  # its key may already be there: UPDATE, else INSERT
             else:
                 state.info[_USING] = using
                 if state.key is None:
@@ -529,10 +539,17 @@ class ShardSession(Session):
         mapper = state.mapper
         pk = mapper.primary_key_from_instance(obj)
         self._note_statement_write(using)  # counts toward cross_shard_writes like any write
+        _events.fire("pre_delete", state.class_, instance=obj, using=using)
         conn = self.connection(bind_arguments={"shard_id": using})
+        for prop in _secondary_props(mapper):  # its link rows there go with it, as in Django
+            owner_cols = [(prop.parent.get_property_by_column(o).key, s) for o, s in prop.synchronize_pairs]
+            conn.execute(
+                prop.secondary.delete().where(and_(*[s == getattr(obj, key) for key, s in owner_cols]))
+            )
         for table in reversed(mapper.tables):
             cols = [table.c[c.key] if c.table is not table else c for c in mapper.primary_key]
             conn.execute(table.delete().where(and_(*[c == v for c, v in zip(cols, pk, strict=True)])))
+        _events.fire("post_delete", state.class_, instance=obj, using=using)
 
     # -- statement routing -------------------------------------------------------
 
@@ -859,6 +876,12 @@ def _secondary_props(mapper: Mapper[Any]) -> tuple[Any, ...]:
     return props
 
 
+def _has_primary_key(state: InstanceState[Any]) -> bool:
+    """Whether a new object has every primary-key attribute set."""
+    mapper = state.mapper
+    return all(state.dict.get(mapper.get_property_by_column(c).key) is not None for c in mapper.primary_key)
+
+
 def _mapper_of(model: type[Any]) -> Mapper[Any]:
     from sqlalchemy import inspect
 
@@ -957,6 +980,18 @@ def _before_flush(session: Session, flush_context: Any, instances: Iterable[Any]
         session._flush_aliases[state] = _db_of_or_none(state.obj()) or session._decide_write_alias(state)
     session._route_links()
     session.cluster._check_flush(session)
+    if _events.active():  # Django's pre_save / pre_delete, with the alias of each write
+        aliases = session._flush_aliases
+        sent: list[tuple[str, Any, str, bool]] = []
+        for obj in (*session.new, *changed):
+            state = instance_state(obj)
+            sent.append(("save", obj, aliases[state], state.key is None))
+            _events.fire("pre_save", state.class_, instance=obj, using=aliases[state], created=state.key is None)
+        for obj in session.deleted:
+            state = instance_state(obj)
+            sent.append(("delete", obj, aliases[state], False))
+            _events.fire("pre_delete", state.class_, instance=obj, using=aliases[state])
+        session.info["shardkit.flush_events"] = sent
     _group_inserts_by_alias(session)
 
 
@@ -1028,6 +1063,11 @@ def _after_flush(session: Session, flush_context: Any) -> None:
     session._flush_conns.clear()
     session._link_aliases.clear()
     session._collection_parents.clear()
+    for kind, obj, alias, created in session.info.pop("shardkit.flush_events", ()):
+        if kind == "save":
+            _events.fire("post_save", type(obj), instance=obj, using=alias, created=created)
+        else:
+            _events.fire("post_delete", type(obj), instance=obj, using=alias)
 
 
 @event.listens_for(ShardSession, "after_begin")

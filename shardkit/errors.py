@@ -11,9 +11,11 @@ keeps working for code that does not know shardkit::
      |    +-- RouterImportError (ImportError) a DATABASE_ROUTERS entry that does not import
      +-- RoutingError                        the router chain gave an unusable answer
      |    +-- InvalidRouteError               a router returned something that is not an alias
+     |    +-- CrossDatabaseQueryError (ValueError) a subquery placed on another database
      |    +-- RouterError                     a router's own method raised (the cause is kept)
      +-- InvalidKeyError (TypeError)         a shard key of a type or value the ring refuses
-     +-- RelationError                       allow_relation refused a relation (cross-shard)
+     +-- RelationError (ValueError)          allow_relation refused a relation (cross-shard)
+     +-- UnsavedObjectError (ValueError)     a related-manager call on an object not saved there
      +-- CrossShardWriteError                a multi-shard commit refused by the strict setting
  +-- CommitError                         a commit over several shards did not end alike on all of them
  |    +-- PartialCommitError              "allow": some shards committed, the others did not
@@ -40,6 +42,7 @@ from typing import Any
 __all__ = [
     "CommitError",
     "ConfigError",
+    "CrossDatabaseQueryError",
     "CrossShardWriteError",
     "FanoutError",
     "FanoutTimeoutError",
@@ -58,6 +61,7 @@ __all__ = [
     "TwoPhaseRecoveryError",
     "UnknownAliasError",
     "UnknownEngineError",
+    "UnsavedObjectError",
     "UnsupportedQueryError",
 ]
 
@@ -123,6 +127,14 @@ class InvalidKeyError(ShardkitError, TypeError):
 
 class RelationError(ShardkitError, ValueError):
     """allow_relation refused to relate two objects (they live on different databases)."""
+
+
+class CrossDatabaseQueryError(RoutingError, ValueError):
+    """A query placed on one database uses a subquery placed on another (Django's ValueError)."""
+
+
+class UnsavedObjectError(ShardkitError, ValueError):
+    """A related-manager call needs an object saved on the database it works on (Django's ValueError)."""
 
 
 class CrossShardWriteError(ShardkitError):

@@ -6,9 +6,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 import shardkit
-from shardkit.errors import ConfigError
+from shardkit.errors import ConfigError, CrossDatabaseQueryError
 
 from .app.models import Author, Base, Book, User
 from .app.routers import AuthRouter
@@ -128,3 +129,145 @@ def test_update_and_delete_querysets(cluster: shardkit.Cluster) -> None:
 def test_manager_is_not_reachable_from_instances(cluster: shardkit.Cluster) -> None:
     with pytest.raises(AttributeError, match="instances"):
         Author(name="x").objects  # noqa: B018
+
+
+# -- Django's semantics, regression tests (issue 11) ------------------------------------------
+
+
+def rename_elsewhere(cluster: shardkit.Cluster, alias: str, old: str, new: str) -> None:
+    with cluster.engine(alias).begin() as conn:
+        conn.execute(text("UPDATE blog_author SET name = :new WHERE name = :old"), {"new": new, "old": old})
+
+
+def test_every_evaluation_reads_the_database(cluster: shardkit.Cluster) -> None:
+    Author.objects.create(name="first")
+    one, two = Author.objects.get(name="first"), Author.objects.get(name="first")
+    assert one is not two  # distinct instances, as two Django querysets give
+    rename_elsewhere(cluster, "default", "first", "renamed")  # another connection changes the row
+    assert Author.objects.get(id=one.id).name == "renamed"  # fresh values, not a cached object
+    assert one.name == "first"  # objects already read keep what they read
+    one.save(using="other")  # copying one object does not move the other
+    assert shardkit.db_of(one) == "other"
+    assert shardkit.db_of(two) == "default"
+
+
+def test_a_failed_save_leaves_the_manager_usable(cluster: shardkit.Cluster) -> None:
+    first = Author.objects.create(name="a")
+    clash = Author(id=first.id, name="b")
+    with pytest.raises(IntegrityError):
+        Book(id=1, title="t", author_id=None).save()  # NOT NULL
+    assert Author.objects.count() == 1  # no PendingRollbackError: the next call just works
+    fresh = Author(name="c")
+    with pytest.raises(IntegrityError):
+        Book(id=2, title=None).save()  # type: ignore[arg-type]
+    fresh.save()
+    assert shardkit.db_of(fresh) == "default"
+    assert Author.objects.count() == 2
+    assert clash.name == "b"
+
+
+def test_db_of_is_unchanged_by_a_failed_save(cluster: shardkit.Cluster) -> None:
+    new = Book(id=5, title="no author", author_id=None)
+    with pytest.raises(IntegrityError):
+        new.save(using="other")
+    assert shardkit.db_of(new) is None  # it was never written anywhere
+    author = Author.objects.using("other").create(name="x")
+    author.name = None  # type: ignore[assignment]
+    with pytest.raises(IntegrityError):
+        author.save(using="default")  # a copy that fails: it still lives on "other"
+    assert shardkit.db_of(author) == "other"
+
+
+def test_save_using_a_new_object_whose_key_exists_there_updates(cluster: shardkit.Cluster) -> None:
+    Author.objects.using("other").create(id=7, name="old", score=1)
+    Author(id=7, name="new", score=2).save(using="other")  # as docs/index.md promises: an UPDATE
+    assert Author.objects.using("other").values_list("name", "score") == [("new", 2)]
+    Author(id=8, name="brand new").save(using="other")  # no such row: an INSERT
+    assert Author.objects.using("other").count() == 2
+
+
+class ReadWriteSplit:
+    """Reads from "other", writes to "default" (no replication between them)."""
+
+    def db_for_read(self, model: type, **hints: object) -> str:
+        return "other"
+
+    def db_for_write(self, model: type, **hints: object) -> str:
+        return "default"
+
+    def allow_relation(self, obj1: object, obj2: object, **hints: object) -> bool:
+        return True
+
+
+@pytest.fixture
+def split(make_urls: Callable[..., dict[str, str]]) -> Iterator[shardkit.Cluster]:
+    cluster = shardkit.Cluster(make_urls("default", "other"), routers=[ReadWriteSplit()])
+    cluster.create_all(Base)
+    with cluster.activate():
+        yield cluster
+    cluster.dispose()
+
+
+def test_get_or_create_runs_on_the_write_database(split: shardkit.Cluster) -> None:
+    Author.objects.create(id=1, name="only on default")
+    obj, created = Author.objects.get_or_create(name="only on default")  # not read from "other"
+    assert not created and obj.id == 1 and shardkit.db_of(obj) == "default"
+    obj, created = Author.objects.get_or_create(name="new", defaults={"score": 3, "id": 2})
+    assert created and shardkit.db_of(obj) == "default" and obj.score == 3
+
+
+def test_queryset_and_manager_db_are_the_routers_pick(split: shardkit.Cluster) -> None:
+    assert Author.objects.db == "other"
+    assert Author.objects.all().db == "other"
+    assert Author.objects.using("default").db == "default"
+    assert Author.objects.db_manager("default").db == "default"
+    assert Author.objects.db_manager("default").all().db == "default"
+
+
+def test_save_of_an_object_from_another_database_writes_the_whole_row(split: shardkit.Cluster) -> None:
+    with split.engine("other").begin() as conn:
+        conn.execute(text("INSERT INTO blog_author (id, name, score) VALUES (3, 'replica copy', 9)"))
+    obj = Author.objects.get(id=3)  # read from "other"
+    assert shardkit.db_of(obj) == "other"
+    obj.name = "edited"
+    obj.save()  # the router writes to "default", which has no such row: INSERT of the whole row
+    assert shardkit.db_of(obj) == "default"
+    assert Author.objects.using("default").values_list("name", "score") == [("edited", 9)]
+    same_id = Author.objects.using("other").get(id=3)
+    same_id.save()  # now the row exists on "default": UPDATE with every column
+    assert Author.objects.using("default").values_list("name", "score") == [("replica copy", 9)]
+
+
+def test_a_subquery_on_another_database_is_refused(cluster: shardkit.Cluster) -> None:
+    author = Author.objects.using("other").create(name="far")
+    Book.objects.using("other").create(title="b", author_id=author.id)
+    inner = Author.objects.using("other").filter(name="far")
+    outer = Book.objects.filter(author__in=inner)  # runs on "default"
+    with pytest.raises(CrossDatabaseQueryError, match="Subqueries aren't allowed across different databases"):
+        list(outer)
+    assert isinstance(CrossDatabaseQueryError("x"), ValueError)
+    same = Book.objects.using("other").filter(author__in=inner)
+    assert [b.title for b in same] == ["b"]
+    unplaced = Book.objects.using("other").filter(author__in=Author.objects.filter(name="far"))
+    assert [b.title for b in unplaced] == ["b"]  # a subquery with no using() runs with the outer one
+
+
+class ModernMigrateRouter:
+    """Today's Django signature."""
+
+    def allow_migrate(self, db: str, app_label: str | None, model_name: str | None = None, **hints: object) -> bool:
+        seen.append((db, app_label, model_name))
+        return not (app_label == "auth" and db != "credentials")
+
+
+seen: list[tuple[str, str | None, str | None]] = []
+
+
+def test_allow_migrate_with_the_current_django_signature(make_urls: Callable[..., dict[str, str]]) -> None:
+    seen.clear()
+    cluster = shardkit.Cluster(make_urls("default", "credentials"), routers=[ModernMigrateRouter()])
+    made = cluster.create_all(Base)
+    assert "auth_user" in made["credentials"] and "auth_user" not in made["default"]
+    assert ("default", "auth", "user") in seen
+    assert ("default", "blog", "author") in seen
+    cluster.dispose()

@@ -176,8 +176,9 @@ def test_many_to_many_made_before_placement_is_refused_at_flush(make_urls: Calla
         s.save(far, using="other")
         s.commit()
         article = Article(id=2)
-        article.tags.append(far)  # not placed yet: nothing to check at assignment
-        s.add(article)  # ...and it would be written to "default"
+        article.tags.append(far)  # not placed yet: it takes its tag's database, as in Django...
+        assert shardkit.db_of(article) == "other"
+        s.save(article, using="default")  # ...until placed explicitly elsewhere, after the append
         with pytest.raises(RelationError, match=r"Article\.tags"):
             s.flush()
         s.rollback()
