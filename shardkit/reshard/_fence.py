@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = ["FencingRouter", "attach_fencing", "ensure_fencing", "fences_of", "find_ring_router"]
 
 logger = logging.getLogger("shardkit.reshard")
+_now = time.monotonic
 
 WRITE_PHASES = frozenset(("fenced", "merging", "switched"))
 READ_PHASES = frozenset(("merging", "switched", "deleting"))
@@ -127,7 +128,7 @@ class FencingRouter:
         self.poll_interval = poll_interval
         self._fence: _Fence | None = None
         self._cluster: Cluster | None = None
-        self._polled = 0.0
+        self._next_poll = 0.0  # time.monotonic() of the next read of the stored state
         self._poll_lock = threading.Lock()
         self._manual = False  # the Resharder of this process drives the fence
         self._ring_version: int | None = None
@@ -153,7 +154,8 @@ class FencingRouter:
     def follow(self) -> None:
         """Go back to following the state stored on ``default`` (at the next poll)."""
         self._manual = False
-        self._polled = 0.0
+        self._next_poll = 0.0
+        self._ring_version = None
 
     @property
     def active(self) -> tuple[bool, bool]:
@@ -169,17 +171,18 @@ class FencingRouter:
     def watch(self, cluster: Cluster) -> FencingRouter:
         """Follow the reshard state and the ring stored on ``cluster``'s ``default``."""
         self._cluster = cluster
-        self._polled = 0.0
+        self._next_poll = 0.0
         return self
 
     def _poll(self) -> None:
         cluster = self._cluster
-        if cluster is None or time.monotonic() - self._polled < self.poll_interval:
+        if cluster is None:
+            self._next_poll = float("inf")
             return
         with self._poll_lock:
-            if time.monotonic() - self._polled < self.poll_interval:
+            if _now() < self._next_poll:
                 return
-            self._polled = time.monotonic()
+            self._next_poll = _now() + self.poll_interval
             router = find_ring_router(cluster)
             if router is None:
                 return
@@ -187,7 +190,7 @@ class FencingRouter:
                 self._read_state(cluster, router)
                 self._unknown = None
             except Exception as exc:  # default unreachable: keep the last state, say so
-                self._polled = time.monotonic() - self.poll_interval * 0.75  # try again soon
+                self._next_poll = _now() + self.poll_interval / 4  # try again soon
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 if self._unknown is None:
                     logger.warning("cannot read the reshard state from default: %s", first)
@@ -239,7 +242,8 @@ class FencingRouter:
     def _guard(self, model: Any) -> tuple[_Fence | None, str]:
         """(the fence if ``model``'s table is fenced, its table name); raises while the state
         of a reshard under way cannot be read."""
-        self._poll()
+        if _now() >= self._next_poll:
+            self._poll()
         f = self._fence
         if f is None and self._unknown is None:
             return None, ""
@@ -266,6 +270,8 @@ class FencingRouter:
             )
 
     def _write_fence(self, model: Any) -> tuple[_Fence, str] | None:
+        if self._fence is None and self._unknown is None and _now() < self._next_poll:
+            return None  # the common case, kept short: no reshard under way
         f, table = self._guard(model)
         return (f, table) if f is not None and f.writes else None
 
@@ -328,6 +334,8 @@ class FencingRouter:
         return aliases  # type: ignore[no-any-return]
 
     def db_for_read(self, model: Any, **hints: Any) -> str | ShardTargets | None:
+        if self._fence is None and self._unknown is None and _now() < self._next_poll:
+            return None  # the common case, kept short: no reshard under way
         f, table = self._guard(model)
         if f is None or not f.reads:
             return None
