@@ -300,7 +300,7 @@ class CommitOrder:
 
     def add(self, conn: Connection) -> None:
         """The transaction has begun on one more connection (a savepoint repeats one: ignored)."""
-        if any(known is conn for known in self._conns):
+        if any(known is conn for known in self._conns) or conn not in _held_connections(self.session):
             return
         self._conns.append(conn)
         self._hook()
@@ -329,13 +329,17 @@ class CommitOrder:
 
 
 def _held_connections(session: ShardSession) -> list[Connection]:
-    """Every connection the root transaction holds and will commit (not those it only joined)."""
+    """Every connection the root transaction opened itself and will commit.
+
+    A connection the session was given (``bind=`` a Connection, joined with a savepoint or
+    rollback-only) is left out: its transaction belongs to the caller, never committed here.
+    """
     trans = session.get_transaction()
-    if trans is None:
+    if trans is None or session.twophase:  # SQLAlchemy's own twophase=True session: its business
         return []
     # SQLAlchemy keeps them in SessionTransaction._connections: (conn, trans, should_commit, autoclose)
     # under two keys each (the connection and its engine)
-    conns = {id(entry[0]): entry[0] for entry in trans._connections.values() if entry[2]}
+    conns = {id(entry[0]): entry[0] for entry in trans._connections.values() if entry[2] and entry[3]}
     return list(conns.values())
 
 
