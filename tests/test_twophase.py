@@ -55,9 +55,7 @@ def urls(databases: DatabaseFactory) -> Iterator[dict[str, str]]:
     for url in found.values():  # a failed test must not leave prepared transactions holding the DB
         engine = create_engine(url, isolation_level="AUTOCOMMIT")
         with engine.connect() as conn:
-            for (gid,) in conn.execute(
-                text("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")
-            ):
+            for (gid,) in conn.execute(text("SELECT gid FROM pg_prepared_xacts WHERE database = current_database()")):
                 conn.exec_driver_sql("ROLLBACK PREPARED '{}'".format(gid.replace("'", "''")))
         engine.dispose()
 
