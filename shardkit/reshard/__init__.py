@@ -8,9 +8,14 @@
     print(plan.render())
     Resharder(cluster, add="s4", models=[User]).run()           # resumable; see docs/reshard.md
 
+Writes of moving keys are fenced during the cut-over by every process of the cluster (each
+cluster with a ring router follows the stored state: :class:`FencingRouter`) and by the
+databases themselves (triggers, PostgreSQL and SQLite), so a process that never heard of the
+reshard cannot break it.
+
 Limits: one reshard at a time per cluster; tables need a primary key; the rows are compared
-by primary key, so a primary key must be unique across the cluster; writes are fenced only
-in processes whose router chain starts with a :class:`FencingRouter`.
+by primary key, so a primary key must be unique across the cluster; no database-side fence
+on MySQL.
 """
 
 from __future__ import annotations

@@ -541,6 +541,7 @@ def remove(engine: Engine, tables: Sequence[MovingTable], *, alias: str = "", ti
                 locked(engine, [mt.table], "ACCESS EXCLUSIVE", drop, timeout=timeout, alias=alias)
             with engine.begin() as conn:
                 conn.exec_driver_sql("DROP FUNCTION IF EXISTS shardkit_fenced(bytea)")
+                conn.exec_driver_sql("DROP FUNCTION IF EXISTS shardkit_murmur3(bytea)")
             return
 
         def drop_sqlite(conn: Connection) -> None:
