@@ -31,6 +31,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.pool import SingletonThreadPool
 from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.lambdas import StatementLambdaElement
 
 from .errors import ShardQueryError, UnsupportedQueryError
 from .fanout import FanoutPlan, merge_rows, pg_statement_timeout_sql, plan_select, run_parallel
@@ -225,15 +227,17 @@ def _pin_null_order(
 
 def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
     """Run ``orm_context``'s statement on every alias of ``targets`` and merge the results."""
+    if isinstance(orm_context.statement, TextClause):
+        return _text_fanout(session, orm_context, targets)
     if not orm_context.is_select:
         return _write_fanout(session, orm_context, targets)
-    statement = orm_context.statement
+    statement = _resolved(orm_context.statement)
     options = orm_context.execution_options
-    plan = plan_select(statement, shard_key_columns=targets.shard_key_columns)  # type: ignore[arg-type]
+    plan = plan_select(statement, shard_key_columns=targets.shard_key_columns)
     shard_statements = {
         alias: plan.shard_statement
-        if stmt is None or stmt is statement
-        else plan_select(stmt, shard_key_columns=targets.shard_key_columns).shard_statement  # type: ignore[arg-type]
+        if stmt is None or stmt is orm_context.statement or stmt is statement
+        else plan_select(_resolved(stmt), shard_key_columns=targets.shard_key_columns).shard_statement
         for alias, stmt in targets.statements.items()
     }
     dialect_name = session.cluster.spec(next(iter(shard_statements))).dialect_name
@@ -307,6 +311,34 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     result.complete = outcome.complete
     result.errors = {a: outcome.errors[a] for a in shard_statements if a in outcome.errors}
     result.plan = plan
+    return result
+
+
+def _resolved(statement: Any) -> Any:
+    """A ``lambda_stmt()``'s statement, with the values of this call; any other statement as is."""
+    if isinstance(statement, StatementLambdaElement):
+        return statement._resolved
+    return statement
+
+
+def _text_fanout(session: ShardSession, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
+    """A ``text()`` statement on several aliases, one after another.  shardkit does not parse
+    SQL, so there is no merge plan: rows come back concatenated in alias order (no global
+    ORDER BY, LIMIT or aggregate), row counts of a textual write are summed."""
+    parts = [session._invoke_on(orm_context, alias, stmt) for alias, stmt in targets.statements.items()]
+    aliases = tuple(targets.statements)
+    if all(getattr(part, "returns_rows", True) for part in parts):
+        merged = parts[0].merge(*parts[1:]) if len(parts) > 1 else parts[0]
+        with contextlib.suppress(AttributeError):
+            merged.shards = aliases  # type: ignore[attr-defined]
+        return merged
+    total = 0
+    for part in parts:
+        total += int(getattr(part, "rowcount", 0) or 0)
+        part.close()
+    result = ShardedResult(SimpleResultMetaData([]), iter(()))
+    result.shards = aliases
+    result.rowcount = total  # type: ignore[attr-defined]
     return result
 
 

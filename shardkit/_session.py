@@ -28,10 +28,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, Select, and_, event, select
+from sqlalchemy import Engine, Join, Select, Table, TextClause, and_, event, select
 from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.orm import (
     Mapper,
@@ -135,10 +136,58 @@ def _set_db(state: InstanceState[Any], alias: str) -> None:
 
 
 def _statement_model(orm_context: ORMExecuteState) -> type[Any] | None:
+    """The model a statement reads or writes: its ORM entity; for a Core statement, the class
+    that maps its (first mapped) table; for any statement, ``shardkit_model`` if given."""
     mapper = orm_context.bind_mapper
     if mapper is not None:
         return mapper.class_
+    model = orm_context.execution_options.get("shardkit_model")
+    if model is not None:
+        return model  # type: ignore[no-any-return]
+    return _core_statement_model(orm_context.statement)
+
+
+def _core_statement_model(statement: Any) -> type[Any] | None:
+    """The class mapping a Core SELECT's, UPDATE's or DELETE's table (``users.select()``)."""
+    table = getattr(statement, "table", None)  # UPDATE / DELETE
+    if isinstance(table, Table):
+        return _table_model(table)
+    if not isinstance(statement, Select):
+        return None
+    for frm in (*statement._from_obj, *statement.columns_clause_froms):
+        while isinstance(frm, Join):
+            frm = frm.left
+        if isinstance(frm, Table):
+            model = _table_model(frm)
+            if model is not None:
+                return model
     return None
+
+
+_TABLE_MODELS: weakref.WeakKeyDictionary[Table, type[Any] | None] = weakref.WeakKeyDictionary()
+
+
+def _table_model(table: Table) -> type[Any] | None:
+    """The (base-most) class that maps ``table``, or ``None``; cached until a new mapper appears."""
+    try:
+        return _TABLE_MODELS[table]
+    except KeyError:
+        pass
+    from sqlalchemy.orm import mapperlib
+
+    found: Mapper[Any] | None = None
+    for reg in list(mapperlib._all_registries()):
+        for mapper in reg.mappers:
+            if mapper.local_table is table and (found is None or found.isa(mapper)):
+                found = mapper
+    model = found.class_ if found is not None else None
+    _TABLE_MODELS[table] = model
+    return model
+
+
+@event.listens_for(Mapper, "after_mapper_constructed")
+def _forget_table_models(mapper: Mapper[Any], class_: type[Any]) -> None:
+    _TABLE_MODELS.clear()
 
 
 class ShardSession(Session):
@@ -438,7 +487,8 @@ class ShardSession(Session):
     ) -> Any:
         if identity_token is None:
             opts = execution_options or {}
-            identity_token = opts.get("shardkit_using") or self.pinned
+            using_opt = opts.get("shardkit_using")
+            identity_token = (using_opt if isinstance(using_opt, str) else None) or self.pinned
         if identity_token is not None:
             return super()._identity_lookup(
                 mapper, primary_key_identity, identity_token=identity_token,
@@ -563,7 +613,7 @@ class ShardSession(Session):
             return self.cluster.check_alias(chosen)
         opts = orm_context.execution_options
         if (alias := opts.get("shardkit_using")) is not None:
-            return self.cluster.check_alias(alias)
+            return self._using_targets(alias)
         if (alias := orm_context.bind_arguments.get("shard_id")) is not None:
             return self.cluster.check_alias(alias)
         if self.pinned is not None:
@@ -588,7 +638,21 @@ class ShardSession(Session):
             if top is not None:  # a selectin / subquery load of the objects read from one alias
                 return self._route_post_load(orm_context, model, top, hints)
             return router.db_for_read(model, **hints)
+        if isinstance(statement, TextClause):  # text() given a shardkit_model: read like the model
+            return router.db_for_read(model, **hints)
         return router.db_for_write(model, **hints)
+
+    def _using_targets(self, value: Any) -> str | ShardTargets:
+        """The ``shardkit_using`` execution option: one alias, or a list / tuple / set of aliases
+        the statement runs on, results merged as a fan-out's are."""
+        if isinstance(value, str):
+            return self.cluster.check_alias(value)
+        aliases = [self.cluster.check_alias(a) for a in dict.fromkeys(value)]
+        if not aliases:
+            raise InvalidRouteError("shardkit_using names no alias", alias=value)
+        if len(aliases) == 1:
+            return aliases[0]
+        return ShardTargets(dict.fromkeys(aliases), reason="shardkit_using")
 
     def _route_post_load(
         self, orm_context: ORMExecuteState, model: type[Any], top: Any, hints: dict[str, Any]
@@ -807,9 +871,11 @@ class ShardSession(Session):
             return self.cluster.check_alias(chosen[-1])
         alias = statement._execution_options.get("shardkit_using") or self.pinned
         if alias is not None:
-            return self.cluster.check_alias(alias)
+            return self._using_targets(alias)
         descriptions = getattr(statement, "column_descriptions", None) or [{}]
         model = descriptions[0].get("entity") if descriptions else None
+        if model is None:
+            model = statement._execution_options.get("shardkit_model") or _core_statement_model(statement)
         if model is None:
             return self.cluster.router.default
         return self.cluster.router.db_for_read(model, statement=statement, session=self)

@@ -160,6 +160,11 @@ def _simple_int(stmt: Select[Any], what: str) -> int | None:
     try:
         value = stmt._limit if what == "limit" else stmt._offset
     except sa_exc.CompileError as err:
+        # a bound value SQLAlchemy does not mark as a simple LIMIT (a lambda_stmt()'s
+        # closure variable): its value is the number
+        bound = clause.effective_value if isinstance(clause, elements.BindParameter) else None
+        if isinstance(bound, int) and not isinstance(bound, bool):
+            return bound
         raise _refuse(f"{what.upper()} given as an expression", "use a literal integer") from err
     return value
 

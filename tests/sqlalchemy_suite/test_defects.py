@@ -1,0 +1,129 @@
+"""Regressions for the defects issue 12 found while porting the peer's suite, one test each.
+
+They run on the weather model (see ``weather.py``), on every layout unless the test needs a
+plain database per shard.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, inspect, lambda_stmt, select, text, update
+from sqlalchemy.orm import joinedload, selectinload
+
+from shardkit._fanout import shards_of
+from shardkit.errors import UnknownAliasError
+
+from .weather import SHARDS, World
+
+CITIES = ["Tokyo", "New York", "Toronto", "London", "Dublin", "Brasilia", "Quito"]
+
+
+def test_legacy_query_returns_objects_and_uniques_joined_collections(world: World) -> None:
+    # Query over a fan-out gave 1-tuples; with a joined collection, one entry per joined row
+    wl = world.WeatherLocation
+    sess = world.fixture_data()
+    first = sess.query(wl).order_by(wl.id).first()
+    assert isinstance(first, wl) and first.city == "Tokyo"
+    assert [c.city for c in sess.query(wl).order_by(wl.id)] == CITIES
+    joined = sess.query(wl).options(joinedload(wl.reports)).order_by(wl.id).all()
+    assert [c.city for c in joined] == CITIES
+    assert [len(c.reports) for c in joined] == [1, 1, 0, 0, 0, 0, 1]
+    assert sess.query(wl).filter(wl.continent != "Asia").count() == 6
+    assert sess.query(func.count(wl.id)).scalar() == 7
+
+
+def test_ids_from_a_python_default_follow_add_order(world: World) -> None:
+    # grouping a flush's INSERTs by shard ran the id generator in shard order: the third
+    # city added (Toronto, north_america) got id 1
+    sess = world.fixture_data()
+    wl = world.WeatherLocation
+    assert [(c.id, c.city) for c in sess.query(wl).order_by(wl.id)] == list(enumerate(CITIES, start=1))
+    more = [wl(continent, city) for continent, city in [("Europe", "Paris"), ("Asia", "Seoul"), ("Europe", "Rome")]]
+    sess.add_all(more)
+    sess.flush()
+    assert [c.id for c in more] == [8, 9, 10]
+
+
+def test_rows_without_python_defaults_are_still_grouped_per_shard(world: World) -> None:
+    # the grouping stays for classes whose rows run no Python-side default: one INSERT
+    # statement (an executemany) per shard for reports given their ids and times
+    import datetime
+
+    sess = world.fixture_data()
+    wl, rep = world.WeatherLocation, world.Report
+    places = sess.query(wl).order_by(wl.id).all()
+    now = datetime.datetime(2024, 1, 1)
+    for i in range(40):
+        report = rep(float(i), id_=100 + i)
+        report.report_time = now
+        places[i % len(places)].reports.append(report)
+    world.reset_counts()
+    sess.flush()
+    shards_written = {inspect(p).identity_token for p in places}
+    assert sum(world.statement_counts()) == len(shards_written)  # one INSERT per shard
+
+
+def test_selectin_load_follows_each_parents_shard(world: World) -> None:
+    # a selectin load went to every shard (the router cannot read the reports' shard from
+    # "location_id IN (...)"); it now runs on the shard the parents came from
+    wl = world.WeatherLocation
+    sess = world.fixture_data()
+    world.reset_counts()
+    places = sess.scalars(select(wl).options(selectinload(wl.reports)).order_by(wl.id)).all()
+    # one SELECT of the locations per shard, one selectin load per shard holding locations
+    assert world.statement_counts() == [2, 2, 2, 2]
+    assert {p.city: [r.temperature for r in p.reports] for p in places}["Quito"] == [85.0]
+    for p in places:
+        assert {inspect(r).identity_token for r in p.reports} <= {inspect(p).identity_token}
+
+
+def test_text_runs_on_default_or_where_told(distinct_world: World) -> None:
+    world = distinct_world
+    sess = world.fixture_data()
+    stmt = text("SELECT city FROM weather_locations ORDER BY id")
+    assert sess.execute(stmt).scalars().all() == ["New York", "Toronto"]  # "default" is north_america
+    everywhere = sess.execute(stmt.execution_options(shardkit_using=list(SHARDS)))
+    assert everywhere.scalars().all() == ["New York", "Toronto", "Tokyo", "London", "Dublin", "Brasilia", "Quito"]
+    by_router = sess.execute(stmt, execution_options={"shardkit_model": world.WeatherLocation})
+    assert shards_of(by_router) == SHARDS
+    assert sorted(by_router.scalars()) == sorted(CITIES)
+    two = sess.execute(stmt.execution_options(shardkit_using=("asia", "europe"))).scalars().all()
+    assert two == ["Tokyo", "London", "Dublin"]
+    bump = sess.execute(
+        text("UPDATE weather_reports SET temperature = temperature + 1").execution_options(
+            shardkit_using=list(SHARDS)
+        )
+    )
+    assert bump.rowcount == 3  # type: ignore[attr-defined]
+    with pytest.raises(UnknownAliasError):
+        sess.execute(stmt.execution_options(shardkit_using=["asia", "mars"]))
+
+
+def test_lambda_stmt_fans_out(world: World) -> None:
+    wl = world.WeatherLocation
+    sess = world.fixture_data()
+    cities = sess.scalars(lambda_stmt(lambda: select(wl).order_by(wl.city))).all()
+    assert [c.city for c in cities] == sorted(CITIES)
+    for limit in (2, 3):  # the same cached lambda, new values each call
+        stmt = lambda_stmt(lambda: select(wl.city).where(wl.id > limit).order_by(wl.id.desc()).limit(limit))
+        assert sess.scalars(stmt).all() == list(reversed(CITIES))[:limit]
+    count = lambda_stmt(lambda: select(func.count()).select_from(wl))
+    assert sess.scalar(count) == 7
+
+
+def test_core_select_of_a_mapped_table_routes_like_the_model(world: World) -> None:
+    # table.select() of a mapped table went to "default" (docs: only unmapped tables do)
+    locations = world.models.weather_locations
+    sess = world.fixture_data()
+    rows = sess.execute(select(locations.c.id, locations.c.city).order_by(locations.c.id)).all()
+    assert [tuple(r) for r in rows] == list(enumerate(CITIES, start=1))
+    europe = sess.execute(locations.select().where(locations.c.continent == "Europe").order_by(locations.c.id))
+    assert shards_of(europe) == ("europe",)
+    assert [r.city for r in europe] == ["London", "Dublin"]
+    assert sess.execute(select(func.count()).select_from(locations)).scalar() == 7
+    reports = world.models.weather_reports
+    done = sess.execute(update(reports).values(temperature=reports.c.temperature - 1))
+    assert done.rowcount == 3  # type: ignore[attr-defined]
+    assert sorted(sess.execute(select(reports.c.temperature)).scalars()) == [74.0, 79.0, 84.0]
+    ids = world.models.ids  # a table no class maps: "default"
+    assert sess.execute(select(ids.c.nextid)).scalar() == 8
