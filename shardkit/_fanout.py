@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event, nulls_first, nulls_last
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
-from sqlalchemy.pool import SingletonThreadPool
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.lambdas import StatementLambdaElement
@@ -38,7 +37,7 @@ from .errors import ShardQueryError, UnsupportedQueryError
 from .fanout import FanoutPlan, merge_rows, pg_statement_timeout_sql, plan_select, run_parallel
 from .fanout._connect import ConnectionTask
 from .fanout._merge import null_is_larger
-from .fanout._threads import calling_thread_executor
+from .fanout._threads import calling_thread_executor, thread_bound
 from .typing import ShardTargets
 
 if TYPE_CHECKING:
@@ -99,15 +98,22 @@ def _held_connection(session: ShardSession, engine: Engine) -> Connection | None
     return None if entry is None else entry[0]
 
 
-def _adopt(session: ShardSession, conn: Connection) -> Connection:
+def _adopt(session: ShardSession, adopted: list[Connection], conn: Connection) -> Connection:
     """Make ``conn`` (checked out by a fan-out worker, no transaction begun) the session's
     connection for its engine, as if the session had connected itself: it joins the session's
-    transaction, and goes back to its pool when that transaction ends."""
-    _close_adopted_at_transaction_end()
-    adopted: list[Connection] = session.info.setdefault(_ADOPTED, [])
+    transaction, and goes back to its pool when that transaction ends (``adopted`` is the
+    session's list of such connections, made in the calling thread)."""
     adopted.append(conn)
     try:
         return session.connection(bind_arguments={"bind": conn})
+    except sa_exc.InvalidRequestError:
+        # Two aliases on one engine: the other alias's worker adopted its connection first.
+        held = _held_connection(session, conn.engine)
+        if held is None:
+            raise
+        adopted.remove(conn)
+        conn.close()
+        return held
     except BaseException:
         with contextlib.suppress(ValueError):
             adopted.remove(conn)
@@ -254,17 +260,17 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     # connection adopted into the session's transaction there; a shard that hangs in its
     # checkout is abandoned at the deadline like a slow statement (shardkit.fanout._connect).
     base_bind_args = dict(orm_context.bind_arguments)
+    _close_adopted_at_transaction_end()
+    adopt = functools.partial(_adopt, session, session.info.setdefault(_ADOPTED, []))
     tasks: dict[str, ConnectionTask[Result[Any]]] = {}
     unreachable: dict[str, BaseException] = {}
     for alias in shard_statements:
         engine = session.cluster.engine(alias)
         body = _runner(orm_context, alias, shard_statements[alias], base_bind_args, deadline)
-        if _held_connection(session, engine) is None and not isinstance(engine.pool, SingletonThreadPool):
-            tasks[alias] = ConnectionTask(
-                alias, body, checkout=engine.connect, adopt=functools.partial(_adopt, session)
-            )
+        if _held_connection(session, engine) is None and not thread_bound(engine):
+            tasks[alias] = ConnectionTask(alias, body, checkout=engine.connect, adopt=adopt)
             continue
-        # Held already (no I/O), or one connection per thread (SQLite in memory): the caller's.
+        # Held already (no I/O), or a connection only the calling thread may use: as before.
         try:
             conn = session.connection(bind_arguments={"shard_id": alias})
         except sa_exc.DBAPIError as exc:

@@ -83,9 +83,10 @@ _current = threading.local()  # .task: the ConnectionTask whose checkout this th
 class _Interrupter:
     """Stops a call blocked on one DBAPI connection, from another thread, without blocking.
 
-    For a driver whose connection has ``fileno()`` (psycopg2, psycopg): a duplicate of the
-    socket's descriptor, taken while the connection is known to be open, so a shutdown can
-    never reach another socket that reused the number.  sqlite3: ``interrupt()``.
+    For a driver whose connection has ``fileno()`` (psycopg2, psycopg) or a Python socket
+    (PyMySQL's ``_sock``): a duplicate of the socket's descriptor, taken while the connection
+    is known to be open, so a shutdown can never reach another socket that reused the number.
+    sqlite3: ``interrupt()``.  Other drivers: nothing (``possible`` is False).
     """
 
     __slots__ = ("_dbapi", "_sock")
@@ -93,14 +94,23 @@ class _Interrupter:
     def __init__(self, dbapi: Any) -> None:
         self._dbapi = dbapi
         self._sock: socket.socket | None = None
+        if hasattr(dbapi, "interrupt"):
+            return
         fileno = getattr(dbapi, "fileno", None)
-        if callable(fileno) and not hasattr(dbapi, "interrupt"):
+        if not callable(fileno):
+            sock = getattr(dbapi, "_sock", None)  # PyMySQL
+            fileno = sock.fileno if isinstance(sock, socket.socket) else None
+        if fileno is not None:
             with contextlib.suppress(Exception):
                 fd = os.dup(fileno())
                 try:
                     self._sock = socket.socket(fileno=fd)
                 except OSError:
                     os.close(fd)
+
+    @property
+    def possible(self) -> bool:
+        return self._sock is not None or hasattr(self._dbapi, "interrupt")
 
     def interrupt(self) -> None:
         if self._sock is not None:
@@ -230,8 +240,9 @@ class ConnectionTask(Generic[T]):
         with self._lock:
             self._cancelled = True
             running = self.stage == STAGE_RUN and self._interrupter is not None
-        if not running:
-            return  # not started, abandoned in its checkout, or done
+            possible = running and self._interrupter is not None and self._interrupter.possible
+        if not possible:
+            return  # not started, abandoned in its checkout, done, or a driver we cannot stop
         if self._done.wait(SETTLE):
             return  # ended by itself: at the deadline the server stopped it (statement_timeout)
         with self._lock:
@@ -276,42 +287,45 @@ def _as_int(value: Any) -> int:
 
 
 def _on_connect(
-    default_deadline: Callable[[], float | None],
+    default_deadline: Callable[[], float | None] | None,
     user_timeout_ok: bool,
     cargs: Any,
     cparams: dict[str, Any],
 ) -> None:
+    task = getattr(_current, "task", None)
+    if task is not None:  # a fan-out's worker: its checkout had to connect
+        task.stage = STAGE_CONNECT
+    if default_deadline is None:  # not psycopg2
+        return
     if "dsn" not in cparams and not cargs:  # settings the user gave (URL query, OPTIONS) win
         for key, value in pg_socket_options(default_deadline()).items():
             if key != "tcp_user_timeout" or user_timeout_ok:
                 cparams.setdefault(key, value)
-    task = getattr(_current, "task", None)
-    if task is not None:  # a fan-out's worker: the connect counts against its deadline
-        task.stage = STAGE_CONNECT
-        left = task.remaining()
-        if left is not None:
-            bound = max(2, math.ceil(left))  # libpq's minimum is 2 s
-            configured = _as_int(cparams.get("connect_timeout"))
-            if configured <= 0 or bound < configured:
-                cparams["connect_timeout"] = bound
+    left = task.remaining() if task is not None else None
+    if left is not None:  # the connect counts against the fan-out's deadline
+        bound = max(2, math.ceil(left))  # libpq's minimum is 2 s
+        configured = _as_int(cparams.get("connect_timeout"))
+        if configured <= 0 or bound < configured:
+            cparams["connect_timeout"] = bound
 
 
 def bound_sockets(engine: Engine, default_deadline: Callable[[], float | None]) -> None:
     """Give the new psycopg2 connections of ``engine`` bounded sockets (see :func:`pg_socket_options`).
 
     Keys already set (in the URL's query or the alias's ``OPTIONS``) are kept.  Inside a
-    fan-out, ``connect_timeout`` is also cut to the time left.  Other drivers: nothing.
+    fan-out, ``connect_timeout`` is also cut to the time left.  Every driver: a fan-out task
+    whose checkout has to connect says so (``stage``).
 
     :param default_deadline: returns the cluster's default deadline when a connection is made.
     """
-    if engine.dialect.driver != "psycopg2":
-        return
-    try:
-        user_timeout_ok = engine.dialect.loaded_dbapi.extensions.libpq_version() >= 120000
-    except Exception:  # pragma: no cover - a psycopg2 without libpq_version()
-        user_timeout_ok = False
+    psycopg2 = engine.dialect.driver == "psycopg2"
+    user_timeout_ok = False
+    if psycopg2:
+        with contextlib.suppress(Exception):  # a psycopg2 without libpq_version(): no tcp_user_timeout
+            user_timeout_ok = engine.dialect.loaded_dbapi.extensions.libpq_version() >= 120000
+    deadline_of = default_deadline if psycopg2 else None
 
     def on_connect(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
-        _on_connect(default_deadline, user_timeout_ok, cargs, cparams)
+        _on_connect(deadline_of, user_timeout_ok, cargs, cparams)
 
     event.listen(engine, "do_connect", on_connect)

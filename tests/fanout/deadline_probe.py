@@ -11,6 +11,8 @@ Shard ``s2`` is reached through a :class:`~tests.faults.TcpProxy`.  Scenarios:
 ``statement``
     ``s2`` has a pooled connection; the proxy black-holes it: the statement is sent,
     nothing ever comes back.
+``held``
+    the same, on the connection the session already holds from an earlier read.
 ``connect``
     ``s2``'s pool is emptied, then the proxy black-holes: the new connection is accepted
     at TCP level and the server's greeting never comes.
@@ -126,6 +128,8 @@ def attempt(
     hog = None
     if scenario == "statement":
         proxy.blackhole()
+    elif scenario == "held":
+        pass  # black-holed below, once the measured session holds its connections
     elif scenario == "connect":
         cluster.engine(PROXIED).dispose()
         proxy.blackhole()
@@ -136,6 +140,9 @@ def attempt(
     report: dict[str, Any] = {"partial": partial}
     stmt = select(User).order_by(User.id).execution_options(shardkit_deadline=deadline, shardkit_partial=partial)
     with cluster.session() as s:
+        if scenario == "held":
+            s.scalars(select(User).order_by(User.id)).all()  # the session holds every shard's connection
+            proxy.blackhole()
         with Ticker() as ticker:
             started = time.monotonic()
             try:

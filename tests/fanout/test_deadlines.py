@@ -34,7 +34,7 @@ from shardkit.errors import FanoutTimeoutError, ShardQueryError
 from shardkit.fanout import run_parallel
 from shardkit.fanout._connect import pg_socket_options
 
-from ..conftest import PG_URL, DatabaseFactory, require_server
+from ..conftest import MYSQL_URL, PG_URL, DatabaseFactory, require_server
 from ..faults import tcp_proxy
 from .deadline_probe import PROXIED, RING_SHARDS, STALL, Base, User
 
@@ -114,6 +114,12 @@ def test_black_holed_statement(direct: dict[str, str]) -> None:
     attempts = probe(direct, "statement")
     check_attempts(attempts, "running the statement")
     # the black-holed connection was dropped (its socket shut down), not given back to the pool
+    assert all(a["invalidated"][PROXIED] >= 1 for a in attempts)
+
+
+def test_black_holed_statement_on_a_held_connection(direct: dict[str, str]) -> None:
+    attempts = probe(direct, "held")
+    check_attempts(attempts, "running the statement")
     assert all(a["invalidated"][PROXIED] >= 1 for a in attempts)
 
 
@@ -219,6 +225,45 @@ def test_sockets_are_bounded(direct: dict[str, str]) -> None:
                 params = conn.connection.dbapi_connection.get_dsn_parameters()  # type: ignore[union-attr]
             assert params["connect_timeout"] == "3" and params["keepalives_idle"] == "7"
             assert params["tcp_user_timeout"] == str(expected["tcp_user_timeout"])
+        finally:
+            cluster.dispose()
+
+
+@pytest.mark.mysql
+def test_black_holed_mysql_shard(databases: DatabaseFactory) -> None:
+    """The same deadline on MariaDB/MySQL (PyMySQL): the black-holed shard's socket is shut down."""
+    require_server(MYSQL_URL, "mysql")
+    urls = databases.urls("mysql", "default", *RING_SHARDS)
+    routers = [HashRingRouter(HashRing(RING_SHARDS))]
+    cluster = shardkit.Cluster(urls, routers=routers)
+    cluster.create_all(Base)
+    with cluster.session() as s:
+        s.add_all(User(id=i, name=f"u{i}") for i in range(1, N_USERS + 1))
+        s.commit()
+    cluster.dispose()
+    with tcp_proxy(MYSQL_URL) as proxy:
+        urls[PROXIED] = make_url(urls[PROXIED]).set(host="127.0.0.1", port=proxy.port).render_as_string(False)
+        cluster = shardkit.Cluster(urls, routers=routers)
+        try:
+            stmt = select(User).order_by(User.id).execution_options(shardkit_deadline=DEADLINE)
+            with cluster.session() as s:
+                s.scalars(stmt).all()  # every shard has a pooled connection
+            proxy.blackhole()
+            with cluster.session() as s:
+                started = time.monotonic()
+                with pytest.raises(FanoutTimeoutError, match=r"'s2' \(running the statement\)"):
+                    s.scalars(stmt).all()
+                assert time.monotonic() - started < DEADLINE + SLACK
+                s.rollback()
+                started = time.monotonic()
+                result = s.execute(stmt.execution_options(shardkit_partial=True))
+                assert [u.id for u in result.scalars()] == ids_on("s0", "s1")
+                assert list(result.errors) == [PROXIED]  # type: ignore[attr-defined]
+                assert time.monotonic() - started < DEADLINE + SLACK
+                s.rollback()
+            proxy.restore()
+            with cluster.session() as s:
+                assert len(s.scalars(select(User)).all()) == N_USERS
         finally:
             cluster.dispose()
 

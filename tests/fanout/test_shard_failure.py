@@ -256,3 +256,24 @@ def test_deadline_from_the_cluster_and_partial_timeout(setup: Setup) -> None:
     finally:
         cluster.deadline, cluster.partial = None, False
     setup.set_delay("s3", 0)
+
+
+def test_a_failure_elsewhere_stops_a_slow_shard_cleanly(setup: Setup) -> None:
+    """s2 refuses at once while s1's statement runs: the caller hears of s2 quickly, s1's
+    statement is given a moment and then its connection is cut, and the session rolls back
+    without an error (no shut-down connection is left looking healthy)."""
+    setup.set_delay("s1", 3)
+    setup.proxy.cut()
+    setup.cluster.engine(PROXIED).dispose()  # the next s2 connection must connect: refused
+    with setup.cluster.session() as s:
+        started = time.monotonic()
+        with pytest.raises(ShardQueryError, match=r"'s2'.*cannot connect") as info:
+            s.scalars(slow_statement()).all()
+        assert time.monotonic() - started < MARGIN  # not after s1's 3 s
+        assert set(info.value.errors) == {PROXIED}  # type: ignore[attr-defined]
+        s.rollback()  # must not raise
+    assert all(setup.cluster.engine(a).pool.checkedout() == 0 for a in SHARDS)  # type: ignore[attr-defined]
+    setup.set_delay("s1", 0)
+    setup.proxy.restore()
+    with setup.cluster.session() as s:
+        assert [u.id for u in s.scalars(slow_statement())] == list(range(1, N_USERS + 1))
