@@ -56,8 +56,9 @@ class ShardTask(Protocol[T_co]):
 
     ``run`` gets the seconds left before the deadline (``None``: no deadline)
     so it can set a statement timeout on its connection.  ``cancel`` is called
-    from another thread while ``run`` may be executing (psycopg2:
-    ``connection.cancel()``; sqlite3: ``connection.interrupt()``).
+    from another thread while ``run`` may be executing; it must not block on the
+    network while holding the GIL (psycopg2's ``connection.cancel()`` does: see
+    :class:`shardkit.fanout._connect.ConnectionTask`, which shuts the socket down).
 
     A task may also have a ``stage`` attribute (a few words: ``"connecting"``,
     ``"running the statement"`` ...): error messages then say where a late or
