@@ -197,9 +197,16 @@ class FencingRouter:
                 self._unknown = first
 
     def _read_state(self, cluster: Cluster, router: HashRingRouter) -> None:
+        from sqlalchemy.pool import SingletonThreadPool, StaticPool
+
         from ._state import reshards, rings
 
-        with cluster.engine("default").connect() as conn:
+        engine = cluster.engine("default")
+        if isinstance(engine.pool, SingletonThreadPool | StaticPool):
+            # one shared connection: reading here could end a transaction of the caller's session
+            self._cluster = None
+            return
+        with engine.connect() as conn:
             if not inspect(conn).has_table(reshards.name):
                 self._active = False
                 if not self._manual:

@@ -510,8 +510,8 @@ class Resharder:
             t0 = time.perf_counter()
             self._delete(engines, old, new, state, lease, result)
             result.seconds["delete"] = time.perf_counter() - t0
+            self._db_unfence(engines)  # before "done": a run killed in between removes it again
             self.store.set_phase(state, "done")
-            self._db_unfence(engines)
             self._set_fence(old, new, writes=False, reads=False)
         self.router.ring = new
         result.phase = state.phase
