@@ -6,6 +6,8 @@ plain database per shard.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from sqlalchemy import func, inspect, lambda_stmt, select, text, update
 from sqlalchemy.orm import joinedload, selectinload
@@ -90,9 +92,7 @@ def test_text_runs_on_default_or_where_told(distinct_world: World) -> None:
     two = sess.execute(stmt.execution_options(shardkit_using=("asia", "europe"))).scalars().all()
     assert two == ["Tokyo", "London", "Dublin"]
     bump = sess.execute(
-        text("UPDATE weather_reports SET temperature = temperature + 1").execution_options(
-            shardkit_using=list(SHARDS)
-        )
+        text("UPDATE weather_reports SET temperature = temperature + 1").execution_options(shardkit_using=list(SHARDS))
     )
     assert bump.rowcount == 3  # type: ignore[attr-defined]
     with pytest.raises(UnknownAliasError):
@@ -104,9 +104,12 @@ def test_lambda_stmt_fans_out(world: World) -> None:
     sess = world.fixture_data()
     cities = sess.scalars(lambda_stmt(lambda: select(wl).order_by(wl.city))).all()
     assert [c.city for c in cities] == sorted(CITIES)
-    for limit in (2, 3):  # the same cached lambda, new values each call
-        stmt = lambda_stmt(lambda: select(wl.city).where(wl.id > limit).order_by(wl.id.desc()).limit(limit))
-        assert sess.scalars(stmt).all() == list(reversed(CITIES))[:limit]
+
+    def top(limit: int) -> Any:  # one lambda, cached by SQLAlchemy; new values on each call
+        return lambda_stmt(lambda: select(wl.city).where(wl.id > limit).order_by(wl.id.desc()).limit(limit))
+
+    for limit in (2, 3):
+        assert sess.scalars(top(limit)).all() == list(reversed(CITIES))[:limit]
     count = lambda_stmt(lambda: select(func.count()).select_from(wl))
     assert sess.scalar(count) == 7
 
