@@ -312,7 +312,12 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     if streams:
         # What the ORM told the legacy Query about these rows ("is_single_entity": apply
         # .scalars(); "filtered": apply .unique()) is the same for every shard's result.
-        result._attributes = streams[0]._attributes
+        attributes = streams[0]._attributes
+        if plan.merge.row_width != len(plan.merge.output_positions) and "is_single_entity" in attributes:
+            # the shards also sent hidden sort columns: say what the statement itself selects
+            single = plan.single_entity and not orm_context.load_options._only_return_tuples
+            attributes = attributes.union({"is_single_entity": single})
+        result._attributes = attributes
     result.shards = answered
     result.complete = outcome.complete
     result.errors = {a: outcome.errors[a] for a in shard_statements if a in outcome.errors}

@@ -380,6 +380,8 @@ class FanoutPlan:
     :param output_keys: the column keys of the original statement.
     :param statement: the original statement.
     :param mode: ``"concat"``, ``"ordered"``, ``"pushdown-groups"`` or ``"re-aggregate"``.
+    :param single_entity: the statement selects one ORM entity and nothing else (the legacy
+        ``Query`` then returns objects, not rows; hidden sort columns do not change that).
     """
 
     shard_statement: Select[Any]
@@ -387,6 +389,7 @@ class FanoutPlan:
     output_keys: tuple[str, ...]
     statement: Select[Any] = field(repr=False)
     mode: str = "concat"
+    single_entity: bool = False
 
     def explain(self, dialect: Dialect | str | None = None) -> str:
         """The rewritten shard SQL and the merge plan, readable.
@@ -516,7 +519,8 @@ def _plan_rows(
         mode = "concat"
     else:
         mode = "ordered" if sort_keys else "rows"
-    return FanoutPlan(shard, merge, keys, stmt, mode)
+    single_entity = len(elems) == 1 and elems[0].entity is not None
+    return FanoutPlan(shard, merge, keys, stmt, mode, single_entity)
 
 
 def _entity_attribute(expr: Any, elems: Sequence[_Element]) -> tuple[int | None, str | None]:

@@ -344,3 +344,41 @@ def test_plain_core_textual_lookup(distinct_world: World) -> None:
     merged = sess.execute(stmt.execution_options(shardkit_model=world.WeatherLocation))
     assert merged.fetchall() == [(1, "Asia", "Tokyo")]
     assert sess.execute(stmt).fetchall() == []  # "default" is north_america: no Tokyo there
+
+
+# --- where the peer documents its own wrong answer, the single-database answer ----------------
+# The peer's examples/sharding/__init__.py: "all shards will be queried and the results joined
+# together": its ORDER BY / LIMIT are per shard, concatenated, and Query.count() gets one count
+# per shard (MultipleResultsFound).  shardkit answers as one database holding every row would.
+
+
+def test_query_order_by_limit_is_global(world: World) -> None:
+    # ShardTest (peer: concatenated per-shard ORDER BY / LIMIT)
+    wl, rep = world.WeatherLocation, world.Report
+    sess = world.fixture_data()
+    assert [c.city for c in sess.query(wl).order_by(wl.city).limit(3)] == ["Brasilia", "Dublin", "London"]
+    assert [c.city for c in sess.query(wl).order_by(wl.city.desc()).offset(1).limit(2)] == ["Tokyo", "Quito"]
+    hottest = sess.query(rep).order_by(rep.temperature.desc()).first()
+    assert hottest.temperature == 85.0 and inspect(hottest).identity_token == "south_america"
+    stmt = select(wl.city).order_by(wl.continent, wl.city.desc()).limit(4)
+    assert sess.scalars(stmt).all() == ["Tokyo", "London", "Dublin", "Toronto"]
+
+
+def test_query_count_is_one_number(world: World) -> None:
+    # ShardTest (peer: Query.count() raises, one count per shard)
+    from sqlalchemy import func
+
+    wl, rep = world.WeatherLocation, world.Report
+    sess = world.fixture_data()
+    assert sess.query(wl).count() == 7
+    assert sess.query(wl).filter(wl.continent.in_(["Europe", "Asia"])).count() == 3
+    assert sess.query(rep).count() == 3
+    assert sess.scalar(select(func.count()).select_from(wl)) == 7
+    assert sess.query(func.avg(rep.temperature)).scalar() == pytest.approx(80.0)
+    by_continent = sess.execute(select(wl.continent, func.count()).group_by(wl.continent).order_by(wl.continent)).all()
+    assert [tuple(r) for r in by_continent] == [
+        ("Asia", 1),
+        ("Europe", 2),
+        ("North America", 2),
+        ("South America", 2),
+    ]
