@@ -106,18 +106,15 @@ def _adopt(session: ShardSession, adopted: list[Connection], conn: Connection) -
     adopted.append(conn)
     try:
         return session.connection(bind_arguments={"bind": conn})
-    except sa_exc.InvalidRequestError:
+    except BaseException as exc:
+        with contextlib.suppress(ValueError):
+            adopted.remove(conn)  # the task closes it
         # Two aliases on one engine: the other alias's worker adopted its connection first.
-        held = _held_connection(session, conn.engine)
+        held = _held_connection(session, conn.engine) if isinstance(exc, sa_exc.InvalidRequestError) else None
         if held is None:
             raise
-        adopted.remove(conn)
         conn.close()
         return held
-    except BaseException:
-        with contextlib.suppress(ValueError):
-            adopted.remove(conn)
-        raise
 
 
 _listening = False
