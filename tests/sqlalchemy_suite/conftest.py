@@ -1,7 +1,7 @@
 """Fixtures of the port of SQLAlchemy's horizontal_shard suite: one test body, every layout.
 
 ``world`` runs a test once per layout of the peer's suite, on SQLite (DistinctEngine,
-AttachedFile, TableNameConvention) and on PostgreSQL (the same three, plus MultipleDialect,
+LegacyAPI, AttachedFile, TableNameConvention) and on PostgreSQL (the same three, plus MultipleDialect,
 which the peer also runs only with PostgreSQL: two shards on SQLite, two on PostgreSQL).
 """
 
@@ -17,6 +17,7 @@ from .weather import World, build_world, dispose, pg_databases
 
 WORLDS = [
     ("sqlite", "distinct_engine"),
+    ("sqlite", "legacy_api"),
     ("sqlite", "attached_file"),
     ("sqlite", "table_name_convention"),
     ("postgresql", "distinct_engine"),
@@ -52,7 +53,7 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
     yield from _world(request, tmp_path)
 
 
-DISTINCT = [w for w in WORLDS if w[1] == "distinct_engine"]
+DISTINCT = [w for w in WORLDS if w[1] in ("distinct_engine", "legacy_api")]
 
 
 @pytest.fixture(params=DISTINCT, ids=[f"{b}-{layout}" for b, layout in DISTINCT])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import re
+import types
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -52,7 +53,7 @@ SHARD_OF = {
     "South America": "south_america",
 }
 
-LAYOUTS = ("distinct_engine", "attached_file", "table_name_convention", "multiple_dialect")
+LAYOUTS = ("distinct_engine", "legacy_api", "attached_file", "table_name_convention", "multiple_dialect")
 
 
 class WeatherLocation:
@@ -339,9 +340,19 @@ def build_engines(
 
 
 def build_world(layout: str, backend: str, tmp: Path, pg: dict[str, str] | None) -> World:
-    engines, schema = build_engines(layout, backend, tmp, pg)
+    legacy = layout == "legacy_api"
+    engines, schema = build_engines("distinct_engine" if legacy else layout, backend, tmp, pg)
     models = models_for(schema)
-    cluster = shardkit.Cluster({"default": engines["north_america"], **engines}, routers=[ContinentRouter(models)])
+    databases = {"default": engines["north_america"], **engines}
+    if legacy:
+        # the peer's LegacyAPIShardTest runs the DistinctEngine tests with its older API; shardkit's
+        # older form is Django's: a settings module with DATABASES and DATABASE_ROUTERS
+        settings = types.ModuleType("weather_settings")
+        settings.DATABASES = databases  # type: ignore[attr-defined]
+        settings.DATABASE_ROUTERS = [ContinentRouter(models)]  # type: ignore[attr-defined]
+        cluster = shardkit.Cluster.from_settings(settings)
+    else:
+        cluster = shardkit.Cluster(databases, routers=[ContinentRouter(models)])
     if layout == "table_name_convention":
         # the DDL's "changeme." becomes each shard's prefix: checkfirst would look for the
         # untranslated name, so drop by the real names and create without checking
