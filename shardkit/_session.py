@@ -18,9 +18,11 @@ It hooks three places, the same ones SQLAlchemy's own
   identity map, so the same primary key on two shards is two objects.
 
 An object remembers the alias it was loaded from or saved to:
-:func:`db_of` tells it.  Statements that have no mapped entity (``text()``,
-Core tables that no class maps) go to ``"default"`` unless placed with
-:func:`using`.
+:func:`db_of` tells it.  A Core statement on a table a class maps is routed as
+that class's statement; statements with no model (``text()``, Core tables that
+no class maps) go to ``"default"`` unless placed with :func:`using` or
+``shardkit_using`` (one alias, or several: a fan-out), or given a model with the
+``shardkit_model`` execution option (the routers then pick the shards).
 """
 
 from __future__ import annotations
