@@ -239,8 +239,8 @@ class ConnectionTask(Generic[T]):
         """
         with self._lock:
             self._cancelled = True
-            running = self.stage == STAGE_RUN and self._interrupter is not None
-            possible = running and self._interrupter is not None and self._interrupter.possible
+            interrupter = self._interrupter if self.stage == STAGE_RUN else None
+            possible = interrupter is not None and interrupter.possible
         if not possible:
             return  # not started, abandoned in its checkout, done, or a driver we cannot stop
         if self._done.wait(SETTLE):
