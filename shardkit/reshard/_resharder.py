@@ -497,7 +497,8 @@ class Resharder:
         if state.phase == "switched":
             self.router.ring = new
             self._set_fence(old, new, writes=True, reads=True)
-            self._db_fence(engines, old, new, state, "fence")  # again, if this run resumed here
+            if result.resumed_from == "switched":  # a run killed here: the fence again, to be sure
+                self._db_fence(engines, old, new, state, "fence")
             time.sleep(self.fence_grace)  # every following process reads the new ring meanwhile
             for alias, engine in engines.items():
                 if _dbfence.supported(engine):
@@ -506,7 +507,8 @@ class Resharder:
         if state.phase == "deleting":
             self.router.ring = new
             self._set_fence(old, new, writes=False, reads=True)
-            self._db_fence(engines, old, new, state, "switched")  # again, if this run resumed here
+            if result.resumed_from == "deleting":
+                self._db_fence(engines, old, new, state, "switched")
             t0 = time.perf_counter()
             self._delete(engines, old, new, state, lease, result)
             result.seconds["delete"] = time.perf_counter() - t0
