@@ -16,6 +16,7 @@ from __future__ import annotations
 from . import errors
 from ._cluster import Cluster, get_active_cluster
 from ._config import DEFAULT_DB_ALIAS, AliasSpec
+from ._events import contains, listen, listens_for, remove
 from ._fanout import ShardedResult, shards_of
 from ._manager import (
     FieldError,
@@ -24,6 +25,8 @@ from ._manager import (
     MultipleObjectsReturned,
     ObjectDoesNotExist,
     QuerySet,
+    RelatedList,
+    RelatedManager,
 )
 from ._routing import RouterChain
 from ._session import ShardSession, current_session, db_of, using
@@ -48,18 +51,24 @@ __all__ = [
     "MultipleObjectsReturned",
     "ObjectDoesNotExist",
     "QuerySet",
+    "RelatedList",
+    "RelatedManager",
     "RouterChain",
     "Settings",
     "ShardSession",
     "ShardTargets",
     "ShardedResult",
     "ShardkitError",
+    "contains",
     "current_session",
     "db_of",
     "errors",
     "get_active_cluster",
+    "listen",
+    "listens_for",
     "load_settings",
     "next_id",
+    "remove",
     "shards_of",
     "using",
 ]

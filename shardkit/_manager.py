@@ -102,6 +102,13 @@ class _CallSession(ShardSession):
             other = _sessions.get(other_id)
             if isinstance(other, _CallSession) and other._calls == 0:
                 other.expunge(obj)
+        key = state.key
+        if key is not None and other_id != self.hash_key:
+            # Two Django objects may stand for one row; one session cannot hold both: the one
+            # joining wins, the other leaves this session (it keeps its values and its db).
+            existing = self.identity_map.get(key)
+            if existing is not None and existing is not obj:
+                self.expunge(existing)
         return super()._before_attach(state, obj)
 
 
@@ -430,8 +437,9 @@ class QuerySet(Generic[M]):
 
     @property
     def statement(self) -> Any:
-        """The SQLAlchemy ``Select`` this queryset runs."""
-        return self._statement(self._db)
+        """The SQLAlchemy ``Select`` this queryset runs (a subquery placed on another database
+        than the query is refused here already, as Django's ``str(qs.query)`` does)."""
+        return self._statement(self._run_alias(write=False))
 
     def _pk_subquery(self) -> Any:
         return self._apply(select(_column(self.model, "pk")), None)
@@ -593,6 +601,8 @@ class QuerySet(Generic[M]):
         many-to-many link rows and cascades go with it and the delete events are sent; returns
         the number of objects deleted."""
         alias = self._run_alias(write=True)
+        if alias is None:  # read the rows to delete where the routers write them
+            alias = _str_or_none(_cluster().router.write_opinion(self.model, **self._hints))
         with _session_scope() as session:
             objs = list(session.scalars(self._statement(alias)).unique())
             for obj in objs:
@@ -930,25 +940,25 @@ class RelatedManager(Manager[Any]):
         using = str(self._router.db_for_write(self.model, instance=self.instance))
         for obj in objs:
             self._check_relation(obj)
-        with _session_scope(self.instance) as session:
-            if bulk:
-                pks = []
-                for obj in objs:
-                    if instance_state(obj).key is None or db_of(obj) != using:
-                        raise UnsavedObjectError(
-                            f"{obj!r} instance isn't saved. Use bulk=False or save the object first.", model=type(obj)
-                        )
-                    pks.append(self._target_key(obj))
+        if bulk:
+            pks = []
+            for obj in objs:
+                if instance_state(obj).key is None or db_of(obj) != using:
+                    raise UnsavedObjectError(
+                        f"{obj!r} instance isn't saved. Use bulk=False or save the object first.", model=type(obj)
+                    )
+                pks.append(self._target_key(obj))
+            with _session_scope(self.instance) as session:
                 self._set_fk(session, using, pks, self.instance)
                 self._expire(session, objs)
-                return
-            reverse_key = _reverse_key(self.prop)
-            for obj in objs:
-                if reverse_key is not None:
-                    setattr(obj, reverse_key, self.instance)
-                else:
-                    self._fill_fk(obj, self.instance)
-                save(obj)
+            return
+        reverse_key = _reverse_key(self.prop)
+        for obj in objs:  # bulk=False: each object saved on its own, where the routers say
+            if reverse_key is not None:
+                setattr(obj, reverse_key, self.instance)
+            else:
+                self._fill_fk(obj, self.instance)
+            save(obj)
 
     def _fill_fk(self, obj: Any, owner: Any) -> None:
         owner_mapper = _mapper(type(owner))
@@ -1128,7 +1138,7 @@ def _reverse_key(prop: RelationshipProperty[Any]) -> str | None:
     return None
 
 
-class RelatedList(list[Any]):
+class RelatedList(list[M]):
     """The list behind a one-to-many or many-to-many relationship of a :class:`ModelMixin` model.
 
     A plain SQLAlchemy collection (``append``, ``extend``, ``pop`` ... are flushed with the
@@ -1326,7 +1336,11 @@ class ModelMixin:
         return f"{type(self).__name__} object ({key})"
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__}: {self}>"
+        try:
+            text = str(self)
+        except Exception:  # a __str__ reading a field that is not set: repr() must not fail
+            text = ModelMixin.__str__(self)
+        return f"<{type(self).__name__}: {text}>"
 
     def save(self, using: str | None = None) -> None:
         """Write this object now: to ``using`` if given, else where the routers say."""
@@ -1335,6 +1349,28 @@ class ModelMixin:
     def delete(self, using: str | None = None) -> None:
         """Delete this object now: from ``using`` if given, else from where it lives."""
         delete_obj(self, using=using)
+
+    def get_next_by(self, field: str, **lookups: Any) -> Any:
+        """The next object by ``field`` (then primary key), on this object's database:
+        Django's ``get_next_by_<field>()``.  :raises DoesNotExist: there is none."""
+        return self._adjacent(field, lookups, "gt")
+
+    def get_previous_by(self, field: str, **lookups: Any) -> Any:
+        """The previous object by ``field`` (then primary key), on this object's database."""
+        return self._adjacent(field, lookups, "lt")
+
+    def _adjacent(self, field: str, lookups: dict[str, Any], op: str) -> Any:
+        cls = type(self)
+        value, pk = getattr(self, field), self.pk
+        col, pk_col = _column(cls, field), _column(cls, "pk")
+        after = (
+            (col > value) | ((col == value) & (pk_col > pk))
+            if op == "gt"
+            else ((col < value) | ((col == value) & (pk_col < pk)))
+        )
+        prefix = "" if op == "gt" else "-"
+        qs = cls.objects.using(db_of(self) or "default").filter(after, **lookups)
+        return qs.order_by(f"{prefix}{field}", f"{prefix}pk").first() or qs.get(after)
 
     def refresh_from_db(self, using: str | None = None) -> None:
         """Reload every column from ``using``, else from ``db_for_read(Model, instance=self)``

@@ -165,16 +165,29 @@ def _instrument(mapper: Mapper[Any], class_: type[Any]) -> None:
         attr = getattr(class_, prop.key)
 
         def on_set(target: Any, value: Any, oldvalue: Any, initiator: Any, _prop: Any = prop) -> None:
-            _check_pair(target, value, _prop)
+            _check_event(target, value, _prop, initiator)
 
         def on_append(target: Any, value: Any, initiator: Any, _prop: Any = prop) -> None:
-            _check_pair(target, value, _prop)
+            _check_event(target, value, _prop, initiator)
 
         # propagate: subclasses share the relationship and must be checked too
         if prop.uselist:
             event.listen(attr, "append", on_append, propagate=True)
         else:
             event.listen(attr, "set", on_set, propagate=True)
+
+
+def _check_event(target: Any, value: Any, prop: RelationshipProperty[Any], initiator: Any) -> None:
+    """An attribute event: when it is the back-reference of a change made on the other side
+    (``dive.editor = marty`` also appends to ``marty.edited``), check it as that change, so the
+    refusal names the relation the user assigned."""
+    key = getattr(initiator, "key", prop.key)
+    if key != prop.key and value is not None:
+        for other in prop._reverse_property:
+            if other.key == key:
+                _check_pair(value, target, other)
+                return
+    _check_pair(target, value, prop)
 
 
 _M2O: dict[Mapper[Any], tuple[RelationshipProperty[Any], ...]] = {}
@@ -311,6 +324,8 @@ def check_flush_relations(session: ShardSession) -> None:
             pair = (state.class_, prop.mapper.class_, alias, parent_alias, prop.key)
             if memo is not None and memo.get(pair) is True:
                 continue
-            _check(router, state.obj(), alias, _stand_in(prop, values), parent_alias, state, prop)
+            stand_in = _stand_in(prop, values)
+            instance_state(stand_in).info["shardkit.db"] = parent_alias  # the row it stands for is there
+            _check(router, state.obj(), alias, stand_in, parent_alias, state, prop)
             if memo is not None:
                 memo[pair] = True

@@ -75,12 +75,37 @@ def router_error(exc: BaseException, router: Any, method: str, model: Any) -> Ro
     text = f"{type(exc).__name__}: {exc}"
     if len(text) > _CAUSE_LIMIT:
         text = text[: _CAUSE_LIMIT - 3] + "..."
-    return RouterError(
-        f"router {_router_name(router)}.{method} raised {text} (routing model {model_name(model)})",
-        router=router,
-        method=method,
-        model=model,
-    )
+    message = f"router {_router_name(router)}.{method} raised {text} (routing model {model_name(model)})"
+    dual = _dual_class(type(exc))
+    if dual is None:
+        return RouterError(message, router=router, method=method, model=model)
+    # Still the router's own exception too, as Django lets it bubble up: `except AttributeError`
+    # (or the router's own exception class) keeps working, with the exception's attributes.
+    err = dual.__new__(dual)
+    BaseException.__init__(err, message)
+    err.message = message
+    err.context = {"router": router, "method": method, "model": model}
+    for name, value in err.context.items():
+        setattr(err, name, value)
+    err.__dict__.update(getattr(exc, "__dict__", {}))
+    return err
+
+
+_DUAL: dict[type[BaseException], type[RouterError] | None] = {}
+
+
+def _dual_class(exc_type: type[BaseException]) -> type[RouterError] | None:
+    """A subclass of both :class:`RouterError` and ``exc_type`` (``None`` if they cannot be mixed)."""
+    if exc_type in _DUAL:
+        return _DUAL[exc_type]
+    dual: type[RouterError] | None = None
+    if issubclass(exc_type, Exception) and not issubclass(exc_type, ShardkitError):
+        try:
+            dual = type(f"RouterError[{exc_type.__name__}]", (RouterError, exc_type), {"__module__": __name__})
+        except TypeError:  # incompatible layouts (some builtins): the plain RouterError
+            dual = None
+    _DUAL[exc_type] = dual
+    return dual
 
 
 _DJANGO_STYLE: dict[Any, bool] = {}

@@ -42,7 +42,7 @@ from sqlalchemy.orm import (
     make_transient,
     make_transient_to_detached,
 )
-from sqlalchemy.orm.attributes import flag_modified, get_state_history, instance_state
+from sqlalchemy.orm.attributes import flag_modified, get_state_history, instance_state, set_committed_value
 from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.exc import NO_STATE
 from sqlalchemy.orm.interfaces import MANYTOONE, ORMOption
@@ -302,7 +302,16 @@ class ShardSession(Session):
 
     def _flush_connection(self, mapper: Any = None, instance: Any = None, **kw: Any) -> Connection:
         """The connection the unit of work flushes ``instance`` with: its write alias."""
-        alias = self._write_alias(instance_state(instance)) if instance is not None else None
+        alias = None
+        if instance is not None:
+            state = instance_state(instance)
+            if state.key is not None and state not in self._flush_aliases and self.pinned is None:
+                # a loaded object the flush reached on its own (a foreign key set by its parent's
+                # collection, an object only touched): its row is where it lives
+                db = _db_of_or_none(instance)
+                if db is not None:
+                    self._flush_aliases[state] = db
+            alias = self._write_alias(state)
         if alias is None:
             alias = self.pinned or self.cluster.router.default
         conn = self._flush_conns.get(alias)
@@ -394,8 +403,7 @@ class ShardSession(Session):
                 alias = target
             else:
                 raise RoutingError(
-                    f"db_for_write gave several aliases for the link rows of one "
-                    f"{state.class_.__name__}.{prop.key}",
+                    f"db_for_write gave several aliases for the link rows of one {state.class_.__name__}.{prop.key}",
                     model=state.class_,
                 )
         self._link_aliases[key] = alias
@@ -541,7 +549,21 @@ class ShardSession(Session):
                 state.info[_USING] = using
                 if state.key is None:
                     state.identity_token = using
+        elif state.key is not None and self.pinned is None and state.session_id in (None, self.hash_key):
+            current = db_of(obj)
+            if current is not None and not self._row_exists(obj, current):
+                self._move(obj, current)  # its row is gone from there: INSERT it again, as Django does
         self.add(obj)
+
+    def _row_exists(self, obj: Any, alias: str) -> bool:
+        """Whether ``alias`` has a row with ``obj``'s primary key (read in this session's transaction)."""
+        mapper = instance_state(obj).mapper
+        pk = mapper.primary_key_from_instance(obj)
+        stmt = select(*mapper.primary_key).where(
+            and_(*[col == value for col, value in zip(mapper.primary_key, pk, strict=True)])
+        )
+        conn = self.connection(bind_arguments={"shard_id": alias})
+        return conn.execute(stmt.select_from(mapper.local_table)).first() is not None
 
     def _move(self, obj: Any, alias: str) -> None:
         state = instance_state(obj)
@@ -552,7 +574,9 @@ class ShardSession(Session):
         # No autoflush: the object's pending changes belong to the copy, not to its old alias.
         with self.no_autoflush:
             for prop in mapper.column_attrs:
-                getattr(obj, prop.key)
+                value = getattr(obj, prop.key)
+                if prop.key not in state.dict:  # never set (None): part of the row all the same
+                    set_committed_value(obj, prop.key, value)
         pk = mapper.primary_key_from_instance(obj)
         table = mapper.local_table
         exists_stmt = select(*mapper.primary_key).where(
@@ -564,6 +588,11 @@ class ShardSession(Session):
             self.expunge(obj)
         make_transient(obj)
         state.identity_token = alias
+        # Another object of this session may stand for that row (the same key on that
+        # database): the row is about to become this object's, as in Django.
+        other = self.identity_map.get(mapper.identity_key_from_primary_key(tuple(pk), identity_token=alias))
+        if other is not None and other is not obj:
+            self.expunge(other)
         if exists:
             make_transient_to_detached(obj)
             self.add(obj)
@@ -595,9 +624,7 @@ class ShardSession(Session):
         conn = self.connection(bind_arguments={"shard_id": using})
         for prop in _secondary_props(mapper):  # its link rows there go with it, as in Django
             owner_cols = [(prop.parent.get_property_by_column(o).key, s) for o, s in prop.synchronize_pairs]
-            conn.execute(
-                prop.secondary.delete().where(and_(*[s == getattr(obj, key) for key, s in owner_cols]))
-            )
+            conn.execute(prop.secondary.delete().where(and_(*[s == getattr(obj, key) for key, s in owner_cols])))
         for table in reversed(mapper.tables):
             cols = [table.c[c.key] if c.table is not table else c for c in mapper.primary_key]
             conn.execute(table.delete().where(and_(*[c == v for c, v in zip(cols, pk, strict=True)])))

@@ -53,9 +53,7 @@ def _grouped(original: Callable[..., None]) -> Callable[..., None]:
 
 
 def _has_link_changes(processor: Any, uowcommit: Any, state: Any) -> bool:
-    history = uowcommit.get_attribute_history(
-        state, processor.key, PASSIVE_NO_INITIALIZE | INCLUDE_PENDING_MUTATIONS
-    )
+    history = uowcommit.get_attribute_history(state, processor.key, PASSIVE_NO_INITIALIZE | INCLUDE_PENDING_MUTATIONS)
     return bool(history and (history.added or history.deleted))
 
 

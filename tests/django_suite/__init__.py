@@ -1,0 +1,1 @@
+"""Django's own multi-db test suite (tests/multiple_database), ported to shardkit's API."""
