@@ -268,8 +268,13 @@ class FencingRouter:
             return None, table
         return f, table
 
-    def _moving(self, f: _Fence, table: str, key: Any) -> None:
-        if key is not None and f.old.get(key) != f.new.get(key):
+    def _moving(self, f: _Fence, table: str, key: Any, model: Any) -> None:
+        if key is None:
+            return
+        convert = getattr(f.router._spec(model), "key", None)  # "5" on an integer column is 5
+        if convert is not None:
+            key = convert(key)
+        if f.old.get(key) != f.new.get(key):
             raise ShardMovingError(
                 f"key {key!r} of {table} is moving from {f.old.get(key)} to {f.new.get(key)}; retry shortly",
                 key=key,
@@ -301,7 +306,7 @@ class FencingRouter:
         if key is None:
             spec = f.router.shard_key_column(model)
             key = getattr(instance, spec[0]) if spec is not None else None
-        self._moving(f, table, key)
+        self._moving(f, table, key, model)
         return alias
 
     def db_for_write_instances(self, model: Any, instances: list[Any], **hints: Any) -> list[str] | None:
@@ -316,7 +321,7 @@ class FencingRouter:
             return [self.db_for_write(model, instance=i, **hints) or "" for i in instances]
         aliases = method(model, instances, **hints)
         for instance in instances:
-            self._moving(f, table, getattr(instance, spec[0], None))
+            self._moving(f, table, getattr(instance, spec[0], None), model)
         return aliases  # type: ignore[no-any-return]
 
     def db_for_write_rows(self, model: Any, rows: list[dict[str, Any]], **hints: Any) -> list[str] | None:
@@ -337,7 +342,7 @@ class FencingRouter:
         column = spec[1]
         for row in rows:
             key = row.get(spec[0], row.get(getattr(column, "key", spec[0])))
-            self._moving(f, table, key)
+            self._moving(f, table, key, model)
         return aliases  # type: ignore[no-any-return]
 
     def db_for_read(self, model: Any, **hints: Any) -> str | ShardTargets | None:

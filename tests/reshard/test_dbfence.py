@@ -110,6 +110,10 @@ def test_the_databases_refuse_moving_keys_while_fenced(databases: DatabaseFactor
             with pytest.raises(ShardMovingError), cluster.session(using=src) as s:  # a session pinned to the old owner
                 s.add(User(id=fresh_moving, name="pinned"))
                 s.commit()
+            with pytest.raises(ShardMovingError) as routed, cluster.session() as s:  # routed: the router's fence
+                s.add(User(id=str(fresh_moving), name="a digit string"))  # the key as the column has it
+                s.commit()
+            seen["routed"] = routed.value
             with cluster.engine(old.get(fresh_staying)).begin() as conn:  # a key that stays: written
                 conn.execute(insert(User.__table__).values(id=fresh_staying, name="stays", score=0))
             return super()._catch_up(*args, **kwargs)
@@ -122,6 +126,7 @@ def test_the_databases_refuse_moving_keys_while_fenced(databases: DatabaseFactor
     else:  # a connection that cannot compute the hash cannot write a fenced table: it fails closed
         assert "shardkit_hash" in str(error)
     assert seen["engine"].retryable and seen["engine"].table == "users"
+    assert seen["routed"].key == fresh_moving and "refused by the database" not in str(seen["routed"])
     # the fence is gone with the reshard: triggers removed, every key writable again
     for alias in ALL:
         with cluster.engine(alias).connect() as conn:
