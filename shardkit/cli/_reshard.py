@@ -164,8 +164,8 @@ def plan(settings: str | None, add: str | None, remove: str | None, new_ring: st
     "--fence-grace",
     default=1.2,
     show_default=True,
-    help="Seconds between fencing and the catch-up: at least the other processes' FencingRouter poll "
-    "interval (1 s by default) plus the longest write transaction.",
+    help="Seconds moving keys stay fenced after the switch, while the other processes read the new ring: "
+    "at least their poll interval (1 s by default) plus the longest transaction.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(
