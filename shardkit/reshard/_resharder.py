@@ -266,9 +266,10 @@ class Resharder:
     :param models: mapped classes or Tables to move (their co-located children come along);
     :param metadata: or a declarative base / MetaData whose sharded tables all move.
     :param batch_size: rows per keyset batch.
-    :param fence_grace: seconds to wait after raising the write fence before the in-flight
-        barrier (covers the gap between routing a write and sending it; for other processes
-        watching the state, make it >= their ``poll_interval`` + longest write transaction).
+    :param fence_grace: seconds moving keys stay fenced after the switch, while every other
+        process reads the new ring (make it >= their ``poll_interval`` + longest transaction);
+        on a database without the database fence (MySQL), also the wait between raising the
+        write fence and the catch-up.
     :param progress: called with a :class:`ProgressEvent` as batches go (always from the
         calling thread, one table and source at a time).
     :param workers: (all shards PostgreSQL) table/source-shard tasks run at once by the copy,
