@@ -192,8 +192,9 @@ class FencingRouter:
             except Exception as exc:  # default unreachable: keep the last state, say so
                 self._next_poll = _now() + self.poll_interval / 4  # try again soon
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                if self._unknown is None:
-                    logger.warning("cannot read the reshard state from default: %s", first)
+                if self._unknown is None:  # loud only when it matters: a reshard was under way
+                    level = logging.WARNING if self._active else logging.DEBUG
+                    logger.log(level, "cannot read the reshard state from default: %s", first)
                 self._unknown = first
 
     def _read_state(self, cluster: Cluster, router: HashRingRouter) -> None:
