@@ -307,3 +307,88 @@ def test_link_rows_ask_db_for_write_of_the_link_table_with_the_owner(m2m_cluster
 
 def cluster_url(cluster: shardkit.Cluster, alias: str) -> str:
     return cluster.engine(alias).url.render_as_string(hide_password=False)
+
+
+class _O2OBase(DeclarativeBase):
+    pass
+
+
+class Owner(_O2OBase):
+    __tablename__ = "owners"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    profile: Mapped[Profile | None] = relationship(back_populates="owner")
+
+
+class Profile(_O2OBase):
+    __tablename__ = "profiles"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("owners.id"), unique=True)
+    owner: Mapped[Owner | None] = relationship(back_populates="profile")
+
+
+@pytest.fixture
+def o2o_cluster(make_urls: Callable[..., dict[str, str]]) -> Iterator[shardkit.Cluster]:
+    cluster = shardkit.Cluster(make_urls("default", "other"))
+    cluster.create_all(_O2OBase)
+    yield cluster
+    cluster.dispose()
+
+
+def test_one_to_one_with_an_object_on_another_database_is_placed_with_it(o2o_cluster: shardkit.Cluster) -> None:
+    cluster = o2o_cluster
+    with cluster.session() as s:
+        s.save(Profile(id=1), using="other")
+        s.commit()
+        profile = s.scalars(select(Profile).options(shardkit.using("other"))).one()
+        owner = Owner()
+        owner.profile = profile  # Django sets the new owner's database here: the profile's
+        assert shardkit.db_of(owner) == "other"
+        s.save(owner)
+        s.commit()
+        assert shardkit.db_of(owner) == "other"
+        assert profile.owner_id == owner.id
+    with cluster.engine("other").connect() as conn:
+        assert conn.execute(text("SELECT o.id FROM owners o JOIN profiles p ON p.owner_id = o.id")).all() != []
+    with cluster.engine("default").connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM owners")).scalar() == 0
+
+
+def test_one_to_one_across_databases_is_refused_when_routers_say_no(o2o_cluster: shardkit.Cluster) -> None:
+    cluster = o2o_cluster
+    with cluster.session() as s:
+        s.save(Profile(id=1), using="other")
+        s.commit()
+        profile = s.scalars(select(Profile).options(shardkit.using("other"))).one()
+        owner = Owner(id=5)
+        s.save(owner, using="default")  # placed on "default" before the assignment
+        with pytest.raises(ValueError, match="the current database router prevents this relation") as info:
+            owner.profile = profile
+        assert isinstance(info.value, RelationError)
+        assert owner.profile is None
+        s.rollback()
+    for alias in ("default", "other"):
+        with cluster.engine(alias).connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM owners")).scalar() == 0
+
+
+def test_db_of_is_unchanged_when_only_a_relation_changes(m2m_cluster: shardkit.Cluster) -> None:
+    class WritesToDefault:
+        def db_for_write(self, model: object, **hints: object) -> str:
+            return "default"
+
+        def allow_relation(self, obj1: object, obj2: object, **hints: object) -> bool:
+            return True
+
+    urls = {a: cluster_url(m2m_cluster, a) for a in ("default", "other")}
+    cluster = shardkit.Cluster(urls, [WritesToDefault()])
+    with cluster.session() as s:
+        for alias in ("default", "other"):
+            s.save(Article(id=1), using=alias)
+            s.save(Tag(id=1), using=alias)
+        s.commit()
+        article = s.scalars(select(Article).options(shardkit.using("other"))).one()
+        article.tags.append(s.scalars(select(Tag).options(shardkit.using("other"))).one())
+        s.commit()  # wrote a link row (to "default", the routers say), nothing of the article
+        assert shardkit.db_of(article) == "other"
+    assert link_rows(cluster, "default") == [(1, 1)]
+    cluster.dispose()
