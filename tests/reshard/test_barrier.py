@@ -114,3 +114,26 @@ def test_fence_install_does_not_deadlock_with_writers(databases: object) -> None
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM pg_trigger WHERE tgname = 'shardkit_fence'")).scalar() == 0
     cluster.dispose()
+
+
+def test_a_table_held_too_long_is_a_retryable_error(databases: object) -> None:
+    import pytest
+
+    from shardkit.errors import ReshardError
+    from tests.conftest import DatabaseFactory
+
+    assert isinstance(databases, DatabaseFactory)
+    cluster, _ = build(databases.urls("postgresql", "default", *SHARDS), SHARDS)
+    engine = cluster.engine("s0")
+    blocker = engine.connect()
+    blocker.execute(text("INSERT INTO users (id, name, score) VALUES (-1, 'held', 0)"))  # open, uncommitted
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ReshardError, match="could not lock users on s0") as info:
+            barrier(engine, [User.__table__, Order.__table__], timeout=1.0, alias="s0")
+        assert info.value.retryable and time.monotonic() - t0 < 5
+    finally:
+        blocker.commit()
+        blocker.close()
+    barrier(engine, [User.__table__, Order.__table__], timeout=5.0, alias="s0")  # free again: passes
+    cluster.dispose()
