@@ -44,7 +44,7 @@ from . import _events
 from ._cluster import Cluster, get_active_cluster
 from ._relations import django_lead, relation_error
 from ._session import _DB, _USING, ShardSession, current_session, db_of
-from .errors import CrossDatabaseQueryError, ShardkitError, UnsavedObjectError
+from .errors import CrossDatabaseQueryError, RouterError, ShardkitError, UnsavedObjectError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import RelationshipProperty
@@ -282,6 +282,23 @@ def _str_or_none(target: Any) -> str | None:
     return target if isinstance(target, str) else None
 
 
+def _write_db(model: Any, instance: Any) -> str:
+    """Django's ``db_for_write(model, instance=obj)`` for a related manager.  A router that shards
+    ``model`` by a key the related object does not carry (a hash ring asked about a child with
+    its parent as the instance) cannot answer: the related rows live with the object, on its
+    database."""
+    target: Any
+    try:
+        target = _cluster().router.db_for_write(model, instance=instance)
+    except ShardkitError as exc:
+        target = db_of(instance)
+        if target is None or isinstance(exc, RouterError):  # a router's own failure is not an answer
+            raise
+    if not isinstance(target, str):
+        raise ShardkitError(f"db_for_write gave several aliases for {getattr(model, '__name__', model)!r}", model=model)
+    return target
+
+
 # -- QuerySet ------------------------------------------------------------------------------------
 
 
@@ -379,6 +396,8 @@ class QuerySet(Generic[M]):
             return self._db
         router = _cluster().router
         if self._for_write:
+            if "instance" in self._hints:
+                return _write_db(self.model, self._hints["instance"])
             return _str_or_none(router.db_for_write(self.model, **self._hints))
         return _str_or_none(router.db_for_read(self.model, **self._hints))
 
@@ -389,12 +408,15 @@ class QuerySet(Generic[M]):
         alias = self._db
         if alias is None and self._hints:
             router = _cluster().router
-            target = (
-                router.db_for_write(self.model, **self._hints)
-                if write
-                else router.db_for_read(self.model, **self._hints)
-            )
-            alias = _str_or_none(target)
+            if write and "instance" in self._hints:
+                alias = _write_db(self.model, self._hints["instance"])
+            else:
+                target = (
+                    router.db_for_write(self.model, **self._hints)
+                    if write
+                    else router.db_for_read(self.model, **self._hints)
+                )
+                alias = _str_or_none(target)
         if self._sub_dbs:
             outer = alias if alias is not None else self._clone(_for_write=write).db
             for sub in self._sub_dbs:
@@ -932,12 +954,12 @@ class RelatedManager(Manager[Any]):
     def add(self, *objs: Any, bulk: bool = True) -> None:
         """Relate ``objs`` to the instance now (Django's ``add``)."""
         if self.prop.secondary is not None:
-            using = str(self._router.db_for_write(self.prop.secondary, instance=self.instance))
+            using = _write_db(self.prop.secondary, self.instance)
             for obj in objs:
                 self._check_relation(obj)
             self._m2m_write("add", using, objs)
             return
-        using = str(self._router.db_for_write(self.model, instance=self.instance))
+        using = _write_db(self.model, self.instance)
         for obj in objs:
             self._check_relation(obj)
         if bulk:
@@ -1018,7 +1040,7 @@ class RelatedManager(Manager[Any]):
     def remove(self, *objs: Any, bulk: bool = True) -> None:
         """Unrelate ``objs`` from the instance now (a nullable foreign key is set to NULL)."""
         if self.prop.secondary is not None:
-            using = str(self._router.db_for_write(self.prop.secondary, instance=self.instance))
+            using = _write_db(self.prop.secondary, self.instance)
             self._m2m_write("remove", using, objs)
             return
         self._require_nullable("remove")
@@ -1033,14 +1055,14 @@ class RelatedManager(Manager[Any]):
     def clear(self, bulk: bool = True) -> None:
         """Unrelate every related object now."""
         if self.prop.secondary is not None:
-            using = str(self._router.db_for_write(self.prop.secondary, instance=self.instance))
+            using = _write_db(self.prop.secondary, self.instance)
             self._m2m_write("clear", using, ())
             return
         self._require_nullable("clear")
         self._clear_fk(None, ())
 
     def _clear_fk(self, pks: list[Any] | None, objs: Sequence[Any]) -> None:
-        using = str(self._router.db_for_write(self.model, instance=self.instance))
+        using = _write_db(self.model, self.instance)
         with _session_scope(self.instance) as session:
             if pks is None:
                 pks = list(
@@ -1066,7 +1088,7 @@ class RelatedManager(Manager[Any]):
         """Make ``objs`` exactly the related objects (Django's ``set``)."""
         objs = list(objs)
         if self.prop.secondary is not None:
-            using = str(self._router.db_for_write(self.prop.secondary, instance=self.instance))
+            using = _write_db(self.prop.secondary, self.instance)
             if clear:
                 self.clear()
                 self.add(*objs)
@@ -1078,7 +1100,7 @@ class RelatedManager(Manager[Any]):
                 self.remove(*[self.model(**{_pk_attr(self.model): k}) for k in gone])
             self.add(*[o for o in objs if self._target_key(o) not in old])
             return
-        using = str(self._router.db_for_write(self.model, instance=self.instance))
+        using = _write_db(self.model, self.instance)
         if clear:
             self.clear()
             self.add(*objs, bulk=bulk)
@@ -1093,8 +1115,8 @@ class RelatedManager(Manager[Any]):
 
     def _create_db(self) -> str:
         if self.prop.secondary is not None:  # Django asks about the instance's own model here
-            return str(self._router.db_for_write(type(self.instance), instance=self.instance))
-        return str(self._router.db_for_write(self.model, instance=self.instance))
+            return _write_db(type(self.instance), self.instance)
+        return _write_db(self.model, self.instance)
 
     def create(self, **fields: Any) -> Any:
         """Create a related object now, on the write database, and relate it."""

@@ -221,3 +221,79 @@ def test_many_to_many_link_rows_live_with_their_owner(cluster: shardkit.Cluster,
         customer.favorites.pop(0)
         s.commit()
     assert on_shard(cluster, ids[some], f"SELECT count(*) FROM favorites WHERE customer_id = {some}") == [(2,)]
+
+
+# -- Django's manager API on a ring (issue 11) ---------------------------------------------
+
+
+class _DjangoBase(shardkit.ModelMixin, DeclarativeBase):
+    pass
+
+
+class Member(_DjangoBase):
+    __tablename__ = "members"
+    __shard_key__ = "id"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(40))
+    notes: Mapped[list[Note]] = relationship(back_populates="member", order_by="Note.id")
+    pinned: Mapped[list[Note]] = relationship(secondary="member_pins", order_by="Note.id", viewonly=False)
+
+
+class Note(_DjangoBase):
+    __tablename__ = "notes"
+    __shard_key__ = "member_id"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    member_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("members.id"))
+    text: Mapped[str] = mapped_column(String(40), default="")
+    member: Mapped[Member] = relationship(back_populates="notes")
+
+
+member_pins = Table(
+    "member_pins",
+    _DjangoBase.metadata,
+    Column("member_id", BigInteger, ForeignKey("members.id"), primary_key=True),
+    Column("note_id", BigInteger, ForeignKey("notes.id"), primary_key=True),
+)
+
+
+class PinsOnShards:
+    def allow_migrate(self, db: str, model: object, table_name: str | None = None, **hints: object) -> bool | None:
+        return db in SHARDS if table_name == "member_pins" else None
+
+
+@pytest.fixture
+def django_ring(make_urls: Callable[..., dict[str, str]], ring: shardkit.HashRing) -> Iterator[shardkit.Cluster]:
+    cluster = shardkit.Cluster(make_urls("default", *SHARDS), routers=[PinsOnShards(), shardkit.HashRingRouter(ring)])
+    cluster.create_all(_DjangoBase)
+    with cluster.activate():
+        yield cluster
+    cluster.dispose()
+
+
+def test_related_managers_keep_children_and_link_rows_with_their_owner(
+    django_ring: shardkit.Cluster, ring: shardkit.HashRing
+) -> None:
+    members = [Member.objects.create(name=f"m{i}") for i in range(8)]
+    assert {shardkit.db_of(m) for m in members} == {ring.get(m.id) for m in members}
+    assert len({shardkit.db_of(m) for m in members}) > 1
+    for i, member in enumerate(members):
+        home = shardkit.db_of(member)
+        note = member.notes.create(id=1000 + i, text="hello")  # written with its member
+        assert shardkit.db_of(note) == home
+        again, created = member.notes.get_or_create(id=1000 + i)
+        assert not created and shardkit.db_of(again) == home
+        member.pinned.add(note)  # the link row lives with its owner
+        assert member.notes.count() == 1
+        assert member.pinned.count() == 1
+        assert member.notes.db == home
+        assert list(member.pinned.values_list("text", flat=True)) == ["hello"]
+    for alias in SHARDS:
+        rows = on_shard(django_ring, alias, "SELECT member_id FROM member_pins")
+        assert all(ring.get(member_id) == alias for (member_id,) in rows)  # type: ignore[arg-type]
+    assert Member.objects.get(id=members[0].id).name == "m0"  # a read pinned by its key
+    assert Note.objects.count() == 8  # a fan-out, summed
+    first = members[0]
+    first.pinned.clear()
+    assert first.pinned.count() == 0
+    assert first.notes.update(text="changed") == 1
+    assert Note.objects.get(member_id=first.id).text == "changed"
