@@ -6,15 +6,18 @@ plain database per shard.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import func, inspect, lambda_stmt, select, text, update
-from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy import BigInteger, ForeignKey, func, inspect, lambda_stmt, select, text, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship, selectinload
 
+import shardkit
 from shardkit._fanout import shards_of
 from shardkit.errors import UnknownAliasError
 
+from ..conftest import StatementLog
 from .weather import SHARDS, World
 
 CITIES = ["Tokyo", "New York", "Toronto", "London", "Dublin", "Brasilia", "Quito"]
@@ -130,3 +133,44 @@ def test_core_select_of_a_mapped_table_routes_like_the_model(world: World) -> No
     assert sorted(sess.execute(select(reports.c.temperature)).scalars()) == [74.0, 79.0, 84.0]
     ids = world.models.ids  # a table no class maps: "default"
     assert sess.execute(select(ids.c.nextid)).scalar() == 8
+
+
+class RingBase(DeclarativeBase):
+    pass
+
+
+class Post(RingBase):
+    __tablename__ = "posts"
+    __shard_key__ = "id"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    comments: Mapped[list[Comment]] = relationship()
+
+
+class Comment(RingBase):
+    __tablename__ = "comments"
+    __shard_key__ = "thread"  # the post's id, copied: the selectin WHERE names post_id only
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    thread: Mapped[int] = mapped_column(BigInteger)
+    post_id: Mapped[int] = mapped_column(ForeignKey("posts.id"))
+
+
+def test_selectin_load_stays_on_the_parents_shard_on_a_ring(make_urls: Callable[..., dict[str, str]]) -> None:
+    # a selectin load whose WHERE the ring router cannot read (post_id, not the shard key) went
+    # to every shard; each shard's parents now load their children from that shard only
+    shards = ["s0", "s1", "s2"]
+    ring = shardkit.HashRing(shards)
+    cluster = shardkit.Cluster(make_urls("default", *shards), routers=[shardkit.HashRingRouter(ring)])
+    cluster.create_all(RingBase)
+    log = StatementLog(cluster)
+    with cluster.session() as s:
+        for i in range(1, 13):
+            s.add(Post(id=i, comments=[Comment(id=100 * i + k, thread=i) for k in range(i % 3)]))
+        s.commit()
+        log.seen.clear()
+        posts = s.scalars(select(Post).options(selectinload(Post.comments)).order_by(Post.id)).all()
+        assert [len(p.comments) for p in posts] == [i % 3 for i in range(1, 13)]
+        holding = {ring.get(p.id) for p in posts}
+        assert sorted(log.aliases("FROM comments")) == sorted(holding)  # one load per shard, its own
+        for p in posts:
+            assert {shardkit.db_of(c) for c in p.comments} <= {ring.get(p.id)}
+    cluster.dispose()
