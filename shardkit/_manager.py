@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, overload
 
 from sqlalchemy import ColumnElement, and_, event, extract, func, inspect, not_, select, text, update
-from sqlalchemy.orm import Mapper, load_only, object_session
+from sqlalchemy.orm import Mapper, joinedload, load_only, object_session, selectinload
 from sqlalchemy.orm.attributes import InstrumentedAttribute, instance_state
 from sqlalchemy.orm.collections import collection
 from sqlalchemy.orm.interfaces import MANYTOONE
@@ -385,6 +385,14 @@ class QuerySet(Generic[M]):
         """Load only these columns now; the others load from the object's database on first access."""
         return self.options(load_only(*[_column(self.model, f) for f in fields]))
 
+    def select_related(self, *names: str) -> QuerySet[M]:
+        """Load these many-to-one relationships in the same query (a JOIN): Django's ``select_related``."""
+        return self.options(*[joinedload(getattr(self.model, name)) for name in names])
+
+    def prefetch_related(self, *names: str) -> QuerySet[M]:
+        """Load these relationships with one more query each, on the same database."""
+        return self.options(*[selectinload(getattr(self.model, name)) for name in names])
+
     # -- where it runs ---------------------------------------------------------
 
     @property
@@ -456,6 +464,11 @@ class QuerySet(Generic[M]):
         if self._limit is not None:
             stmt = stmt.limit(self._limit)
         return stmt
+
+    @property
+    def query(self) -> Any:
+        """The statement, as Django's ``qs.query`` (``str(qs.query)`` is its SQL)."""
+        return self.statement
 
     @property
     def statement(self) -> Any:
@@ -742,6 +755,12 @@ class Manager(Generic[M]):
 
     def only(self, *fields: str) -> QuerySet[M]:
         return self.get_queryset().only(*fields)
+
+    def select_related(self, *names: str) -> QuerySet[M]:
+        return self.get_queryset().select_related(*names)
+
+    def prefetch_related(self, *names: str) -> QuerySet[M]:
+        return self.get_queryset().prefetch_related(*names)
 
     def get(self, *criteria: Any, **lookups: Any) -> M:
         return self.get_queryset().get(*criteria, **lookups)
@@ -1318,6 +1337,23 @@ def delete_obj(obj: Any, *, using: str | None = None) -> None:
             session.delete_from(obj, using)
 
 
+class _ModelState:
+    """What Django keeps in ``obj._state``, read from shardkit: ``db`` and ``adding``."""
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+
+    @property
+    def db(self) -> str | None:
+        return db_of(self._obj)
+
+    @property
+    def adding(self) -> bool:
+        return instance_state(self._obj).key is None
+
+
 class ModelMixin:
     """Gives a declarative model Django's ``objects``, ``save()``, ``delete()``, ``pk``,
     ``refresh_from_db()`` and related managers.
@@ -1342,6 +1378,19 @@ class ModelMixin:
         cls.MultipleObjectsReturned = type(
             "MultipleObjectsReturned", (cls.MultipleObjectsReturned,), {"__module__": cls.__module__}
         )
+
+    @property
+    def _state(self) -> _ModelState:
+        """Django's ``obj._state``: ``.db`` is :func:`shardkit.db_of`, ``.adding`` says never saved."""
+        return _ModelState(self)
+
+    def __getattr__(self, name: str) -> Any:
+        # Django's get_next_by_<field>() / get_previous_by_<field>(); anything else is missing
+        for prefix, method in (("get_next_by_", "get_next_by"), ("get_previous_by_", "get_previous_by")):
+            if name.startswith(prefix) and len(name) > len(prefix):
+                field = name[len(prefix) :]
+                return lambda **lookups: getattr(self, method)(field, **lookups)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def pk(self) -> Any:

@@ -378,6 +378,10 @@ class RouterChain:
         db2 = hints.get("db2") or self._db_of(obj2) or self.default
         return bool(db1 == db2)
 
+    def allow_migrate_model(self, db: str, model: Any) -> bool:
+        """Django's ``router.allow_migrate_model(db, model)``: :meth:`allow_migrate` for a model."""
+        return self.allow_migrate(db, model)
+
     def allow_migrate(self, db: str, model: Any, **hints: Any) -> bool:
         """Whether ``model``'s table should exist on database ``db``."""
         for router, method, modern in self._migrate:
