@@ -32,12 +32,13 @@ import contextvars
 import threading
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from sqlalchemy import Engine, Join, Select, Table, TextClause, and_, event, select
 from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.orm import (
     Mapper,
+    Query,
     Session,
     make_transient,
     make_transient_to_detached,
@@ -59,7 +60,9 @@ if TYPE_CHECKING:
 
     from ._cluster import Cluster
 
-__all__ = ["ShardSession", "current_session", "db_of", "using"]
+__all__ = ["ShardQuery", "ShardSession", "current_session", "db_of", "using"]
+
+_T = TypeVar("_T")
 
 # keys in InstanceState.info
 _DB = "shardkit.db"  # the alias the object was loaded from / saved to
@@ -98,6 +101,23 @@ class using(ORMOption):
 
     def __repr__(self) -> str:
         return f"using({self.alias!r})"
+
+
+_using_option = using
+
+
+class ShardQuery(Query[_T]):
+    """The legacy :class:`~sqlalchemy.orm.Query` of a :class:`ShardSession`, with Django's
+    ``using()`` (also spelled ``set_shard()``, the name of SQLAlchemy's ``ShardedQuery``)::
+
+        s.query(User).using("credentials").all()
+    """
+
+    def using(self, alias: str) -> Self:
+        """This query, and the loads it triggers, on ``alias`` (see :class:`using`)."""
+        return self.options(_using_option(alias))
+
+    set_shard = using
 
 
 def db_of(obj: Any) -> str | None:
@@ -204,6 +224,7 @@ class ShardSession(Session):
     cluster: Cluster
 
     def __init__(self, cluster: Cluster, *, using: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("query_cls", ShardQuery)
         super().__init__(**kwargs)
         self.cluster = cluster
         self.pinned = cluster.check_alias(using) if using is not None else None

@@ -49,13 +49,14 @@ def test_get_one(world: World) -> None:
 
 
 def test_get_explicit_shard(world: World) -> None:
-    # ShardTest.test_get_explicit_shard (Query.set_shard -> using())
+    # ShardTest.test_get_explicit_shard (Query.set_shard(), also spelled Query.using())
     wl = world.WeatherLocation
     sess = world.fixture_data()
-    tokyo = sess.query(wl).options(shardkit.using("europe")).where(wl.id == 1).first()
+    tokyo = sess.query(wl).set_shard("europe").where(wl.id == 1).first()
     assert tokyo is None
-    newyork = sess.query(wl).options(shardkit.using("north_america")).where(wl.id == 2).first()
+    newyork = sess.query(wl).set_shard("north_america").where(wl.id == 2).first()
     assert newyork.city == "New York"
+    assert sess.query(wl).using("asia").where(wl.id == 1).one().city == "Tokyo"
     # now it found it
     t2 = sess.get(wl, 1)
     assert t2.city == "Tokyo"
@@ -212,7 +213,7 @@ def test_get_baked_query_shard_id(world: World) -> None:
     sess.expunge_all()
     bakery = BakedQuery.bakery()
     bq = bakery(lambda session: session.query(wl))
-    t = bq(sess).with_post_criteria(lambda q: q.options(shardkit.using("asia"))).get(tokyo.id)
+    t = bq(sess).with_post_criteria(lambda q: q.set_shard("asia")).get(tokyo.id)
     assert t.city == tokyo_city
     assert inspect(t).key[2] == "asia"
 
@@ -228,7 +229,7 @@ def test_filter_baked_query_shard_id(world: World) -> None:
     sess.expunge_all()
     bakery = BakedQuery.bakery()
     bq = bakery(lambda session: session.query(wl)).with_criteria(lambda q: q.filter_by(id=tokyo_id))
-    t = bq(sess).with_post_criteria(lambda q: q.options(shardkit.using("asia"))).one()
+    t = bq(sess).with_post_criteria(lambda q: q.set_shard("asia")).one()
     assert t.city == tokyo_city
 
 
@@ -243,7 +244,7 @@ def test_shard_id_event(world: World) -> None:
     event.listen(wl, "load", load)
     try:
         sess = world.fixture_data()
-        tokyo = sess.query(wl).filter_by(city="Tokyo").options(shardkit.using("asia")).one()
+        tokyo = sess.query(wl).filter_by(city="Tokyo").set_shard("asia").one()
         sess.query(wl).all()  # Tokyo is in the identity map: no second load event
         assert tokyo.continent == "Asia"
     finally:

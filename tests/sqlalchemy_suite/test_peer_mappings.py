@@ -182,7 +182,7 @@ def main_cluster(cluster_of: Callable[..., shardkit.Cluster]) -> shardkit.Cluste
 def test_refresh(main_cluster: shardkit.Cluster) -> None:
     # RefreshDeferExpireTest.test_refresh
     with main_cluster.session() as session:
-        a1 = session.query(A).options(shardkit.using("main")).first()
+        a1 = session.query(A).set_shard("main").first()
         session.refresh(a1)
         assert a1.data == "d1"
 
@@ -190,14 +190,14 @@ def test_refresh(main_cluster: shardkit.Cluster) -> None:
 def test_deferred(main_cluster: shardkit.Cluster) -> None:
     # RefreshDeferExpireTest.test_deferred
     with main_cluster.session() as session:
-        a1 = session.query(A).options(shardkit.using("main")).first()
+        a1 = session.query(A).set_shard("main").first()
         assert a1.deferred_data == "d2"
 
 
 def test_unexpire(main_cluster: shardkit.Cluster) -> None:
     # RefreshDeferExpireTest.test_unexpire
     with main_cluster.session() as session:
-        a1 = session.query(A).options(shardkit.using("main")).first()
+        a1 = session.query(A).set_shard("main").first()
         session.expire(a1)
         assert a1.data == "d1"
 
