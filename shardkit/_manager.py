@@ -1390,7 +1390,7 @@ class ModelMixin:
             if name.startswith(prefix) and len(name) > len(prefix):
                 field = name[len(prefix) :]
                 return lambda **lookups: getattr(self, method)(field, **lookups)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return object.__getattribute__(self, name)  # the usual AttributeError (a descriptor's own)
 
     @property
     def pk(self) -> Any:
