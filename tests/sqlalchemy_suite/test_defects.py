@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, ForeignKey, func, inspect, lambda_stmt, select, text, update
+from sqlalchemy import BigInteger, ForeignKey, delete, func, insert, inspect, lambda_stmt, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship, selectinload
 
 import shardkit
@@ -173,4 +173,25 @@ def test_selectin_load_stays_on_the_parents_shard_on_a_ring(make_urls: Callable[
         assert sorted(log.aliases("FROM comments")) == sorted(holding)  # one load per shard, its own
         for p in posts:
             assert {shardkit.db_of(c) for c in p.comments} <= {ring.get(p.id)}
+    cluster.dispose()
+
+
+def test_core_writes_on_a_mapped_table_route_like_the_model(make_urls: Callable[..., dict[str, str]]) -> None:
+    # Core statements on a table a class maps went to "default" (where a sharded table is not)
+    shards = ["s0", "s1", "s2"]
+    ring = shardkit.HashRing(shards)
+    cluster = shardkit.Cluster(make_urls("default", *shards), routers=[shardkit.HashRingRouter(ring)])
+    cluster.create_all(RingBase)
+    posts = Post.__table__
+    with cluster.session() as s:
+        s.execute(insert(posts), [{"id": i} for i in range(1, 31)])
+        s.execute(insert(posts).values(id=31))
+        s.commit()
+        for alias in shards:
+            with cluster.engine(alias).connect() as conn:
+                held = conn.execute(select(posts.c.id)).scalars().all()
+                assert held and all(ring.get(i) == alias for i in held)
+        assert s.execute(select(func.count()).select_from(posts)).scalar() == 31
+        assert s.execute(delete(posts).where(posts.c.id > 20)).rowcount == 11  # type: ignore[attr-defined]
+        assert s.execute(select(func.max(posts.c.id))).scalar() == 20
     cluster.dispose()
