@@ -1,5 +1,8 @@
 """The places where shardkit reaches into SQLAlchemy's internals, kept in one module.
 
+* **``Model.relationship.through``.**  Django names a many-to-many's through model
+  ``Book.authors.through``; the class-level relationship attribute gets the same name, giving
+  the link table (``None`` for a relationship without one), which is what routers receive.
 * **Many-to-many link rows.**  The unit of work writes the rows of a ``secondary`` table
   for every owner of one relationship at once, on the connection of
   ``session.get_bind(owner_mapper)``: with no instance, so a router cannot place them.
@@ -16,8 +19,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.orm import dependency
+from sqlalchemy.orm import configure_mappers, dependency
 from sqlalchemy.orm.base import INCLUDE_PENDING_MUTATIONS, PASSIVE_NO_INITIALIZE
+from sqlalchemy.orm.relationships import RelationshipProperty
 
 __all__ = ["install"]
 
@@ -57,11 +61,20 @@ def _has_link_changes(processor: Any, uowcommit: Any, state: Any) -> bool:
     return bool(history and (history.added or history.deleted))
 
 
+def _through(comparator: Any) -> Any:
+    """``Book.authors.through``: the link table of a relationship (``None`` without one)."""
+    configure_mappers()  # ``secondary`` is resolved when the mappers are configured
+    return comparator.prop.secondary
+
+
 def install() -> None:
-    """Wrap the many-to-many processor once (idempotent)."""
+    """Wrap the many-to-many processor once, add ``.through`` (idempotent)."""
     global _installed
     if _installed:
         return
+    comparator: Any = RelationshipProperty.Comparator
+    if not hasattr(comparator, "through"):
+        comparator.through = property(_through)
     processor: Any = getattr(dependency, "_ManyToManyDP", None) or dependency.ManyToManyDP  # type: ignore[attr-defined]
     processor.process_saves = _grouped(processor.process_saves)
     processor.process_deletes = _grouped(processor.process_deletes)
