@@ -990,6 +990,7 @@ class RelatedManager(Manager[Any]):
                     )
                 pks.append(self._target_key(obj))
             with _session_scope(self.instance) as session:
+                session.flush()
                 self._set_fk(session, using, pks, self.instance)
                 self._expire(session, objs)
             return
@@ -1026,6 +1027,7 @@ class RelatedManager(Manager[Any]):
         owner_match = and_(*[s == v for (_o, s), v in zip(prop.synchronize_pairs, owner_values, strict=True)])
         target_col = (prop.secondary_synchronize_pairs or [])[0][1]
         with _session_scope(self.instance) as session:
+            session.flush()  # the collection's pending in-memory changes first: reloaded below
             session._note_statement_write(using)
             conn = session.connection(bind_arguments={"shard_id": using})
             if action == "clear":
@@ -1083,6 +1085,7 @@ class RelatedManager(Manager[Any]):
     def _clear_fk(self, pks: list[Any] | None, objs: Sequence[Any]) -> None:
         using = _write_db(self.model, self.instance)
         with _session_scope(self.instance) as session:
+            session.flush()
             if pks is None:
                 pks = list(
                     session.scalars(
@@ -1145,6 +1148,8 @@ class RelatedManager(Manager[Any]):
         obj = super(RelatedManager, self.db_manager(db)).create(**fields)
         if self.prop.secondary is not None:
             self.add(obj)
+        else:
+            self._forget()
         return obj
 
     def get_or_create(self, defaults: dict[str, Any] | None = None, **lookups: Any) -> tuple[Any, bool]:
@@ -1155,7 +1160,16 @@ class RelatedManager(Manager[Any]):
         obj, created = super(RelatedManager, self.db_manager(db)).get_or_create(defaults, **lookups)
         if created and self.prop.secondary is not None:
             self.add(obj)
+        elif created:
+            self._forget()
         return obj, created
+
+    def _forget(self) -> None:
+        """The owner's list misses what was just written: read it again when next used."""
+        session = object_session(self.instance)
+        if isinstance(session, ShardSession):
+            session.flush()
+            self._expire(session)
 
     def _fk_fields(self) -> dict[str, Any]:
         owner_mapper = _mapper(type(self.instance))

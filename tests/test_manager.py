@@ -271,3 +271,30 @@ def test_allow_migrate_with_the_current_django_signature(make_urls: Callable[...
     assert ("default", "auth", "user") in seen
     assert ("default", "blog", "author") in seen
     cluster.dispose()
+
+
+def test_related_manager_calls_keep_pending_list_changes(cluster: shardkit.Cluster) -> None:
+    with cluster.session() as s:
+        author = Author(name="a")
+        s.add(author)
+        s.flush()
+        author.books.append(Book(title="one"))  # in memory only, for now
+        author.books.create(title="two")  # the related manager writes at once, the pending list first
+        assert sorted(b.title for b in author.books) == ["one", "two"]
+        s.commit()
+    assert sorted(Book.objects.values_list("title", flat=True)) == ["one", "two"]
+    author = Author.objects.get(name="a")
+    with pytest.raises(AttributeError, match="nullable"):  # NOT NULL foreign key: as Django, no remove()
+        author.books.remove(author.books[0])
+    assert Book.objects.count() == 2
+
+
+def test_related_manager_in_a_session_block_is_undone_by_rollback(cluster: shardkit.Cluster) -> None:
+    author = Author.objects.create(name="a")
+    Book.objects.create(title="kept", author_id=author.id)
+    with cluster.session() as s:
+        mine = Author.objects.get(name="a")
+        mine.books.create(title="pending")
+        assert mine.books.count() == 2
+        s.rollback()
+    assert Book.objects.count() == 1
