@@ -93,8 +93,24 @@ class _CallSession(ShardSession):
     _shardkit_autocommit = True
 
     def __init__(self, cluster: Cluster) -> None:
+        self._own_cluster = cluster
         super().__init__(cluster, expire_on_commit=False, autoflush=False)
         self._calls = 0
+
+    @property
+    def cluster(self) -> Cluster:
+        """The active cluster when it names the same databases as the one this session was made
+        with: Django's settings are global, so routers changed by activating another cluster
+        over the same databases apply to objects read before; else the session's own."""
+        own = self._own_cluster
+        active = _active_cluster()
+        if active is None or active is own or not _same_databases(active, own):
+            return own
+        return active
+
+    @cluster.setter
+    def cluster(self, value: Cluster) -> None:
+        self._own_cluster = value
 
     def _before_attach(self, state: InstanceState[Any], obj: object) -> bool:
         other_id = state.session_id
@@ -110,6 +126,29 @@ class _CallSession(ShardSession):
             if existing is not None and existing is not obj:
                 self.expunge(existing)
         return super()._before_attach(state, obj)
+
+
+def _active_cluster() -> Cluster | None:
+    try:
+        return get_active_cluster()
+    except ShardkitError:
+        return None
+
+
+_SAME: dict[tuple[int, int], tuple[Cluster, Cluster, bool]] = {}
+
+
+def _same_databases(a: Cluster, b: Cluster) -> bool:
+    """Whether two clusters name the same databases (aliases and URLs)."""
+    key = (id(a), id(b))
+    hit = _SAME.get(key)
+    if hit is not None and hit[0] is a and hit[1] is b:
+        return hit[2]
+    same = a.aliases == b.aliases and all(a.spec(x).url == b.spec(x).url for x in a.aliases)
+    if len(_SAME) > 64:
+        _SAME.clear()
+    _SAME[key] = (a, b, same)
+    return same
 
 
 @event.listens_for(_CallSession, "loaded_as_persistent")

@@ -298,3 +298,20 @@ def test_related_manager_in_a_session_block_is_undone_by_rollback(cluster: shard
         assert mine.books.count() == 2
         s.rollback()
     assert Book.objects.count() == 1
+
+
+def test_activating_another_cluster_over_the_same_databases_changes_the_routers(cluster: shardkit.Cluster) -> None:
+    author = Author.objects.create(name="read before")  # under the first cluster's routers
+    urls = {alias: cluster.engine(alias).url for alias in cluster.aliases}
+    asked: list[tuple[object, dict[str, object]]] = []
+
+    class Recording:
+        def db_for_write(self, model: object, **hints: object) -> None:
+            asked.append((model, dict(hints)))
+
+    other_settings = shardkit.Cluster(urls, routers=[Recording()])  # Django's override_settings
+    with other_settings.activated():
+        author.delete()  # an object read before: the routers of now are asked, as Django's are
+    assert asked == [(Author, {"instance": author})]
+    other_settings.dispose()
+    assert Author.objects.count() == 0
