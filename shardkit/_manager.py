@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, overload
 
-from sqlalchemy import ColumnElement, and_, event, extract, func, inspect, not_, select, text, update
+from sqlalchemy import ColumnElement, and_, delete, event, extract, func, inspect, not_, select, text, update
 from sqlalchemy.orm import Mapper, joinedload, load_only, object_session, selectinload
 from sqlalchemy.orm.attributes import InstrumentedAttribute, instance_state
 from sqlalchemy.orm.collections import collection
@@ -311,10 +311,6 @@ class _Criteria:
         else:
             value = _as_key(value)
         return op(column, value)  # type: ignore[no-any-return]
-
-
-def _criteria(model: type[Any], args: Sequence[Any], kwargs: dict[str, Any]) -> list[ColumnElement[bool]]:
-    return _Criteria().build(model, args, kwargs)
 
 
 def _str_or_none(target: Any) -> str | None:
@@ -672,9 +668,16 @@ class QuerySet(Generic[M]):
 
     def delete(self) -> int:
         """Delete the matching rows, as Django does: each object through the unit of work, so its
-        many-to-many link rows and cascades go with it and the delete events are sent; returns
-        the number of objects deleted."""
+        many-to-many link rows and cascades go with it and the delete events are sent; a model
+        that no other rows hang on, with no delete listener, in one DELETE statement.  Returns
+        the number of rows deleted."""
         alias = self._run_alias(write=True)
+        if _fast_delete(self.model) and self._limit is None and not self._offset:
+            # nothing hangs on these rows and nobody listens: one DELETE (Django's fast delete)
+            stmt = self._apply(delete(self.model), alias)
+            with _session_scope() as session:
+                result = session.execute(stmt.execution_options(synchronize_session="fetch"))
+                return int(getattr(result, "rowcount", 0) or 0)
         if alias is None:  # read the rows to delete where the routers write them
             alias = _str_or_none(_cluster().router.write_opinion(self.model, **self._hints))
         with _session_scope() as session:
@@ -683,6 +686,15 @@ class QuerySet(Generic[M]):
                 session.delete(obj)
             session.flush()
             return len(objs)
+
+
+def _fast_delete(model: type[Any]) -> bool:
+    """Whether deleting rows of ``model`` needs no object: no relationship of its own holds other
+    rows (children, link rows) and no delete event has a listener."""
+    if _events.active():
+        return False
+    mapper = _mapper(model)
+    return all(r.direction is MANYTOONE or r.viewonly for r in mapper.relationships)
 
 
 def _reverse(order: Any) -> Any:
