@@ -952,8 +952,14 @@ class RelatedManager(Manager[Any]):
         )
 
     def get_queryset(self) -> QuerySet[Any]:
-        qs: QuerySet[Any] = QuerySet(self.model, using=self._db, manager=self, hints={"instance": self.instance})
-        return qs._clone(_where=(self._relation(),))
+        """The related model's manager's queryset (yours, if you override it), narrowed to the
+        instance's related rows and carrying the instance as the routers' hint."""
+        qs: QuerySet[Any] = super().get_queryset()
+        return qs._clone(
+            _db=self._db or qs._db,
+            _hints={**qs._hints, "instance": self.instance},
+            _where=(*qs._where, self._relation()),
+        )
 
     # -- checks -----------------------------------------------------------------
 

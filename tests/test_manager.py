@@ -315,3 +315,20 @@ def test_activating_another_cluster_over_the_same_databases_changes_the_routers(
     assert asked == [(Author, {"instance": author})]
     other_settings.dispose()
     assert Author.objects.count() == 0
+
+
+def test_related_managers_build_on_the_related_models_own_queryset(cluster: shardkit.Cluster) -> None:
+    class HighScoreManager(shardkit.Manager[Book]):
+        def get_queryset(self) -> shardkit.QuerySet[Book]:
+            return super().get_queryset().filter(title__startswith="keep")
+
+    author = Author.objects.create(name="a")
+    for title in ("keep one", "drop", "keep two"):
+        Book.objects.create(title=title, author_id=author.id)
+    assert "objects" not in Book.__dict__  # it uses ModelMixin's manager
+    Book.objects = HighScoreManager()  # type: ignore[misc]
+    try:
+        assert sorted(author.books.values_list("title", flat=True)) == ["keep one", "keep two"]
+        assert author.books.count() == 2
+    finally:
+        del Book.objects
