@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from sqlalchemy import Engine, Join, Select, Table, TextClause, and_, event, select
+from sqlalchemy import BindParameter, Engine, Join, Select, Table, TextClause, and_, event, select
 from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.orm import (
     Mapper,
@@ -764,6 +764,10 @@ class ShardSession(Session):
             model = _statement_model(orm_context)
             if model is not None:
                 return self._routed_insert(orm_context, model)
+        if orm_context.is_update and _is_bulk_update_by_pk(orm_context) and not self._placed(orm_context):
+            model = _statement_model(orm_context)
+            if model is not None:
+                return self._bulk_update(orm_context, model)
         target = self._route(orm_context)
         if isinstance(target, str):
             return self._invoke_on(orm_context, target)
@@ -794,13 +798,16 @@ class ShardSession(Session):
             return self._broadcast(orm_context, opinion)
         if isinstance(params, list):
             return self._bulk_insert(orm_context, model, params)
+        multi = getattr(orm_context.statement, "_multi_values", ())
+        if multi and not params:  # insert(User).values([{...}, {...}]): each row to its own shard
+            return self._multi_values_insert(orm_context, model, [ps for group in multi for ps in group])
         single: dict[str, Any] = dict(params or {})  # type: ignore[arg-type]
         row = dict(single)
         for col, bind in (getattr(orm_context.statement, "_values", None) or {}).items():
             key = getattr(col, "key", col)
             row.setdefault(str(key), getattr(bind, "value", bind))
         alias, filled = self._route_row(model, row)
-        extra = {k: v for k, v in filled.items() if k not in row}
+        extra = {k: v for k, v in filled.items() if row.get(k) is None}  # a key the routers generated
         if extra:
             return self._invoke_on_with_params(orm_context, alias, {**single, **extra}, extra)
         return self._invoke_on(orm_context, alias)
@@ -851,8 +858,9 @@ class ShardSession(Session):
         if not isinstance(alias, str):  # pragma: no cover - RouterChain refuses this
             raise RoutingError(f"db_for_write gave several aliases for one {model.__name__} row")
         for col_key, attr in keys.items():
-            if col_key not in row and st.dict.get(attr) is not None:
-                row = {**row, col_key: st.dict[attr]}
+            value = st.dict.get(attr)
+            if value is not None and _changed_value(row.get(col_key, row.get(attr)), value):
+                row = {**row, col_key: value}  # a key the routers filled in (or converted: "5" -> 5)
         return alias, row
 
     def _bulk_insert(self, orm_context: ORMExecuteState, model: type[Any], rows: list[Any]) -> Result[Any]:
@@ -873,6 +881,7 @@ class ShardSession(Session):
             for row in rows:
                 alias, filled = self._route_row(model, row)
                 groups.setdefault(alias, []).append(filled)
+        self._note_statement_writes(groups)  # a batch the cross-shard setting refuses writes nothing
         total = 0
         returning = bool(getattr(orm_context.statement, "_returning", ()))
         parts: list[Result[Any]] = []
@@ -908,6 +917,103 @@ class ShardSession(Session):
         result.shards = tuple(groups)
         result.rowcount = total  # type: ignore[attr-defined]
         return result
+
+    def _route_rows(self, model: type[Any], rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+        """Each row's alias, and the row as routed (with any key a router filled in or converted)."""
+        routed = list(rows)  # a router may replace a row with a copy holding its (new) key
+        aliases = self.cluster.router.db_for_write_rows(model, routed, session=self)
+        if aliases is not None:  # every router answered for the whole batch at once
+            return list(zip(aliases, routed, strict=True))
+        return [self._route_row(model, row) for row in rows]
+
+    def _note_statement_writes(self, aliases: Iterable[str]) -> None:
+        """A statement is about to write on each of ``aliases``: check the cross-shard setting for
+        all of them before the first is written."""
+        self.cluster._check_write_aliases(self._tx_write_aliases | set(aliases))
+
+    def _multi_values_insert(self, orm_context: ORMExecuteState, model: type[Any], rows: list[Any]) -> Result[Any]:
+        """``insert(User).values([{...}, {...}])``: the rows grouped per alias as the routers place
+        each one, and one multi-row INSERT per alias (its RETURNING rows shard after shard)."""
+        from ._fanout import ShardedResult
+
+        statement = orm_context.statement
+        table = statement.table  # type: ignore[attr-defined]
+        plain = [_values_row(table, ps) for ps in rows]
+        groups: dict[str, list[Any]] = {}
+        for ps, row, (alias, routed) in zip(rows, plain, self._route_rows(model, plain), strict=True):
+            changed = {k: v for k, v in routed.items() if k not in row or _changed_value(row[k], v)}
+            groups.setdefault(alias, []).append(_with_values(table, ps, changed) if changed else ps)
+        self._note_statement_writes(groups)
+        returning = bool(getattr(statement, "_returning", ()))
+        parts: list[Result[Any]] = []
+        total = 0
+        for alias, group in groups.items():
+            part_statement = statement._generate()  # type: ignore[attr-defined]
+            part_statement._multi_values = (group,)
+            part = self._invoke_on(orm_context, alias, part_statement)
+            if returning:
+                parts.append(part)
+            else:
+                total += max(getattr(part, "rowcount", 0) or 0, 0)
+                part.close()
+        return _merged(parts, tuple(groups), total, ShardedResult)
+
+    def _bulk_update(self, orm_context: ORMExecuteState, model: type[Any]) -> Result[Any]:
+        """``session.execute(update(User), rows)``, SQLAlchemy's bulk UPDATE by primary key.
+
+        Where the routers place the statement as a whole on one alias, it runs there.  Where they
+        would spread it over several (a sharded model), each row goes to the shard its own key
+        names, one executemany per shard: a row must name its shard key (a router cannot fill
+        one in for a row that already exists) or nothing is written.  A model whose rows are on
+        every target (a reference table) still gets the whole batch on every one.
+        """
+        from ._fanout import ShardedResult
+
+        router = self.cluster.router
+        statement = orm_context.statement
+        opinion = router.write_opinion(model, statement=statement, session=self)
+        if opinion is None:
+            opinion = router.db_for_write(model, statement=statement, session=self)
+        if isinstance(opinion, str):
+            return self._invoke_on(orm_context, opinion)
+        rows: list[dict[str, Any]] = list(orm_context.parameters)  # type: ignore[arg-type]
+        routed_rows = list(rows)  # a router may replace a row with a copy holding its converted key
+        aliases = router.db_for_write_rows(model, routed_rows, session=self)
+        if aliases is not None:
+            placed = list(zip(aliases, routed_rows, strict=True))
+        elif router._write_rows_complete:  # no router places rows of this model (a reference table)
+            return self._fanout(orm_context, opinion)
+        else:
+            placed = [self._route_row(model, row) for row in rows]
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for i, (row, (alias, routed)) in enumerate(zip(rows, placed, strict=True)):
+            filled = sorted(k for k, v in routed.items() if row.get(k) is None and v is not None)
+            if filled:
+                raise RoutingError(
+                    f"cannot route row {i} of a bulk UPDATE of {model.__name__}: it does not give its shard key "
+                    f"({', '.join(filled)}); give the key in every row, or update with a WHERE clause; "
+                    "nothing was written",
+                    model=model,
+                    attribute=filled[0],
+                )
+            groups.setdefault(alias, []).append(routed)
+        self._note_statement_writes(groups)
+        total = 0
+        for alias, batch in groups.items():
+            previous, self._bulk_alias = self._bulk_alias, alias
+            try:
+                part = self.execute(
+                    statement,
+                    batch,
+                    execution_options=orm_context.local_execution_options,
+                    bind_arguments={**orm_context.bind_arguments, "shard_id": alias},
+                )
+            finally:
+                self._bulk_alias = previous
+            count = getattr(part, "rowcount", None)
+            total += count if isinstance(count, int) and count >= 0 else len(batch)
+            part.close()
+        return _merged([], tuple(groups), total, ShardedResult)
 
     def _fanout(self, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
         from ._fanout import execute_fanout
@@ -1032,6 +1138,73 @@ def _plain_core_table(orm_context: ORMExecuteState, model: type[Any], rows: list
     if not first <= keys.keys() or any(row.keys() != first for row in rows):
         return None
     return mapper.local_table
+
+
+def _is_bulk_update_by_pk(orm_context: ORMExecuteState) -> bool:
+    """Whether an UPDATE is SQLAlchemy's ORM bulk UPDATE by primary key: an ``update(Model)`` with
+    no WHERE of its own, run with a list of parameter rows (each row's primary key picks its row,
+    and SQLAlchemy checks that each one matched)."""
+    statement = orm_context.statement
+    table = getattr(statement, "table", None)
+    return (
+        isinstance(orm_context.parameters, list)
+        and not getattr(statement, "_where_criteria", ())
+        and "parententity" in getattr(table, "_annotations", {})
+        and orm_context.execution_options.get("dml_strategy", "auto") in ("auto", "bulk")
+    )
+
+
+def _changed_value(old: Any, new: Any) -> bool:
+    """Whether a router changed a row's value (filled it in, or converted it: ``"5"`` -> ``5``)."""
+    if new is old:
+        return False
+    try:
+        return type(new) is not type(old) or bool(new != old)
+    except Exception:  # a value that does not compare (an SQL expression): it was replaced
+        return True
+
+
+def _plain_value(value: Any) -> Any:
+    """A VALUES entry as the routers should see it: a bound parameter's own value."""
+    if isinstance(value, BindParameter) and value.callable is None:
+        return value.value
+    return value
+
+
+def _values_row(table: Any, parameter_set: Any) -> dict[str, Any]:
+    """One row of a multi-row VALUES (a dict keyed by column or name, or a tuple in column order)
+    as ``{column key: value}``."""
+    if isinstance(parameter_set, Mapping):
+        return {str(getattr(k, "key", k)): _plain_value(v) for k, v in parameter_set.items()}
+    return {c.key: _plain_value(v) for c, v in zip(table.c, parameter_set, strict=False)}
+
+
+def _with_values(table: Any, parameter_set: Any, changed: Mapping[str, Any]) -> dict[Any, Any]:
+    """``parameter_set`` (a VALUES row) with the values of ``changed`` (column key -> value) set."""
+    if isinstance(parameter_set, Mapping):
+        out: dict[Any, Any] = dict(parameter_set)
+    else:
+        out = dict(zip(table.c, parameter_set, strict=False))
+    by_key = {str(getattr(k, "key", k)): k for k in out}
+    for col_key, value in changed.items():
+        key = by_key.get(col_key)
+        if key is None:
+            key = table.c.get(col_key, col_key)
+        out[key] = value
+    return out
+
+
+def _merged(parts: list[Result[Any]], shards: tuple[str, ...], rowcount: int, empty: Any) -> Result[Any]:
+    """The RETURNING rows of every shard, shard after shard; else an empty result with the row count."""
+    if parts:
+        merged = parts[0].merge(*parts[1:]) if len(parts) > 1 else parts[0]
+        with contextlib.suppress(AttributeError):
+            merged.shards = shards  # type: ignore[attr-defined]
+        return merged
+    result = empty(SimpleResultMetaData([]), iter(()))
+    result.shards = shards
+    result.rowcount = rowcount
+    return result  # type: ignore[no-any-return]
 
 
 _ATTR_KEYS: dict[Mapper[Any], dict[str, str]] = {}
