@@ -392,8 +392,8 @@ class ShardSession(Session):
         for obj in (*self.new, *self.dirty):
             state = instance_state(obj)
             for key in _collection_keys(state.mapper):
-                if key not in state.dict:
-                    continue  # never loaded: nothing was added
+                if key not in state.dict or key not in state.committed_state:
+                    continue  # never loaded, or unchanged: nothing was added
                 for member in get_state_history(state, key, PASSIVE_NO_INITIALIZE).added or ():
                     mstate = instance_state(member)
                     if mstate.key is None:
@@ -440,8 +440,8 @@ class ShardSession(Session):
                     if state.key is not None:
                         self._flush_writes.add(self.link_alias_of(prop, state))
                     continue
-                if prop.key not in state.dict:
-                    continue
+                if prop.key not in state.dict or prop.key not in state.committed_state:
+                    continue  # never loaded, or unchanged
                 history = get_state_history(state, prop.key, PASSIVE_NO_INITIALIZE)
                 if history.added or history.deleted:
                     self._flush_writes.add(self.link_alias_of(prop, state))
