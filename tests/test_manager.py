@@ -332,3 +332,16 @@ def test_related_managers_build_on_the_related_models_own_queryset(cluster: shar
         assert author.books.count() == 2
     finally:
         del Book.objects
+
+
+def test_refresh_asks_db_for_read_with_the_instance_once(cluster: shardkit.Cluster) -> None:
+    from unittest.mock import Mock
+
+    author = Author.objects.create(name="x")
+    router = Mock()
+    router.db_for_read.return_value = None
+    urls = {alias: cluster.engine(alias).url for alias in cluster.aliases}
+    with shardkit.Cluster(urls, routers=[router]).activated():
+        author.refresh_from_db()
+    router.db_for_read.assert_called_once_with(Author, instance=author)
+    assert author.name == "x"
