@@ -341,7 +341,9 @@ def test_refresh_asks_db_for_read_with_the_instance_once(cluster: shardkit.Clust
     router = Mock()
     router.db_for_read.return_value = None
     urls = {alias: cluster.engine(alias).url for alias in cluster.aliases}
-    with shardkit.Cluster(urls, routers=[router]).activated():
+    mocked = shardkit.Cluster(urls, routers=[router])
+    with mocked.activated():
         author.refresh_from_db()
+    mocked.dispose()
     router.db_for_read.assert_called_once_with(Author, instance=author)
     assert author.name == "x"
