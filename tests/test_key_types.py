@@ -140,7 +140,16 @@ def test_a_value_the_column_refuses_is_an_error_and_writes_nothing(world: World,
         s.scalars(select(User).where(User.id.in_([1, bad]))).all()
     with cluster.session() as s, pytest.raises(InvalidKeyError, match=r"User\.id"):
         s.execute(insert(User), [{"id": 1, "name": "ok"}, {"id": bad, "name": "bad"}])
+    with cluster.session() as s, pytest.raises(InvalidKeyError, match=r"User\.id"):
+        s.execute(insert(User).values([{"id": 1, "name": "ok"}, {"id": bad, "name": "bad"}]))
     assert where_is(cluster, "users") == {}
+    with cluster.session() as s:
+        s.add(User(id=1, name="kept"))
+        s.commit()
+    with cluster.session() as s, pytest.raises(InvalidKeyError, match=r"User\.id"):
+        s.execute(update(User), [{"id": 1, "name": "changed"}, {"id": bad, "name": "bad"}])
+    with cluster.session() as s:
+        assert s.scalars(select(User.name)).all() == ["kept"]
 
 
 def test_text_and_uuid_keys(world: World, backend: str) -> None:
@@ -164,6 +173,21 @@ def test_text_and_uuid_keys(world: World, backend: str) -> None:
             s.get(Doc, "not-a-uuid")
         with pytest.raises(InvalidKeyError, match=r"Tag\.code"):
             s.scalars(select(Tag).where(Tag.code == 4.5)).all()
+
+
+def test_bulk_update_and_multi_row_values_by_digit_strings(world: World) -> None:
+    """Issue 10, bulk forms: the rows' keys are converted before each row is routed."""
+    cluster, ring = world
+    keys = [a_key_whose_text_moves(ring, start) for start in (100, 5000, 90000, 700000)]
+    with cluster.session() as s:
+        s.execute(insert(User).values([{"id": str(k), "name": "values"} for k in keys]))
+        s.commit()
+    assert where_is(cluster, "users") == {k: ring.get(k) for k in keys}
+    with cluster.session() as s:
+        s.execute(update(User), [{"id": str(k), "name": f"bulk{k}"} for k in keys])
+        s.commit()
+    with cluster.session() as s:
+        assert {u.id: u.name for u in s.scalars(select(User))} == {k: f"bulk{k}" for k in keys}
 
 
 def test_update_and_delete_by_a_digit_string_reach_the_row(world: World) -> None:
