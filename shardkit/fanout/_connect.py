@@ -7,12 +7,20 @@ is the executor's task for one shard, in three stages:
 
 ``waiting for a pooled connection`` / ``connecting``
     the pool checkout (and the connect it may need) runs in the worker
-    thread, never in the caller's, so it counts against the deadline.  At
-    the deadline the task is *abandoned*: when the checkout ends later, the
-    connection goes straight back to the pool, and nothing reaches the
-    caller's session.  On PostgreSQL the connect itself is also cut to the
-    time left (``connect_timeout``, which libpq rounds up to 2 s), so an
-    abandoned connect does not outlive the deadline by much.
+    thread, never in the caller's, so it counts against the deadline.  The
+    wait for a free connection in a ``QueuePool`` never lasts longer than the
+    time left (the engine's pool class is given a ``_timeout`` that is the
+    smaller of ``pool_timeout`` and the time left, plus
+    :data:`CHECKOUT_MARGIN`, of the fan-out task checking out in that
+    thread; other checkouts keep ``pool_timeout``), so an exhausted pool
+    frees the worker at the deadline.  On PostgreSQL the
+    connect itself is cut to the time left (``connect_timeout``, which libpq
+    rounds up to 2 s).  At the deadline the task is *abandoned*: when the
+    checkout ends later, the connection goes straight back to the pool, and
+    nothing reaches the caller's session.  A connect that hangs keeps its
+    worker until it gives up; the executor caps how many such workers one
+    engine may have (``ABANDONED_PER_LANE``: the task's ``lane`` is its
+    engine), so a shard that hangs cannot take the threads the others need.
 ``running the statement``
     the statement runs on the connection; at the deadline (or when another
     shard failed) ``cancel()`` first gives a statement that the server stops
@@ -50,17 +58,21 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import QueuePool
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.engine import Connection
 
 __all__ = [
+    "CHECKOUT_MARGIN",
     "RELEASE",
     "SETTLE",
     "STAGE_CONNECT",
     "STAGE_POOL",
     "STAGE_RUN",
     "ConnectionTask",
+    "bound_checkout_wait",
     "bound_sockets",
     "pg_socket_options",
 ]
@@ -73,11 +85,68 @@ SETTLE = 0.15
 #: After the socket is shut down, seconds the worker is given to let go of the connection.
 RELEASE = 0.2
 
+#: How long past the deadline a fan-out task's wait for a free pooled connection may last.
+CHECKOUT_MARGIN = 0.05
+
 STAGE_POOL = "waiting for a pooled connection"
 STAGE_CONNECT = "connecting"
 STAGE_RUN = "running the statement"
 
 _current = threading.local()  # .task: the ConnectionTask whose checkout this thread is doing
+
+
+class _CheckoutWaitBound:
+    """Mixed into an engine's ``QueuePool`` class by :func:`bound_checkout_wait`.
+
+    ``QueuePool._do_get`` waits ``self._timeout`` seconds for a free connection; here that
+    is ``pool_timeout`` unless the calling thread is a fan-out task's checkout with less time
+    left.  Only the reading changes: the pool still stores ``pool_timeout``, and every other
+    checkout waits as long as it did.
+    """
+
+    __slots__ = ()
+
+    @property
+    def _timeout(self) -> float:
+        configured: float = self.__dict__["_timeout"]
+        task: ConnectionTask[Any] | None = getattr(_current, "task", None)
+        left = None if task is None else task.remaining()
+        if left is None or left + CHECKOUT_MARGIN >= configured:
+            return configured
+        # a little past the deadline: the fan-out, which stops waiting at the deadline, says so
+        return left + CHECKOUT_MARGIN
+
+    @_timeout.setter
+    def _timeout(self, value: float) -> None:
+        self.__dict__["_timeout"] = value
+
+
+_bounded_classes: dict[type[QueuePool], type[QueuePool]] = {}
+_bounded_lock = threading.Lock()
+
+
+def bound_checkout_wait(engine: Engine) -> bool:
+    """Make a fan-out task's checkout from ``engine``'s pool wait at most the time left.
+
+    Applies to a ``QueuePool`` (the default pool of PostgreSQL and MySQL engines, kept by
+    ``engine.dispose()``): its class becomes a subclass whose wait reads the deadline of the
+    task checking out in the calling thread.  Other pools do not wait for a free connection.
+    Returns whether the engine's checkouts are bounded.
+    """
+    pool = engine.pool
+    if not isinstance(pool, QueuePool) or pool._is_asyncio or "_timeout" not in vars(pool):
+        return False
+    cls = type(pool)
+    if issubclass(cls, _CheckoutWaitBound):
+        return True
+    with _bounded_lock:
+        bounded = _bounded_classes.get(cls)
+        if bounded is None:
+            bounded = type(cls.__name__, (cls, _CheckoutWaitBound), {"__module__": cls.__module__, "__slots__": ()})
+            _bounded_classes[cls] = bounded
+        if type(pool) is cls:
+            pool.__class__ = bounded
+    return True
 
 
 class _Interrupter:
@@ -140,6 +209,9 @@ class ConnectionTask(Generic[T]):
         connection to run on.  Called with the task's lock held, so it never runs once
         ``cancel()`` has returned; a connection that arrives later is closed (back to its pool).
 
+    ``checkout`` is usually an engine's ``connect``: that engine's pool then waits at most the
+    time left (:func:`bound_checkout_wait`), and the task's ``lane`` is the engine.
+
     :ivar stage: what the task is doing (``STAGE_POOL``, ``STAGE_CONNECT``, ``STAGE_RUN``) or,
         after a failed checkout, ``"cannot connect"`` / ``"no connection from the pool"``.
     """
@@ -157,6 +229,10 @@ class ConnectionTask(Generic[T]):
             raise ValueError("ConnectionTask needs a held connection or a checkout")
         self.alias = alias
         self.stage: str | None = None
+        engine = held.engine if held is not None else getattr(checkout, "__self__", None)
+        self._engine = engine if isinstance(engine, Engine) else None
+        #: What the executor counts this task's abandoned workers against: its engine.
+        self.lane: Any = self._engine if self._engine is not None else alias
         self._body = body
         self._held = held
         self._checkout = checkout
@@ -205,10 +281,17 @@ class ConnectionTask(Generic[T]):
             if self._cancelled:
                 raise TimeoutError(f"shard {self.alias!r} was cancelled before it connected")
             self.stage = STAGE_POOL
+        if self._engine is not None:
+            bound_checkout_wait(self._engine)
         _current.task = self
         try:
             raw = self._checkout()
-        except sa_exc.TimeoutError:
+        except sa_exc.TimeoutError as exc:
+            if self._deadline_at is not None and time.monotonic() >= self._deadline_at:
+                # the wait was cut to the time left: the deadline passed, not pool_timeout
+                raise TimeoutError(
+                    f"shard {self.alias!r} did not answer within the deadline ({STAGE_POOL}: none was free in time)"
+                ) from exc
             self.stage = "no connection from the pool"
             raise
         except BaseException:

@@ -13,22 +13,33 @@ the caller shares with it (shardkit's own connection task: see
 :mod:`shardkit.fanout._connect`), and must never hold the GIL while it waits
 on the network: it runs while the rest of the process goes on.
 
-Threads: a module-level pool (``shardkit-fanout-*`` threads) is used by
-default.  A fan-out started from inside one of its own worker threads, or
-with more tasks than the pool has workers, runs on dedicated threads instead,
-so nested fan-outs cannot deadlock the pool.  A task whose ``cancel()`` does
-not stop it keeps its thread busy until it returns.
+Threads (``shardkit-fanout-*``, daemon): a task gets an idle worker thread, or a
+new one when none is idle, so a fan-out never waits for a thread and nested
+fan-outs cannot deadlock; idle workers are kept for reuse (at most
+``max(32, 4 * cpus)`` of them, for :data:`IDLE_SECONDS`).  A task still
+running once the fan-out has given up on it (a pool checkout, a connect or a
+call its ``cancel()`` could not stop) is *abandoned*: it keeps its thread
+until it returns, and it no longer counts against anything the other shards
+use.  Tasks of one *lane* (a task's ``lane`` attribute: shardkit's connection
+task uses the shard's engine; else the alias) may have at most
+:data:`ABANDONED_PER_LANE` abandoned workers: while a lane has that many, its
+new tasks wait without a thread until one of them returns or their own
+deadline passes.  So a sick shard holds a bounded number of threads, and the
+healthy shards never wait for one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
+import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_EXCEPTION, Executor, Future, ThreadPoolExecutor, wait
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping
+from concurrent.futures import FIRST_EXCEPTION, Executor, Future, wait
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -62,7 +73,9 @@ class ShardTask(Protocol[T_co]):
 
     A task may also have a ``stage`` attribute (a few words: ``"connecting"``,
     ``"running the statement"`` ...): error messages then say where a late or
-    failed shard was.
+    failed shard was; and a ``lane`` (hashable: what the task waits on, such as
+    its shard's engine) that bounds how many of its abandoned workers may pile
+    up (:data:`ABANDONED_PER_LANE`; default: the alias).
     """
 
     def run(self, remaining_seconds: float | None) -> T_co: ...
@@ -108,26 +121,152 @@ class FanoutOutcome(Generic[T]):
         return self.errors
 
 
-_local = threading.local()
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_POOL_SIZE = int(os.environ.get("SHARDKIT_FANOUT_THREADS", "0")) or max(32, 4 * (os.cpu_count() or 1))
+#: Abandoned workers one lane (one shard's engine) may have; beyond it its new tasks wait,
+#: without a thread, for one to return (or for their deadline).
+ABANDONED_PER_LANE = 4
+#: Seconds an idle worker thread waits for a new task before it ends.
+IDLE_SECONDS = 60.0
+_IDLE_KEPT = int(os.environ.get("SHARDKIT_FANOUT_THREADS", "0")) or max(32, 4 * (os.cpu_count() or 1))
 
 
-def _shared_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(
-                max_workers=_POOL_SIZE,
-                thread_name_prefix="shardkit-fanout",
-                initializer=_mark_worker,
-            )
-        return _pool
+class _Item:
+    """One task handed to :class:`_Workers`: its callable, its future, its lane."""
+
+    __slots__ = ("abandoned", "args", "finished", "fn", "future", "lane", "started", "waited")
+
+    def __init__(self, lane: Hashable, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.lane = lane
+        self.fn = fn
+        self.args = args
+        self.future: Future[Any] = Future()
+        self.started = False  # on a thread, running (under _Workers._lock)
+        self.finished = False
+        self.abandoned = False
+        self.waited = False  # queued behind the lane's abandoned workers
 
 
-def _mark_worker() -> None:
-    _local.in_pool = True
+class _Lane:
+    __slots__ = ("abandoned", "waiting")
+
+    def __init__(self) -> None:
+        self.abandoned = 0
+        self.waiting: deque[_Item] = deque()
+
+
+class _Workers:
+    """Worker threads for fan-out tasks: reused when idle, started when none is, never queued
+    behind each other -- except behind a lane's abandoned workers (see the module docstring)."""
+
+    def __init__(self, idle_kept: int) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue[_Item | None]] = []
+        self._lanes: dict[Hashable, _Lane] = {}  # only lanes with abandoned or waiting tasks
+        self._idle_kept = idle_kept
+        self._names = itertools.count(1)
+
+    def submit(self, lane: Hashable, fn: Callable[..., Any], *args: Any) -> _Item:
+        item = _Item(lane, fn, args)
+        with self._lock:
+            state = self._lanes.get(lane)
+            if state is not None and state.abandoned >= ABANDONED_PER_LANE:
+                # Tasks given up on while waiting here (cancelled futures) go: the list stays
+                # as long as the fan-outs waiting at this moment.
+                live = [i for i in state.waiting if not i.future.cancelled()]
+                state.waiting = deque(live)
+                state.waiting.append(item)
+                item.waited = True
+                return item
+        self._start(item)
+        return item
+
+    def abandoned(self, lane: Hashable) -> int:
+        """How many workers of ``lane`` were given up on and are still running."""
+        with self._lock:
+            state = self._lanes.get(lane)
+            return 0 if state is None else state.abandoned
+
+    def abandon(self, item: _Item) -> None:
+        """The fan-out gave up on ``item``: if it is still running, count it against its lane."""
+        with self._lock:
+            if not item.started or item.finished or item.abandoned:
+                return
+            item.abandoned = True
+            self._lanes.setdefault(item.lane, _Lane()).abandoned += 1
+
+    def _start(self, item: _Item) -> None:
+        with self._lock:
+            handoff = self._idle.pop() if self._idle else None
+        if handoff is not None:
+            handoff.put(item)
+            return
+        name = f"shardkit-fanout-{next(self._names)}"
+        threading.Thread(target=self._work, args=(item,), name=name, daemon=True).start()
+
+    def _work(self, item: _Item | None) -> None:
+        handoff: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        while item is not None:
+            follow = self._run(item)
+            item = follow if follow is not None else self._next(handoff)
+
+    def _run(self, item: _Item) -> _Item | None:
+        """Run ``item``; returns a task of its lane that may start now, for this thread."""
+        if item.future.set_running_or_notify_cancel():
+            with self._lock:
+                item.started = True
+            try:
+                result = item.fn(*item.args)
+            except BaseException as exc:  # the task's failure goes to its future, as in concurrent.futures
+                item.future.set_exception(exc)
+            else:
+                item.future.set_result(result)
+        released: list[_Item] = []
+        with self._lock:
+            item.finished = True
+            state = self._lanes.get(item.lane)
+            if state is not None:
+                if item.abandoned:
+                    state.abandoned -= 1
+                if state.abandoned < ABANDONED_PER_LANE:
+                    released = [i for i in state.waiting if not i.future.cancelled()]
+                    state.waiting.clear()
+                if not state.abandoned and not state.waiting:
+                    del self._lanes[item.lane]
+        item.fn = item.args = None  # type: ignore[assignment]  # an abandoned task's session etc. can go
+        for other in released[1:]:
+            self._start(other)
+        return released[0] if released else None
+
+    def _next(self, handoff: queue.SimpleQueue[_Item | None]) -> _Item | None:
+        """Wait idle for the next task; ``None``: this thread ends."""
+        with self._lock:
+            if len(self._idle) >= self._idle_kept:
+                return None
+            self._idle.append(handoff)
+        try:
+            return handoff.get(timeout=IDLE_SECONDS)
+        except queue.Empty:
+            with self._lock:
+                if handoff in self._idle:
+                    self._idle.remove(handoff)
+                    return None
+            return handoff.get()  # taken off the idle list just now: its task is on the way
+
+
+_workers = _Workers(_IDLE_KEPT)
+
+
+def _after_fork() -> None:
+    global _workers
+    _workers = _Workers(_IDLE_KEPT)  # the parent's threads do not exist in a child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def _lane(alias: str, task: ShardTask[Any]) -> Hashable:
+    lane = getattr(task, "lane", None)
+    return alias if lane is None else lane
 
 
 class _Slot:
@@ -208,7 +347,8 @@ def run_parallel(
         ``None`` for no limit.
     :param partial: return the shards that answered and list the others in
         ``errors`` instead of raising (still raises if no shard answered).
-    :param executor: where to run the tasks; default: the shared pool.
+    :param executor: where to run the tasks; default: shardkit's worker threads (see the
+        module docstring).
     :raises ShardQueryError: a shard failed (``.errors`` maps alias -> exception).
     :raises FanoutTimeoutError: the deadline passed (names the shards that did not answer).
 
@@ -224,64 +364,76 @@ def run_parallel(
     if not slots:
         return FanoutOutcome()
 
-    own: ThreadPoolExecutor | None = None
-    if executor is None:
-        if getattr(_local, "in_pool", False) or len(slots) > _POOL_SIZE:
-            own = executor = ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="shardkit-fanout-x")
+    workers = _workers if executor is None else None
+    futures: dict[Future[Any], str] = {}
+    items: dict[str, _Item] = {}
+    for alias, slot in slots.items():
+        if workers is not None:
+            item = workers.submit(_lane(alias, slot.task), slot.execute, deadline_at)
+            items[alias] = item
+            futures[item.future] = alias
         else:
-            executor = _shared_pool()
-    try:
-        futures: dict[Future[Any], str] = {
-            executor.submit(slot.execute, deadline_at): alias for alias, slot in slots.items()
-        }
-        pending = set(futures)
-        results: dict[str, T] = {}
-        errors: dict[str, BaseException] = {}
-        timed_out = False
-        while pending:
-            timeout = None if deadline_at is None else max(0.0, deadline_at - time.monotonic())
-            done, pending = wait(pending, timeout=timeout, return_when=FIRST_EXCEPTION)
-            for fut in done:
-                alias = futures[fut]
-                exc = fut.exception()
-                if exc is None:
-                    results[alias] = fut.result()
-                else:
-                    errors[alias] = exc
-            if errors and not partial:
-                break
-            if pending and deadline_at is not None and time.monotonic() >= deadline_at:
-                timed_out = True
-                break
-        late = [futures[f] for f in pending]
-        if late:
-            _cancel([slots[a] for a in late])
-            for f in pending:
-                f.cancel()
-    finally:
-        if own is not None:
-            own.shutdown(wait=False)
+            assert executor is not None
+            futures[executor.submit(slot.execute, deadline_at)] = alias
+    pending = set(futures)
+    results: dict[str, T] = {}
+    errors: dict[str, BaseException] = {}
+    timed_out = False
+    while pending:
+        timeout = None if deadline_at is None else max(0.0, deadline_at - time.monotonic())
+        done, pending = wait(pending, timeout=timeout, return_when=FIRST_EXCEPTION)
+        for fut in done:
+            alias = futures[fut]
+            exc = fut.exception()
+            if exc is None:
+                results[alias] = fut.result()
+            else:
+                errors[alias] = exc
+        if errors and not partial:
+            break
+        if pending and deadline_at is not None and time.monotonic() >= deadline_at:
+            timed_out = True
+            break
+    # Where each shard was when the fan-out stopped waiting (an abandoned task goes on and
+    # may say something else later).
+    stages = {alias: _stage(task) for alias, task in tasks.items()}
+    late = [futures[f] for f in pending]
+    for alias in late:
+        queued = items.get(alias)
+        if queued is not None and workers is not None and queued.waited and not queued.started:
+            blocked = workers.abandoned(queued.lane)
+            stages[alias] = (
+                f" (not started: {blocked} worker(s) of earlier fan-outs still blocked on this shard)"
+                if blocked
+                else " (not started)"
+            )
+    if late:
+        _cancel([slots[a] for a in late])
+        for f in pending:
+            f.cancel()
+        if workers is not None:
+            for alias in late:
+                workers.abandon(items[alias])  # still running after the cancel: abandoned
 
     elapsed = time.monotonic() - start
     if timed_out:
         for alias in late:
-            errors[alias] = TimeoutError(f"shard {alias!r} did not answer within {deadline}s{_stage(tasks[alias])}")
+            errors[alias] = TimeoutError(f"shard {alias!r} did not answer within {deadline}s{stages[alias]}")
     if errors and (not partial or not results):
         ordered = {a: errors[a] for a in tasks if a in errors}
-        # A task may itself report the deadline (a server-side statement
-        # timeout set from ``remaining_seconds``): that is a timeout too.
+        # A task may itself report the deadline (a server-side statement timeout set from
+        # ``remaining_seconds``, a pool checkout cut to the time left): that is a timeout too.
         slow = [a for a, e in ordered.items() if isinstance(e, TimeoutError)]
         if deadline is not None and slow and len(slow) == len(ordered):
             raise FanoutTimeoutError(
                 f"fan-out deadline of {deadline}s passed; no answer from shard(s) "
-                + ", ".join(f"{a!r}{_stage(tasks[a]) if a in late else ''}" for a in slow),
+                + ", ".join(f"{a!r}{stages[a]}" for a in slow),
                 errors=ordered,
                 aliases=tuple(slow),
             )
         failed = [a for a in ordered if a not in late] if timed_out else list(ordered)
         detail = "; ".join(
-            f"{a}{'' if a in late else _stage(tasks[a])}: {type(e).__name__}: {_first_line(e)}"
-            for a, e in ordered.items()
+            f"{a}{'' if a in late else stages[a]}: {type(e).__name__}: {_first_line(e)}" for a, e in ordered.items()
         )
         raise ShardQueryError(
             f"fan-out failed on shard(s) {_names(failed)}"

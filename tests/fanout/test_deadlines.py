@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -33,9 +34,10 @@ from shardkit import HashRing, HashRingRouter
 from shardkit.errors import FanoutTimeoutError, ShardQueryError
 from shardkit.fanout import run_parallel
 from shardkit.fanout._connect import pg_socket_options
+from shardkit.fanout._execute import ABANDONED_PER_LANE
 
 from ..conftest import MYSQL_URL, PG_URL, DatabaseFactory, require_server
-from ..faults import tcp_proxy
+from ..faults import TcpProxy, tcp_proxy
 from .deadline_probe import PROXIED, RING_SHARDS, STALL, Base, User
 
 pytestmark = pytest.mark.postgres
@@ -138,6 +140,80 @@ def test_exhausted_pool(direct: dict[str, str]) -> None:
 
 
 # ------------------------------------------------------------------- in this process
+
+
+ROUNDS = 60
+QUICK = 0.25  # the deadline of the fan-outs in a row: 60 of them take 15 s, half a pool_timeout
+
+
+def _fanout_workers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if re.fullmatch(r"shardkit-fanout-\d+", t.name)]
+
+
+@pytest.mark.parametrize("fault", ["pool", "connect"])
+def test_one_sick_shard_does_not_starve_the_others(direct: dict[str, str], fault: str) -> None:
+    """60 fan-outs in a row, each faster than the sick shard gives up (SQLAlchemy's default
+    pool_timeout of 30 s; libpq's connect_timeout of 2 s at least): every one answers within
+    deadline + 0.5 s with the healthy shards' rows and the sick shard missing, and the
+    threads stay bounded (review of issue 10: from the 33rd fan-out on, every fan-out used
+    to fail on every shard, its workers all blocked in the sick shard's checkout)."""
+    pg = make_url(direct[PROXIED])
+    proxy = TcpProxy((pg.host or "127.0.0.1", pg.port or 5432), max_connections=4 * ROUNDS)
+    databases: dict[str, Any] = dict(direct)
+    databases[PROXIED] = {
+        "ENGINE": "postgresql",
+        "NAME": pg.database,
+        "USER": pg.username,
+        "PASSWORD": pg.password,
+        "HOST": "127.0.0.1",
+        "PORT": proxy.port,
+        # pool: one connection, no overflow, SQLAlchemy's pool_timeout (30 s)
+        "ENGINE_OPTIONS": {"pool_size": 1, "max_overflow": 0} if fault == "pool" else {},
+    }
+    cluster = shardkit.Cluster(databases, routers=[HashRingRouter(HashRing(RING_SHARDS))])
+    hog = None
+    try:
+        stmt = select(User).order_by(User.id)
+        with cluster.session() as s:
+            assert len(s.scalars(stmt).all()) == N_USERS  # warm: compiled, pools filled
+        if fault == "pool":
+            hog = cluster.engine(PROXIED).connect()
+            hog.exec_driver_sql("SELECT 1")
+        else:
+            cluster.engine(PROXIED).dispose()
+            proxy.blackhole()
+        workers_before = len(_fanout_workers())
+        most_workers = 0
+        healthy = ids_on("s0", "s1")
+        quick = stmt.execution_options(shardkit_deadline=QUICK, shardkit_partial=True)
+        for round_ in range(ROUNDS):
+            with cluster.session() as s:
+                started = time.monotonic()
+                result = s.execute(quick)
+                elapsed = time.monotonic() - started
+                rows = [u.id for u in result.scalars()]
+                missing = {a: f"{type(e).__name__}: {e}" for a, e in result.errors.items()}  # type: ignore[attr-defined]
+            most_workers = max(most_workers, len(_fanout_workers()))
+            assert elapsed < QUICK + SLACK, f"round {round_}: answered after {elapsed:.3f}s"
+            assert rows == healthy and list(missing) == [PROXIED], f"round {round_}: {missing}"
+        # a running fan-out's 3 tasks, the sick shard's capped abandoned workers, one released
+        # waiter; idle workers are reused
+        assert most_workers <= workers_before + 3 + ABANDONED_PER_LANE + 1, (workers_before, most_workers)
+        proxy.restore()
+        if hog is not None:
+            hog.close()
+        give_up = time.monotonic() + 10  # the last abandoned connects end within connect_timeout
+        while time.monotonic() < give_up and cluster.engine(PROXIED).pool.checkedout():  # type: ignore[attr-defined]
+            time.sleep(0.05)
+        with cluster.session() as s:  # and the shard works again
+            result = s.execute(stmt.execution_options(shardkit_deadline=5.0))
+            assert [u.id for u in result.scalars()] == list(range(1, N_USERS + 1))
+        assert all(cluster.engine(a).pool.checkedout() == 0 for a in RING_SHARDS)  # type: ignore[attr-defined]
+    finally:
+        if hog is not None:
+            hog.close()
+        cluster.dispose()
+        proxy.close()
 
 
 def test_exhausted_pool_without_deadline_is_a_shard_error(direct: dict[str, str]) -> None:
