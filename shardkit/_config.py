@@ -62,6 +62,8 @@ _DJANGO_KEYS = frozenset(
     }
 )  # fmt: skip
 _SHARDKIT_KEYS = frozenset({"ENGINE_OPTIONS"})
+# ENGINE_OPTIONS create_engine() takes as numbers without checking them.
+_NUMERIC_ENGINE_OPTIONS = frozenset({"pool_size", "max_overflow", "pool_timeout", "pool_recycle"})
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,28 @@ class AliasSpec:
         options.update(self.engine_options)
         if self.connect_args:
             options["connect_args"] = {**options.get("connect_args", {}), **self.connect_args}
-        return create_engine(self.url, **options)
+        for key in _NUMERIC_ENGINE_OPTIONS.intersection(self.engine_options):
+            value = self.engine_options[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(
+                    f"DATABASES[{self.alias!r}]: ENGINE_OPTIONS[{key!r}] must be a number, got {type(value).__name__}",
+                    alias=self.alias,
+                    key=key,
+                )
+        try:
+            return create_engine(self.url, **options)
+        except (TypeError, ValueError, KeyError, AttributeError, ArgumentError) as exc:
+            # A bad ENGINE_OPTIONS value or key (create_engine's own TypeError names the key);
+            # the driver's message is left out should it ever hold the password.
+            detail = f"{type(exc).__name__}: {exc}"
+            password = self.url.password
+            leaks = bool(password) and str(password) in detail
+            given = ", ".join(sorted(map(str, self.engine_options))) or "none"
+            raise ConfigError(
+                f"DATABASES[{self.alias!r}]: cannot create its engine (ENGINE_OPTIONS: {given}): "
+                + (type(exc).__name__ if leaks else detail.splitlines()[0]),
+                alias=self.alias,
+            ) from (None if leaks else exc)
 
 
 def _drivername(alias: str, engine: Any) -> str:
