@@ -43,7 +43,7 @@ from sqlalchemy.sql.elements import ClauseElement
 from . import _events
 from ._cluster import Cluster, get_active_cluster
 from ._relations import django_lead, relation_error
-from ._session import _DB, _USING, ShardSession, current_session, db_of
+from ._session import _DB, _USING, ShardSession, current_session, db_of, link_opinion
 from .errors import CrossDatabaseQueryError, RouterError, ShardkitError, UnsavedObjectError
 
 if TYPE_CHECKING:
@@ -315,6 +315,17 @@ class _Criteria:
 
 def _str_or_none(target: Any) -> str | None:
     return target if isinstance(target, str) else None
+
+
+def _link_db(prop: Any, instance: Any) -> str:
+    """Where a related manager writes ``instance``'s link rows of ``prop``: as the flush does,
+    ``db_for_write(<link table>, instance=instance)``, else the instance's database."""
+    target = link_opinion(_cluster().router, prop, instance)
+    if target is None:
+        target = db_of(instance) or _cluster().router.default
+    if not isinstance(target, str):
+        raise ShardkitError(f"db_for_write gave several aliases for the link rows of {prop}", model=type(instance))
+    return target
 
 
 def _write_db(model: Any, instance: Any) -> str:
@@ -1030,7 +1041,7 @@ class RelatedManager(Manager[Any]):
     def add(self, *objs: Any, bulk: bool = True) -> None:
         """Relate ``objs`` to the instance now (Django's ``add``)."""
         if self.prop.secondary is not None:
-            using = _write_db(self.prop.secondary, self.instance)
+            using = _link_db(self.prop, self.instance)
             for obj in objs:
                 self._check_relation(obj)
             self._m2m_write("add", using, objs)
@@ -1118,7 +1129,7 @@ class RelatedManager(Manager[Any]):
     def remove(self, *objs: Any, bulk: bool = True) -> None:
         """Unrelate ``objs`` from the instance now (a nullable foreign key is set to NULL)."""
         if self.prop.secondary is not None:
-            using = _write_db(self.prop.secondary, self.instance)
+            using = _link_db(self.prop, self.instance)
             self._m2m_write("remove", using, objs)
             return
         self._require_nullable("remove")
@@ -1133,7 +1144,7 @@ class RelatedManager(Manager[Any]):
     def clear(self, bulk: bool = True) -> None:
         """Unrelate every related object now."""
         if self.prop.secondary is not None:
-            using = _write_db(self.prop.secondary, self.instance)
+            using = _link_db(self.prop, self.instance)
             self._m2m_write("clear", using, ())
             return
         self._require_nullable("clear")
@@ -1167,7 +1178,7 @@ class RelatedManager(Manager[Any]):
         """Make ``objs`` exactly the related objects (Django's ``set``)."""
         objs = list(objs)
         if self.prop.secondary is not None:
-            using = _write_db(self.prop.secondary, self.instance)
+            using = _link_db(self.prop, self.instance)
             if clear:
                 self.clear()
                 self.add(*objs)

@@ -412,7 +412,7 @@ class ShardSession(Session):
         if self.pinned is not None:
             alias = self.pinned
         else:
-            target = self.cluster.router.write_opinion(prop.secondary, instance=state.obj())
+            target = link_opinion(self.cluster.router, prop, state.obj())
             if target is None:
                 alias = (
                     self._flush_aliases.get(state)
@@ -1096,6 +1096,31 @@ def _secondary_props(mapper: Mapper[Any]) -> tuple[Any, ...]:
         props = tuple(r for r in mapper.relationships if r.secondary is not None and not r.viewonly)
         _SECONDARY_CACHE[mapper] = props
     return props
+
+
+def link_opinion(router: Any, prop: Any, owner: Any) -> Any:
+    """What the routers say about the link rows of ``owner``'s many-to-many ``prop``:
+    ``db_for_write(<link table>, instance=owner)``, as Django asks.  A router that shards the
+    link table itself by the owner's key (``shard_keys={"links": "owner_id"}``) cannot read that
+    key from the owner: it is then shown the link row's owner columns (``db_for_write_rows``);
+    if that gives no answer either, the router's error stands."""
+    try:
+        return router.write_opinion(prop.secondary, instance=owner)
+    except ShardkitError:
+        owner_mapper = prop.parent
+        row = {
+            str(sec.key): getattr(owner, owner_mapper.get_property_by_column(col).key)
+            for col, sec in prop.synchronize_pairs
+        }
+        if None in row.values():
+            raise
+        try:
+            aliases = router.db_for_write_rows(prop.secondary, [row])
+        except ShardkitError:
+            aliases = None
+        if not aliases:
+            raise
+        return aliases[0]
 
 
 def _has_primary_key(state: InstanceState[Any]) -> bool:

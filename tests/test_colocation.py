@@ -297,3 +297,24 @@ def test_related_managers_keep_children_and_link_rows_with_their_owner(
     assert first.pinned.count() == 0
     assert first.notes.update(text="changed") == 1
     assert Note.objects.get(member_id=first.id).text == "changed"
+
+
+def test_a_link_table_sharded_by_its_owners_key(
+    make_urls: Callable[..., dict[str, str]], ring: shardkit.HashRing
+) -> None:
+    # the link table declares its own shard key, the owner's column: its rows hash with the owner
+    router = shardkit.HashRingRouter(ring, shard_keys={"favorites": "customer_id"})
+    cluster = shardkit.Cluster(make_urls("default", *SHARDS), routers=[LinkTables(), router])
+    cluster.create_all(Base)
+    with cluster.session(expire_on_commit=False) as s:
+        people = [Customer(name=f"k{i}", orders=[Purchase(id=700 + i)]) for i in range(8)]
+        s.add_all(people)
+        s.commit()
+        for person in people:
+            person.favorites.extend(person.orders)
+        s.commit()
+    for alias in SHARDS:
+        rows = on_shard(cluster, alias, "SELECT customer_id FROM favorites")
+        assert all(ring.get(customer_id) == alias for (customer_id,) in rows)  # type: ignore[arg-type]
+    assert sum(len(on_shard(cluster, a, "SELECT 1 FROM favorites")) for a in SHARDS) == 8
+    cluster.dispose()
