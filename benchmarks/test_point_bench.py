@@ -88,38 +88,42 @@ def world() -> Iterator[World]:
     with admin.connect() as conn:
         for name in names.values():
             conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_URL)
-    urls = {alias: url.set(database=name) for alias, name in names.items()}
-    ring = shardkit.HashRing(SHARDS)
-    pool = {"pool_size": THREADS, "max_overflow": 0}  # one connection per thread on every side
-    databases = {
-        a: {
-            "ENGINE": "postgresql",
-            "NAME": urls[a].database,
-            "USER": urls[a].username,
-            "HOST": urls[a].host,
-            "PORT": urls[a].port,
-            "ENGINE_OPTIONS": pool,
-        }
-        for a in ["default", *SHARDS]
-    }
-    cluster = shardkit.Cluster(databases, routers=[shardkit.HashRingRouter(ring)])
-    cluster.create_all(Base)
-    single = create_engine(urls["single"], **pool)
-    Base.metadata.create_all(single)
-    rows = [{"id": i, "name": f"user{i}", "score": i % 1000} for i in range(1, N + 1)]
-    with single.begin() as conn:
-        conn.execute(PUser.__table__.insert(), rows)
-    with cluster.session() as s:
-        s.execute(insert(PUser), rows)  # ORM bulk insert: routed row by row
-        s.commit()
-    world = World(cluster, ring, single)
-    world.owner_engine = {k: cluster.engine(ring.get(k)) for k in KEYS}
+    cluster: shardkit.Cluster | None = None
+    single: Engine | None = None
     try:
+        url = make_url(PG_URL)
+        urls = {alias: url.set(database=name) for alias, name in names.items()}
+        ring = shardkit.HashRing(SHARDS)
+        pool = {"pool_size": THREADS, "max_overflow": 0}  # one connection per thread on every side
+        databases = {
+            a: {
+                "ENGINE": "postgresql",
+                "NAME": urls[a].database,
+                "USER": urls[a].username,
+                "HOST": urls[a].host,
+                "PORT": urls[a].port,
+                "ENGINE_OPTIONS": pool,
+            }
+            for a in ["default", *SHARDS]
+        }
+        cluster = shardkit.Cluster(databases, routers=[shardkit.HashRingRouter(ring)])
+        cluster.create_all(Base)
+        single = create_engine(urls["single"], **pool)
+        Base.metadata.create_all(single)
+        rows = [{"id": i, "name": f"user{i}", "score": i % 1000} for i in range(1, N + 1)]
+        with single.begin() as conn:
+            conn.execute(PUser.__table__.insert(), rows)
+        with cluster.session() as s:
+            s.execute(insert(PUser), rows)  # ORM bulk insert: routed row by row
+            s.commit()
+        world = World(cluster, ring, single)
+        world.owner_engine = {k: cluster.engine(ring.get(k)) for k in KEYS}
         yield world
     finally:
-        cluster.dispose()
-        single.dispose()
+        if cluster is not None:
+            cluster.dispose()
+        if single is not None:
+            single.dispose()
         with admin.connect() as conn:
             for name in names.values():
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
