@@ -38,6 +38,13 @@ HOSTILE: dict[str, tuple[dict[str, Any], str]] = {
         "covers more than",
     ),
     "300 shards x 65536 vnodes": ({"shards": {f"s{i}": 1 for i in range(300)}, "vnodes": 65536}, "points"),
+    # 63 bytes: accepted by the old limit of 2**21 points, it cost ~2 s and 220 MB in every process
+    "two shards of weight 16 at 65536 vnodes": (
+        {"mode": "ring", "vnodes": 65536, "shards": {"a": 16, "b": 16}},
+        "points",
+    ),
+    "32 shards x 65536 vnodes": ({"mode": "ring", "vnodes": 65536, "shards": [f"s{i}" for i in range(32)]}, "points"),
+    "2**24 buckets (the old limit)": ({"mode": "buckets", "buckets": 1 << 24, "shards": ["a", "b"]}, "buckets"),
     "one shard with a huge weight": ({"shards": {"s0": 1e12}, "vnodes": 1024}, "ring points"),
     "too many shards": ({"shards": [f"s{i}" for i in range(MAX_SHARDS + 1)], "vnodes": 1}, "shards"),
     "too many buckets": ({"mode": "buckets", "buckets": 2**40, "shards": ["a"]}, "buckets"),
@@ -91,6 +98,61 @@ def test_the_constructor_and_add_check_totals_too(monkeypatch: pytest.MonkeyPatc
     assert ring.version == before and "one-too-many" not in ring  # nothing changed
     with pytest.raises(ConfigError, match="characters"):
         HashRing(["ok"]).add("y" * (MAX_ALIAS_LENGTH + 1))
+
+
+def test_small_layouts_past_the_limits_are_refused_in_milliseconds() -> None:
+    """Issue 10 (review): a layout of a few dozen bytes may not cost more than a few milliseconds to refuse."""
+    for name in (
+        "two shards of weight 16 at 65536 vnodes",
+        "32 shards x 65536 vnodes",
+        "2**24 buckets (the old limit)",
+    ):
+        layout, match = HOSTILE[name]
+        assert len(json.dumps(layout)) < 300
+        took = []
+        for _ in range(3):  # the best of three: a check that allocates nothing, timed on a shared machine
+            start = time.perf_counter()
+            with pytest.raises(ConfigError, match=match):
+                HashRing.from_dict(layout)
+            took.append(time.perf_counter() - start)
+        assert min(took) < 0.02, f"{name}: refusing took {min(took) * 1000:.1f} ms"
+
+
+_AT_THE_LIMIT = """
+import json, resource, sys, time
+from shardkit.ring import HashRing
+layout = json.loads(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+ring = HashRing.from_dict(layout)
+took = time.perf_counter() - start
+grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+print(json.dumps({"took": took, "grew": grew, "npoints": ring.npoints}))
+"""
+
+
+def cost_of(layout: dict[str, Any]) -> dict[str, float]:
+    """Time and memory growth of loading ``layout`` in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, "-c", _AT_THE_LIMIT, json.dumps(layout)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_the_costliest_small_layouts_that_load_are_bounded() -> None:
+    """The most a tiny accepted layout can cost: a ring of MAX_POINTS points, a table of MAX_BUCKETS buckets."""
+    ring = cost_of({"mode": "ring", "vnodes": 65536, "shards": {"a": 8, "b": 8}})  # 61 bytes, exactly MAX_POINTS
+    assert ring["npoints"] == MAX_POINTS
+    assert ring["took"] < 10, ring  # about 1 s on an idle machine (it was 2.5 s and 220 MB)
+    assert ring["grew"] < 80 * 2**20, ring  # about 40 MB (it was 216 MB for twice the points)
+    # a real large cluster: 1000 shards at the default 1024 vnodes ("weight" multiplies the vnodes)
+    cluster = cost_of({"mode": "ring", "shards": {f"shard-{i:04d}": 1 for i in range(1000)}})
+    assert cluster["npoints"] == 1000 * 1024 and cluster["took"] < 10, cluster
+    buckets = cost_of({"mode": "buckets", "buckets": MAX_BUCKETS, "shards": ["a", "b"]})
+    assert buckets["npoints"] == MAX_BUCKETS
+    assert buckets["took"] < 1, buckets  # tens of milliseconds
+    assert buckets["grew"] < 40 * 2**20, buckets
 
 
 def test_layouts_at_the_limits_still_load() -> None:
