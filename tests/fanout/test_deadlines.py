@@ -38,7 +38,7 @@ from shardkit.fanout._execute import ABANDONED_PER_LANE
 
 from ..conftest import MYSQL_URL, PG_URL, DatabaseFactory, require_server
 from ..faults import TcpProxy, tcp_proxy
-from .deadline_probe import PROXIED, RING_SHARDS, STALL, Base, User
+from .deadline_probe import AFTER, PROXIED, RING_SHARDS, STALL, Base, User
 
 pytestmark = pytest.mark.postgres
 
@@ -107,9 +107,27 @@ def check_attempts(attempts: list[dict[str, Any]], stage: str) -> None:
         assert a["invalidated"]["s0"] == a["invalidated"]["s1"] == 0, a
         # and the shard works again once the network does
         assert a["after_rows"] == list(range(1, N_USERS + 1)) and a["after_complete"] is True
-    gaps = [round(a["max_gap"] * 1000, 1) for a in attempts]
-    # the ticker sleeps 5 ms; a cancel that holds the GIL on a black hole stalls it for seconds
-    assert min(a["max_gap"] for a in attempts) < STALL, f"largest ticker gaps (ms) per attempt: {gaps}"
+    check_stalls(attempts)
+
+
+def check_stalls(attempts: list[dict[str, Any]]) -> None:
+    """No thread stalled more than 50 ms in any attempt, from the start of the fan-out until
+    0.5 s after it returned: the ticker's largest gap then exceeds its largest gap in the
+    baseline (the same process, nothing running, just before) by less than 50 ms.  A cancel
+    that holds the GIL on a black hole stalls it for seconds."""
+    gaps = [(round(a["baseline_gap"] * 1000, 1), round(a["max_gap"] * 1000, 1)) for a in attempts]
+    for a in attempts:
+        if a["baseline_gap"] >= STALL:
+            pytest.fail(
+                f"this machine is too loaded to check the 50 ms stall contract: with NO fan-out "
+                f"running, a thread of the probe waited {a['baseline_gap'] * 1000:.0f} ms between two "
+                f"5 ms sleeps (baseline, fan-out) gaps in ms per attempt: {gaps}"
+            )
+        excess = a["max_gap"] - a["baseline_gap"]
+        assert excess < STALL, (
+            f"a thread stalled {excess * 1000:.0f} ms beyond the machine's own noise during the fan-out "
+            f"or the {AFTER}s after it (partial={a['partial']}); (baseline, fan-out) gaps in ms: {gaps}"
+        )
 
 
 def test_black_holed_statement(direct: dict[str, str]) -> None:
