@@ -1,31 +1,41 @@
 """Commits across shards: two-phase commit with a decision log, and ordered plain commits.
 
-With ``Cluster(cross_shard_writes="twophase")``, a commit that wrote to more
-than one alias runs:
+With ``Cluster(cross_shard_writes="twophase")``, a commit whose transaction holds several
+connections first asks each PostgreSQL one whether its transaction wrote anything
+(``txid_current_if_assigned()``: a transaction that inserted, updated, deleted, locked rows
+or changed the schema has a transaction id, however the statement was sent: ORM, Core,
+``text()``, ``session.connection().execute()``).  Those that did are the *participants*;
+the others (and any other alias known to be only read from) are committed first, one by one.
+Then, with two participants or more:
 
-1. ``PREPARE TRANSACTION 'shardkit_<txid>_<n>_<i>'`` on every written alias
-   (participant ``i`` of ``n``; any failure: every prepared one is rolled back,
-   the commit raises the error);
-2. the decision, a row with ``txid`` in ``shardkit_twophase_log`` on the
+1. ``PREPARE TRANSACTION 'shardkit_<txid>_<n>_<i>'`` on every participant (``i`` of
+   ``n``; any failure: every prepared one is rolled back, the commit raises the error);
+2. the decision, a row ``(txid, decision='commit')`` in ``shardkit_twophase_log`` on the
    ``default`` alias, committed on its own connection;
-3. ``COMMIT PREPARED`` on every alias that can be reached, then the log row is
-   deleted.  If some cannot, :class:`~shardkit.errors.TwoPhaseCommitError` says
-   the decision (commit), which aliases are done and which ones recovery will finish.
+3. ``COMMIT PREPARED`` on every participant that can be reached, then the log row is
+   deleted.  If some cannot, :class:`~shardkit.errors.TwoPhaseCommitError` says the
+   decision (commit), which aliases are done and which ones recovery will finish.
 
-A crash or a failed ``COMMIT PREPARED`` can leave prepared transactions *in
-doubt*: they hold their locks until resolved.  :func:`recover` resolves them by
-presumed abort: a transaction whose decision row exists is committed everywhere
-at once, any other is rolled back everywhere once it is older than ``min_age``
-seconds (a younger one may belong to a commit still in progress), so no write
-is ever half applied.  Only GIDs of exactly shardkit's format are touched.
+A crash or a failed ``COMMIT PREPARED`` can leave prepared transactions *in doubt*: they
+hold their locks until resolved.  :func:`recover` resolves them by presumed abort: a
+transaction whose commit decision is logged is committed everywhere at once; any other is
+rolled back once it is older than ``min_age`` seconds, but only after recovery has written
+an *abort* decision for it under the same key (``txid``).  The log's primary key makes the
+two decisions exclusive: a committer that stalled past ``min_age`` and tries to log COMMIT
+after recovery logged ABORT fails, rolls back and raises; a recovery that finds COMMIT
+already logged commits instead of rolling back.  An abort row is kept for
+:data:`ABORT_RETENTION` seconds after its transaction is gone, so a committer stalled that
+long still finds it.  ``COMMIT PREPARED`` answering "no such GID" (SQLSTATE 42704) is
+never taken as done: the participant's transaction status is asked for.  Only GIDs of
+exactly shardkit's format are touched.
 
-PostgreSQL needs ``max_prepared_transactions`` above zero for this; every
-written alias must be PostgreSQL (checked before anything is written).
+PostgreSQL needs ``max_prepared_transactions`` above zero for this; every participant must
+be PostgreSQL (checked before anything is committed).
 
-With ``cross_shard_writes="allow"``, :class:`CommitOrder` makes a commit over
-several connections commit them one by one in the order of DATABASES, and a
-failure part way raise :class:`~shardkit.errors.PartialCommitError` naming the
-aliases that committed and those that did not.
+With ``cross_shard_writes="allow"``, :class:`CommitOrder` makes a commit over several
+connections commit them one by one in the order of DATABASES, and a failure part way raise
+:class:`~shardkit.errors.PartialCommitError` naming the aliases that committed and those
+that did not.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ from __future__ import annotations
 import contextlib
 import re
 import uuid
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -48,10 +60,11 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    literal,
     select,
     text,
 )
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
 
 from .errors import (
     CrossShardWriteError,
@@ -62,17 +75,25 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection
+    from sqlalchemy.engine import Connection, Engine
 
     from ._cluster import Cluster
     from ._session import ShardSession
 
-__all__ = ["CommitOrder", "InDoubt", "make_gid", "parse_gid", "recover", "two_phase_commit"]
+__all__ = ["ABORT_RETENTION", "CommitOrder", "InDoubt", "make_gid", "parse_gid", "recover", "two_phase_commit"]
 
 GID_PREFIX = "shardkit_"
 #: ``shardkit_<txid: 32 hex digits>_<participants>_<index>``, and nothing else
 _GID_RE = re.compile(r"shardkit_(?P<txid>[0-9a-f]{32})_(?P<count>[1-9][0-9]{0,5})_(?P<index>0|[1-9][0-9]{0,5})")
 _PG_UNDEFINED_OBJECT = "42704"  # COMMIT/ROLLBACK PREPARED of a GID that no longer exists
+
+#: Seconds an abort decision stays in the log after its last prepared transaction is gone.  A
+#: committer that stalled before logging COMMIT (for longer than recovery's ``min_age``) must
+#: still find the abort row when its INSERT finally arrives; a TCP connection gives up long before.
+ABORT_RETENTION = 3600.0
+
+COMMIT = "commit"
+ABORT = "abort"
 
 _metadata = MetaData()
 twophase_log = Table(
@@ -81,6 +102,9 @@ twophase_log = Table(
     Column("txid", String(32), primary_key=True),
     Column("aliases", String(2000), nullable=False),
     Column("decided_at", DateTime(timezone=True), server_default=func.now()),
+    # 'commit' (written by the committer) or 'abort' (written by recovery, or by a committer
+    # that could not log its commit); one row per txid: the first decision wins
+    Column("decision", String(8), nullable=False, server_default=COMMIT),
 )
 
 
@@ -146,6 +170,73 @@ def _discard(conn: Connection) -> None:
         conn.invalidate()
 
 
+def _note(exc: BaseException, message: str) -> None:
+    """Say which alias failed, and what the databases hold, on an error raised as the driver gave it."""
+    with contextlib.suppress(Exception):
+        exc.add_note(f"shardkit: {message}")
+
+
+# -- the decision log -----------------------------------------------------------------------
+
+_log_ready: weakref.WeakSet[Engine] = weakref.WeakSet()  # engines whose log table has every column
+
+
+def _ensure_log(engine: Engine) -> None:
+    """Create the decision log on ``engine``, or add the ``decision`` column to an older one.
+
+    Runs in a transaction of its own (remembered per engine only once committed).
+    """
+    if engine in _log_ready:
+        return
+    try:
+        with engine.begin() as conn:
+            found = inspect(conn)
+            if not found.has_table(twophase_log.name):
+                twophase_log.create(conn)
+            elif "decision" not in {col["name"] for col in found.get_columns(twophase_log.name)}:
+                # written by an older shardkit: every row it holds is a commit decision
+                conn.execute(
+                    text(f"ALTER TABLE {twophase_log.name} ADD COLUMN decision VARCHAR(8) DEFAULT 'commit' NOT NULL")
+                )
+    except Exception:
+        with engine.connect() as conn:  # another process made it meanwhile?
+            found = inspect(conn)
+            if not found.has_table(twophase_log.name) or "decision" not in {
+                col["name"] for col in found.get_columns(twophase_log.name)
+            }:
+                raise
+    _log_ready.add(engine)
+
+
+def _read_decision(engine: Engine, txid: str) -> str | None:
+    with engine.connect() as conn:
+        found = conn.execute(select(twophase_log.c.decision).where(twophase_log.c.txid == txid)).scalar_one_or_none()
+    return None if found is None else str(found)
+
+
+def _record_abort(cluster: Cluster, txid: str, aliases: list[str]) -> tuple[str, bool]:
+    """Log ABORT for ``txid`` unless a decision is logged already: ``(decision in the log, written here)``.
+
+    The primary key makes it one decision per txid: whoever inserts first decides.
+    """
+    engine = cluster.engine()
+    _ensure_log(engine)
+    for _attempt in range(3):
+        try:
+            with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":  # a committer's INSERT in flight holds the key
+                    conn.exec_driver_sql("SET LOCAL lock_timeout = '10s'")
+                conn.execute(insert(twophase_log).values(txid=txid, aliases=",".join(aliases), decision=ABORT))
+            return ABORT, True
+        except IntegrityError:
+            pass
+        found = _read_decision(engine, txid)
+        if found is not None:
+            return found, False
+        # the row was deleted between the two statements (its transaction is finished): again
+    raise ShardkitError(f"two-phase transaction {txid}: its decision keeps changing in the log", txid=txid)
+
+
 # -- the steps of a two-phase commit (module functions: one place each) -------------------
 
 
@@ -154,9 +245,11 @@ def _prepare(conn: Connection, gid: str) -> None:
 
 
 def _log_decision(cluster: Cluster, txid: str, aliases: list[str]) -> None:
-    with cluster.engine().begin() as conn:
-        twophase_log.create(conn, checkfirst=True)
-        conn.execute(insert(twophase_log).values(txid=txid, aliases=",".join(aliases)))
+    """Log COMMIT for ``txid``; :class:`~sqlalchemy.exc.IntegrityError` if recovery logged ABORT first."""
+    engine = cluster.engine()
+    _ensure_log(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(twophase_log).values(txid=txid, aliases=",".join(aliases), decision=COMMIT))
 
 
 def _finish_prepared(cluster: Cluster, alias: str, gid: str, verb: str) -> None:
@@ -170,26 +263,47 @@ def _forget_decision(cluster: Cluster, txid: str) -> None:
         conn.execute(delete(twophase_log).where(twophase_log.c.txid == txid))
 
 
-def two_phase_commit(session: ShardSession, aliases: list[str]) -> None:
-    """Prepare every alias, log the decision, commit every prepared transaction.
+def _assigned_xid(conn: Connection) -> int | None:
+    """The transaction id of ``conn``'s transaction if it wrote anything (PostgreSQL), else ``None``."""
+    found = conn.exec_driver_sql("SELECT txid_current_if_assigned()").scalar()
+    return None if found is None else int(found)
+
+
+def _xact_status(cluster: Cluster, alias: str, xid: int | None) -> str | None:
+    """'committed', 'aborted' or 'in progress' for ``xid`` on ``alias``; ``None`` if it cannot be told."""
+    if xid is None:
+        return None
+    try:
+        with _autocommit(cluster, alias) as conn:
+            found = conn.execute(text("SELECT txid_status(:xid)"), {"xid": xid}).scalar()
+    except Exception:
+        return None
+    return None if found is None else str(found)
+
+
+def two_phase_commit(
+    session: ShardSession, participants: list[tuple[str, Connection]], xids: dict[str, int] | None = None
+) -> None:
+    """Prepare every participant, log the decision, commit every prepared transaction.
+
+    ``participants`` are ``(alias, connection)`` pairs, one per connection; ``xids`` the
+    transaction id of each (from :func:`_assigned_xid`), used to tell what became of a
+    prepared transaction that vanished.
 
     Before the decision is logged, any failure rolls back every prepared transaction and
-    is raised as it came.  Once it is logged the transaction *is* committed: every alias
-    that can be reached gets ``COMMIT PREPARED`` even if another fails, then
+    is raised as it came.  If two-phase recovery logged ABORT first (this commit stalled
+    longer than its ``min_age``), everything is rolled back and
+    :class:`~shardkit.errors.TwoPhaseCommitError` with ``decision == "abort"`` is raised.
+    Once COMMIT is logged the transaction *is* committed: every alias that can be reached
+    gets ``COMMIT PREPARED`` even if another fails, then
     :class:`~shardkit.errors.TwoPhaseCommitError` names those done and those left prepared
     for :func:`recover` (which commits them at once, whatever ``min_age``).
     """
     cluster = session.cluster
-    check_twophase_aliases(cluster, set(aliases))
-    held = {id(conn.engine): conn for conn in _held_connections(session)}
-    conns: dict[str, Connection] = {}
-    for alias in aliases:  # two aliases sharing one engine share one connection: one participant
-        conn = held[id(cluster.engine(alias))]
-        if all(known is not conn for known in conns.values()):
-            conns[alias] = conn
+    conns = dict(participants)
     aliases = list(conns)
-    if len(aliases) < 2:
-        return  # one database after all: its plain COMMIT is atomic
+    xids = dict(xids or {})
+    check_twophase_aliases(cluster, set(aliases))
     txid = uuid.uuid4().hex
     # the alias is not in the GID (it may hold any character); its position is
     gids = {alias: make_gid(txid, len(aliases), i) for i, alias in enumerate(aliases)}
@@ -199,56 +313,108 @@ def two_phase_commit(session: ShardSession, aliases: list[str]) -> None:
             attempted.append(alias)  # a PREPARE that failed may still have happened on the server
             try:
                 _prepare(conns[alias], gids[alias])
-            except BaseException:
+            except BaseException as exc:
                 _discard(conns[alias])
+                _note(exc, f"PREPARE TRANSACTION failed on {alias!r}; rolled back on every alias, nothing committed")
                 raise
     except BaseException:
         _roll_back_prepared(cluster, attempted, gids)
         raise
     try:
         _log_decision(cluster, txid, aliases)
-    except BaseException as exc:
-        # The decision's COMMIT may have reached 'default' before the failure.  Only once its
-        # absence is certain may the participants be rolled back; else a participant that
-        # cannot be rolled back would be committed by recovery while the others were not.
-        try:
-            with cluster.engine().begin() as conn:
-                if inspect(conn).has_table(twophase_log.name):  # else it was never written
-                    conn.execute(delete(twophase_log).where(twophase_log.c.txid == txid))
-        except Exception:
-            raise TwoPhaseCommitError(
-                f"two-phase commit {txid}: logging the decision on 'default' failed ({_brief(exc)}) and "
-                f"whether it was written cannot be checked: {', '.join(aliases)} stay prepared, holding their "
-                "locks, until 'shardkit twophase recover' can read 'default': it commits them if the decision "
-                "was written, else rolls them back",
-                decision="unknown",
-                txid=txid,
-                committed=[],
-                not_committed=list(aliases),
-                errors={"default": exc},
-            ) from exc
-        _roll_back_prepared(cluster, aliases, gids)
-        raise
+    except Exception as exc:
+        _settle_unlogged(cluster, txid, aliases, gids, exc)  # raises unless COMMIT was logged after all
+    _commit_prepared(cluster, txid, aliases, gids, conns, xids)
+
+
+def _settle_unlogged(cluster: Cluster, txid: str, aliases: list[str], gids: dict[str, str], exc: Exception) -> None:
+    """Logging COMMIT failed: find (or make) the decision, act on it; return only if it is COMMIT.
+
+    Whether the COMMIT row reached ``default`` is unknown, and recovery may be at work: only
+    once ABORT is the logged decision may the participants be rolled back (else a participant
+    that cannot be rolled back could be committed by recovery while the others were not).
+    """
+    try:
+        decision, ours = _record_abort(cluster, txid, aliases)
+    except Exception:
+        raise TwoPhaseCommitError(
+            f"two-phase commit {txid}: logging the decision on 'default' failed ({_brief(exc)}) and "
+            f"whether it was written cannot be checked: {', '.join(aliases)} stay prepared, holding their "
+            "locks, until 'shardkit twophase recover' can read 'default': it commits them if the decision "
+            "was written, else rolls them back",
+            decision="unknown",
+            txid=txid,
+            committed=[],
+            not_committed=list(aliases),
+            errors={"default": exc},
+        ) from exc
+    if decision == COMMIT:  # the COMMIT row did arrive: carry on as if its answer had
+        return
+    clean = _roll_back_prepared(cluster, aliases, gids)
+    if ours:
+        if clean:  # every participant is rolled back: nobody needs this abort row any more
+            with contextlib.suppress(Exception):
+                _forget_decision(cluster, txid)
+        _note(exc, f"logging the decision on 'default' failed; rolled back on {', '.join(aliases)}, nothing committed")
+        raise exc
+    raise TwoPhaseCommitError(
+        f"two-phase commit {txid}: not committed: two-phase recovery decided ABORT before this commit "
+        f"could log COMMIT on 'default' (it was prepared longer than recovery's min_age with no decision, "
+        f"'default' answered only after that); rolled back on {', '.join(aliases)}, nothing was committed",
+        decision=ABORT,
+        txid=txid,
+        committed=[],
+        not_committed=list(aliases),
+        errors={"default": exc},
+    ) from exc
+
+
+def _commit_prepared(
+    cluster: Cluster,
+    txid: str,
+    aliases: list[str],
+    gids: dict[str, str],
+    conns: dict[str, Connection],
+    xids: dict[str, int],
+) -> None:
     done: list[str] = []
     errors: dict[str, BaseException] = {}
+    reasons: dict[str, str] = {}
     for alias in aliases:
         try:
             _finish_prepared(cluster, alias, gids[alias], "COMMIT")
         except Exception as exc:
-            if _sqlstate(exc) != _PG_UNDEFINED_OBJECT:  # else recovery committed it already
+            if _sqlstate(exc) != _PG_UNDEFINED_OBJECT:
                 errors[alias] = exc
+                reasons[alias] = f"COMMIT PREPARED failed ({_brief(exc)}); it stays prepared"
                 _discard(conns[alias])
+                continue
+            # the prepared transaction is gone: finished by someone else.  Never assume how.
+            status = _xact_status(cluster, alias, xids.get(alias))
+            if status != "committed":
+                errors[alias] = exc
+                reasons[alias] = (
+                    "its prepared transaction was rolled back by someone else"
+                    if status == "aborted"
+                    else "its prepared transaction vanished and whether it committed cannot be told; check it"
+                )
                 continue
         done.append(alias)
     if errors:
         left = list(errors)
         first = errors[left[0]]
+        recoverable = [a for a in left if reasons[a].endswith("stays prepared")]
+        detail = "; ".join(f"{alias}: {reasons[alias]}" for alias in left)
+        tail = (
+            f"{', '.join(recoverable)} hold their locks until 'shardkit twophase recover' "
+            "(or cluster.recover_twophase()) commits them"
+            if recoverable
+            else "recovery cannot finish them"
+        )
         raise TwoPhaseCommitError(
             f"two-phase commit {txid}: the decision is COMMIT (logged on 'default'); committed on "
-            f"{', '.join(done) or 'no shard yet'}; COMMIT PREPARED failed on {', '.join(left)} "
-            f"({_brief(first)}): those stay prepared, holding their locks, until "
-            "'shardkit twophase recover' (or cluster.recover_twophase()) commits them",
-            decision="commit",
+            f"{', '.join(done) or 'no shard yet'}; not on {', '.join(left)} ({detail}); {tail}",
+            decision=COMMIT,
             txid=txid,
             committed=done,
             not_committed=left,
@@ -258,14 +424,36 @@ def two_phase_commit(session: ShardSession, aliases: list[str]) -> None:
         _forget_decision(cluster, txid)
 
 
-def _roll_back_prepared(cluster: Cluster, aliases: list[str], gids: dict[str, str]) -> None:
-    """ROLLBACK PREPARED on each alias, even if one of them fails (recovery rolls back what is left)."""
+def _roll_back_prepared(cluster: Cluster, aliases: list[str], gids: dict[str, str]) -> bool:
+    """ROLLBACK PREPARED on each alias, even if one of them fails (recovery rolls back what is left).
+
+    True if none is left prepared (rolled back here, or gone already).
+    """
+    clean = True
     for alias in aliases:
-        with contextlib.suppress(Exception):
+        try:
             _finish_prepared(cluster, alias, gids[alias], "ROLLBACK")
+        except Exception as exc:
+            if _sqlstate(exc) != _PG_UNDEFINED_OBJECT:
+                clean = False
+    return clean
 
 
-# -- cross_shard_writes="allow": one connection after the other, in a known order ---------------
+# -- the commit of a transaction over several connections ----------------------------------------
+
+
+def _listen_commit(conn: Connection, fn: Callable[[Connection], None]) -> None:
+    """``event.listen(conn, "commit", fn)``, also on SQLAlchemy 2.0 releases that refuse it for a
+    connection of an engine made by ``engine.execution_options()`` (its events are joined twice;
+    later releases accept it): there the listener is put on the connection's own events directly,
+    as ``event.listen`` itself would."""
+    try:
+        event.listen(conn, "commit", fn)
+    except InvalidRequestError:
+        from sqlalchemy.engine.events import ConnectionEvents
+        from sqlalchemy.event.registry import _EventKey
+
+        ConnectionEvents._listen(_EventKey(conn, "commit", fn, conn))
 
 
 class CommitOrder:
@@ -278,14 +466,16 @@ class CommitOrder:
     connection once there are two or more.  When SQLAlchemy commits the first of them (after
     ``before_commit`` listeners and the final flush ran, as usual), the hook:
 
-    * with ``cross_shard_writes="twophase"`` and several written aliases, runs
-      :func:`two_phase_commit` (SQLAlchemy's own COMMITs then find nothing left to do);
+    * with ``cross_shard_writes="twophase"``: commits first the connections that wrote
+      nothing (asked of PostgreSQL itself), then runs :func:`two_phase_commit` over those
+      that wrote, if there are two or more (else commits the one that wrote last);
     * otherwise commits every connection one by one, in a known order (aliases only read
       from first, then the written ones, each in the order of DATABASES); if one fails, the
       later ones are rolled back and :class:`~shardkit.errors.PartialCommitError` is raised
       (or, if nothing had committed yet, the driver's error, as SQLAlchemy would raise it).
 
-    One connection: nothing is hooked.  ``failed`` tells the session to roll back.
+    SQLAlchemy's own COMMITs then find nothing left to do.  One connection: nothing is
+    hooked.  ``failed`` tells the session to roll back.
     """
 
     __slots__ = ("_conns", "_fired", "_hooked", "failed", "session")
@@ -309,7 +499,7 @@ class CommitOrder:
         if len(self._conns) < 2:
             return
         for conn in self._conns[self._hooked :]:
-            event.listen(conn, "commit", self._on_commit)
+            _listen_commit(conn, self._on_commit)
         self._hooked = len(self._conns)
 
     def _on_commit(self, conn: Connection) -> None:
@@ -318,11 +508,10 @@ class CommitOrder:
         self._fired = True
         session = self.session
         try:
-            if session.cluster.cross_shard_writes != "twophase":
-                _commit_each(session)
-            elif len(session._tx_write_aliases) > 1:
-                two_phase_commit(session, sorted(session._tx_write_aliases))
-            # else one written alias: SQLAlchemy's own COMMITs are atomic enough
+            if session.cluster.cross_shard_writes == "twophase":
+                _commit_twophase(session)
+            else:
+                _commit_each(_transaction_connections(session))
         except BaseException:
             self.failed = True
             raise
@@ -361,8 +550,68 @@ def _transaction_connections(session: ShardSession) -> list[tuple[str, Connectio
     return sorted(found, key=lambda item: (item[0] in written, rank.get(item[0], len(rank))))
 
 
-def _commit_each(session: ShardSession) -> None:
+def _commit_twophase(session: ShardSession) -> None:
+    """``cross_shard_writes="twophase"``: split the connections by what they did, commit accordingly."""
     conns = _transaction_connections(session)
+    written = session._tx_write_aliases
+    readers: list[tuple[str, Connection]] = []
+    participants: list[tuple[str, Connection]] = []
+    xids: dict[str, int] = {}
+    for position, (alias, conn) in enumerate(conns):
+        if conn.dialect.name == "postgresql":
+            try:  # the server knows whether this transaction wrote, however the write was sent
+                xid = _assigned_xid(conn)
+            except Exception as exc:
+                _discard(conn)
+                _roll_back_each(conns[:position] + conns[position + 1 :])
+                _note(exc, f"the commit failed on {alias!r} before any alias committed; rolled back on every alias")
+                raise
+            if xid is None:
+                readers.append((alias, conn))
+            else:
+                participants.append((alias, conn))
+                xids[alias] = xid
+        elif alias in written:  # another database: only the writes shardkit routed are known
+            participants.append((alias, conn))
+        else:
+            readers.append((alias, conn))
+    if len(participants) > 1:
+        check_twophase_aliases(session.cluster, {alias for alias, _ in participants})
+    for position, (alias, conn) in enumerate(readers):  # they wrote nothing: a failure loses nothing
+        try:
+            conn.dialect.do_commit(conn.connection)
+        except Exception as exc:
+            _discard(conn)
+            _roll_back_each(readers[position + 1 :] + participants)
+            error = _as_dbapi_error(conn, exc)
+            _note(
+                error,
+                f"the commit failed on {alias!r} (it wrote nothing) before any write was committed; "
+                "rolled back on every alias that wrote",
+            )
+            raise error from None
+    if len(participants) > 1:
+        two_phase_commit(session, participants, xids)
+    elif participants:  # one database wrote: its plain COMMIT is atomic
+        alias, conn = participants[0]
+        try:
+            conn.dialect.do_commit(conn.connection)
+        except Exception as exc:
+            _discard(conn)
+            error = _as_dbapi_error(conn, exc)
+            _note(error, f"the commit failed on {alias!r}, the only alias this transaction wrote to")
+            raise error from None
+
+
+def _roll_back_each(conns: list[tuple[str, Connection]]) -> None:
+    for _, conn in conns:
+        try:
+            conn.dialect.do_rollback(conn.connection)
+        except Exception:
+            _discard(conn)
+
+
+def _commit_each(conns: list[tuple[str, Connection]]) -> None:
     committed: list[str] = []
     for position, (alias, conn) in enumerate(conns):
         try:
@@ -370,18 +619,19 @@ def _commit_each(session: ShardSession) -> None:
         except Exception as exc:
             _discard(conn)
             rest = conns[position + 1 :]
-            for _, later in rest:
-                try:
-                    later.dialect.do_rollback(later.connection)
-                except Exception:
-                    _discard(later)
+            _roll_back_each(rest)
             error = _as_dbapi_error(conn, exc)
-            if not committed:
-                raise error from None
             rolled_back = [name for name, _ in rest]
+            if not committed:
+                _note(
+                    error,
+                    f"the commit failed on {alias!r}, the first alias committed; "
+                    f"{'rolled back on ' + ', '.join(rolled_back) if rolled_back else 'nothing else to roll back'}",
+                )
+                raise error from None
             raise PartialCommitError(
                 f"commit failed on {alias!r} ({_brief(error)}) after {', '.join(committed)} had committed "
-                f"(cross_shard_writes='allow' commits one alias after the other); "
+                f"(the aliases are committed one after the other); "
                 f"{'rolled back on ' + ', '.join(rolled_back) if rolled_back else 'no alias was left to roll back'}. "
                 f"The databases now disagree: {', '.join(committed)} hold this transaction's writes, "
                 f"{', '.join([alias, *rolled_back])} do not (unless {alias!r} applied its COMMIT before the "
@@ -418,8 +668,13 @@ def recover(cluster: Cluster, *, min_age: float = 60.0, dry_run: bool = False) -
 
     Only prepared transactions whose GID shardkit wrote are ever touched (the whole GID is
     checked: see :func:`parse_gid`); another application's are left alone.  A transaction
-    whose decision is logged is committed at once; one with no decision is rolled back once
-    it has been prepared for ``min_age`` seconds.
+    whose commit decision is logged is committed at once.  One with no decision is rolled
+    back once it has been prepared for ``min_age`` seconds, after an abort decision is logged
+    for it: a committer still trying to log COMMIT then fails and rolls back too, and if its
+    COMMIT was logged first, the transaction is committed instead.
+
+    Decision rows are removed once no prepared transaction needs them: a commit decision
+    ``min_age`` seconds old, an abort decision :data:`ABORT_RETENTION` seconds old.
 
     An alias that cannot be reached (or fails while resolving) does not stop the others:
     every other alias is resolved, then :class:`~shardkit.errors.TwoPhaseRecoveryError`
@@ -450,27 +705,36 @@ def recover(cluster: Cluster, *, min_age: float = 60.0, dry_run: bool = False) -
             scans.append((alias, _scan(cluster, alias, min_age)))
         except Exception as exc:
             errors[alias] = exc
-    decided: set[str] = set()
-    settled: set[str] = set()  # decisions old enough that no commit can still be running on them
     try:
-        with cluster.engine().connect() as conn:
-            if inspect(conn).has_table(twophase_log.name):
-                for txid, decided_at in conn.execute(select(twophase_log.c.txid, twophase_log.c.decided_at)):
-                    decided.add(txid)
-                    if decided_at is None or _age_seconds(decided_at) >= min_age:
-                        settled.add(txid)
+        decisions = _read_log(cluster, upgrade=not dry_run)
     except Exception as exc:  # without the decisions nothing can be resolved safely
         errors["default"] = exc
         raise _recovery_error(errors, []) from exc
+    # undecided transactions old enough to roll back: log ABORT for each first (or learn it was
+    # decided meanwhile); the participants found of each are recorded with it
+    found_on: dict[str, list[str]] = {}
+    overdue: set[str] = set()
+    for alias, rows in scans:
+        for _gid, txid, old in rows:
+            found_on.setdefault(txid, []).append(alias)
+            if old and txid not in decisions:
+                overdue.add(txid)
+    if not dry_run:
+        for txid in sorted(overdue):
+            try:
+                decisions[txid] = (_record_abort(cluster, txid, found_on[txid])[0], 0.0)
+            except Exception as exc:
+                errors["default"] = exc  # undecided it stays: rolled back by a later run
     found: list[InDoubt] = []
     pending: set[str] = set()  # txids that still have a prepared transaction somewhere
     for alias, rows in scans:
         try:
             with _autocommit(cluster, alias) as conn:
-                for gid, txid, old in rows:
-                    if txid in decided:
+                for gid, txid, _old in rows:
+                    logged = decisions.get(txid)
+                    if logged is not None and logged[0] == COMMIT:
                         action = "commit"  # decided: at once, whatever its age
-                    elif old:
+                    elif (logged is not None and logged[0] == ABORT) or (dry_run and txid in overdue):
                         action = "rollback"
                     else:
                         pending.add(txid)  # no decision yet: its commit may still be running
@@ -483,21 +747,47 @@ def recover(cluster: Cluster, *, min_age: float = 60.0, dry_run: bool = False) -
                             conn.exec_driver_sql(f"{verb} PREPARED {_gid_literal(gid)}")
                         except DBAPIError as exc:
                             if _sqlstate(exc) != _PG_UNDEFINED_OBJECT:
+                                pending.add(txid)
                                 raise
                             continue  # resolved meanwhile, by its own commit or another recovery
                     found.append(InDoubt(alias, gid, txid, action))
         except Exception as exc:
             errors[alias] = exc
     if not dry_run and not errors:  # with an alias unscanned, a decision may still be needed there
-        finished = settled - pending
+        keep_abort = max(float(min_age), ABORT_RETENTION)
+        finished = sorted(
+            txid
+            for txid, (decision, age) in decisions.items()
+            if txid not in pending and age >= (min_age if decision == COMMIT else keep_abort)
+        )
         if finished:
             try:
                 with cluster.engine().begin() as conn:
-                    conn.execute(delete(twophase_log).where(twophase_log.c.txid.in_(sorted(finished))))
+                    conn.execute(delete(twophase_log).where(twophase_log.c.txid.in_(finished)))
             except Exception as exc:
                 errors["default"] = exc
     if errors:
         raise _recovery_error(errors, found) from next(iter(errors.values()))
+    return found
+
+
+def _read_log(cluster: Cluster, *, upgrade: bool) -> dict[str, tuple[str, float]]:
+    """txid -> (decision, age in seconds) of every row of the decision log on ``default``."""
+    engine = cluster.engine()
+    with engine.connect() as conn:
+        if not inspect(conn).has_table(twophase_log.name):
+            return {}
+    if upgrade:
+        _ensure_log(engine)  # a log written by an older shardkit gets its decision column
+    with engine.connect() as conn:
+        columns = {col["name"] for col in inspect(conn).get_columns(twophase_log.name)}
+        # a log an older shardkit wrote (read by a dry run) holds commit decisions only
+        decision: Any = twophase_log.c.decision if "decision" in columns else literal(COMMIT)
+        query = select(twophase_log.c.txid, twophase_log.c.decided_at, decision)
+        found: dict[str, tuple[str, float]] = {}
+        for txid, decided_at, outcome in conn.execute(query):
+            age = float("inf") if decided_at is None else _age_seconds(decided_at)
+            found[txid] = (str(outcome), age)
     return found
 
 

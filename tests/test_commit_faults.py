@@ -500,3 +500,314 @@ def test_twophase_covers_writes_made_by_the_commits_own_flush(shards: Shards, mo
     cluster.dispose()
     assert len(prepared) == 3  # a, b and c are all participants of the one atomic commit
     assert shards.rows("c") == [(3, "audit")]
+
+
+# -- two-phase recovery racing a commit that stalls (issue 10 review) -----------------------------
+
+
+def log_decisions(url: str) -> list[tuple[str, str]]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        found = [tuple(r) for r in conn.execute(text("SELECT txid, decision FROM shardkit_twophase_log"))]
+    engine.dispose()
+    return found  # type: ignore[return-value]
+
+
+def test_recovery_during_a_stalled_decision_aborts_it_and_the_commit_raises(
+    shards: Shards, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'default' stalls while the COMMIT decision is being logged, longer than recovery's min_age;
+    recovery presumes abort meanwhile.  The commit must not report success: it used to log COMMIT
+    when 'default' came back, take 42704 at COMMIT PREPARED for done, and return with no row anywhere."""
+    import threading
+    import time
+
+    direct = shards.add("default", "a", "b")
+    urls = {**direct, "default": proxied_url(direct["default"], proxy)}
+    cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    with cluster.session() as s:  # the log exists, 'default' has a pooled connection through the proxy
+        write(s, "a", 100)
+        write(s, "b", 101)
+        s.commit()
+    stalled = threading.Event()
+    log_decision = _twophase._log_decision
+
+    def stall_then_log(*args: Any) -> None:
+        proxy.blackhole()  # from now on 'default' holds every byte until restored
+        stalled.set()
+        log_decision(*args)
+
+    monkeypatch.setattr(_twophase, "_log_decision", stall_then_log)
+    outcome: dict[str, BaseException] = {}
+
+    def committer() -> None:
+        try:
+            with cluster.session() as s:
+                write(s, "a", 1)
+                write(s, "b", 2)
+                s.commit()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=committer, daemon=True)
+    thread.start()
+    try:
+        assert stalled.wait(20), "the commit never reached its decision"
+        assert len(shards.prepared("a")) == len(shards.prepared("b")) == 1
+        time.sleep(0.6)  # both prepared for longer than min_age
+        recovering = shardkit.Cluster(direct, cross_shard_writes="twophase")  # recovery does reach 'default'
+        resolved = recovering.recover_twophase(min_age=0.3)
+        assert sorted((d.alias, d.action) for d in resolved) == [("a", "rollback"), ("b", "rollback")]
+        txid = resolved[0].txid
+        assert log_decisions(direct["default"]) == [(txid, "abort")]  # logged before anything was rolled back
+    finally:
+        proxy.restore()  # the stalled INSERT of COMMIT arrives now
+        thread.join(30)
+    assert not thread.is_alive()
+    error = outcome.get("error")
+    assert isinstance(error, TwoPhaseCommitError), repr(error)
+    assert (error.decision, error.committed, error.not_committed) == ("abort", [], ["a", "b"])
+    assert error.txid == txid and "nothing was committed" in str(error)
+    assert shards.rows("a") == [(100, "on a")] and shards.rows("b") == [(101, "on b")]  # only the warm-up rows
+    assert shards.prepared("a") == shards.prepared("b") == []
+    # the abort decision outlives its transaction, for a committer stalled even longer; then it goes
+    assert recovering.recover_twophase(min_age=0) == []
+    assert log_decisions(direct["default"]) == [(txid, "abort")]
+    engine = create_engine(direct["default"])
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE shardkit_twophase_log SET decided_at = decided_at - make_interval(secs => :s)"),
+            {"s": _twophase.ABORT_RETENTION + 1},
+        )
+    engine.dispose()
+    assert recovering.recover_twophase(min_age=0) == []
+    assert log_decisions(direct["default"]) == []
+    recovering.dispose()
+    monkeypatch.undo()
+    cluster.dispose()
+
+
+def test_recovery_after_the_decision_commits_and_the_commit_succeeds(
+    shards: Shards, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reverse race: COMMIT is logged, then recovery runs before the committer's COMMIT PREPARED,
+    which finds the GIDs gone (42704): it asks each shard what became of its transaction."""
+    urls = shards.add("default", "a", "b")
+    recovering = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    log_decision = _twophase._log_decision
+    resolved: list[Any] = []
+
+    def log_then_recover(*args: Any) -> None:
+        log_decision(*args)
+        resolved.extend(recovering.recover_twophase(min_age=0))
+
+    monkeypatch.setattr(_twophase, "_log_decision", log_then_recover)
+    cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    with cluster.session() as s:
+        write(s, "a", 1)
+        write(s, "b", 2)
+        s.commit()  # no error: every shard is committed, by recovery
+    monkeypatch.undo()
+    cluster.dispose()
+    recovering.dispose()
+    assert sorted((d.alias, d.action) for d in resolved) == [("a", "commit"), ("b", "commit")]
+    assert shards.rows("a") == [(1, "on a")] and shards.rows("b") == [(2, "on b")]
+    assert shards.prepared("a") == shards.prepared("b") == []
+    assert log_decisions(urls["default"]) == []
+
+
+def test_a_vanished_prepared_transaction_is_never_counted_as_committed(
+    shards: Shards, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMMIT PREPARED answers 42704 (no such GID) because someone else rolled it back: not done."""
+    urls = shards.add("default", "a", "b")
+    log_decision = _twophase._log_decision
+
+    def log_then_lose_b(cluster: shardkit.Cluster, txid: str, aliases: list[str]) -> None:
+        log_decision(cluster, txid, aliases)
+        engine = create_engine(urls["b"], isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:  # an operator's ROLLBACK PREPARED, by hand
+            conn.exec_driver_sql(f"ROLLBACK PREPARED {_literal(make_gid(txid, 2, 1))}")
+        engine.dispose()
+
+    monkeypatch.setattr(_twophase, "_log_decision", log_then_lose_b)
+    cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    with cluster.session() as s:
+        write(s, "a", 1)
+        write(s, "b", 2)
+        with pytest.raises(TwoPhaseCommitError) as caught:
+            s.commit()
+        s.rollback()
+    monkeypatch.undo()
+    cluster.dispose()
+    error = caught.value
+    assert (error.decision, error.committed, error.not_committed) == ("commit", ["a"], ["b"])
+    assert "rolled back by someone else" in str(error)
+    assert shards.rows("a") == [(1, "on a")] and shards.rows("b") == []
+
+
+def test_recovery_that_read_no_decision_rechecks_under_the_key_before_rolling_back(
+    shards: Shards, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A COMMIT logged after recovery read the log: recovery's ABORT meets the key and commits instead."""
+    urls = shards.add("default", "a", "b")
+    assert crash_at("after_decision", urls) == -9  # prepared on both, COMMIT logged
+    monkeypatch.setattr(_twophase, "_read_log", lambda cluster, upgrade: {})  # a read from just before
+    cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    resolved = cluster.recover_twophase(min_age=0)
+    cluster.dispose()
+    assert sorted((d.alias, d.action) for d in resolved) == [("a", "commit"), ("b", "commit")]
+    assert shards.rows("a") == [(1, "on a")] and shards.rows("b") == [(2, "on b")]
+    assert log_decisions(urls["default"]) == []  # committed everywhere: the decision is no longer needed
+
+
+def test_a_decision_log_written_by_an_older_shardkit_is_upgraded(shards: Shards) -> None:
+    urls = shards.add("default", "a", "b")
+    engine = create_engine(urls["default"])
+    with engine.begin() as conn:  # the log as it was: no decision column, every row a COMMIT
+        conn.exec_driver_sql(
+            "CREATE TABLE shardkit_twophase_log (txid VARCHAR(32) PRIMARY KEY, aliases VARCHAR(2000) NOT NULL, "
+            "decided_at TIMESTAMP WITH TIME ZONE DEFAULT now())"
+        )
+        conn.exec_driver_sql("INSERT INTO shardkit_twophase_log (txid, aliases) VALUES ('0' || repeat('f', 31), 'a,b')")
+    engine.dispose()
+    cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    assert cluster.recover_twophase(min_age=0, dry_run=True) == []  # a dry run reads it as it is
+    with cluster.session() as s:
+        write(s, "a", 1)
+        write(s, "b", 2)
+        s.commit()
+    assert cluster.recover_twophase(min_age=3600) == []
+    cluster.dispose()
+    assert log_decisions(urls["default"]) == [("0" + "f" * 31, "commit")]
+    assert shards.rows("a") == [(1, "on a")] and shards.rows("b") == [(2, "on b")]
+
+
+# -- writes shardkit does not route itself: text(), a shard's connection ------------------------
+
+
+def _text_write(session: shardkit.ShardSession, alias: str, row_id: int) -> None:
+    session.execute(
+        text("INSERT INTO notes (id, body) VALUES (:id, :body)").execution_options(shardkit_using=alias),
+        {"id": row_id, "body": f"on {alias}"},
+    )
+
+
+def _connection_write(session: shardkit.ShardSession, alias: str, row_id: int) -> None:
+    conn = session.connection(bind_arguments={"shard_id": alias})
+    conn.execute(insert(notes).values(id=row_id, body=f"on {alias}"))
+
+
+WRITERS = {"text": _text_write, "connection": _connection_write}
+
+
+@pytest.mark.parametrize("how", sorted(WRITERS))
+def test_twophase_covers_writes_shardkit_did_not_route(
+    shards: Shards, proxy: TcpProxy, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    from sqlalchemy import event
+
+    direct = shards.add("default", "a", "b")
+    urls = {**direct, "b": proxied_url(direct["b"], proxy)}
+    cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    writer = WRITERS[how]
+    # b's link dies as the commit starts: nothing may be committed anywhere
+    with cluster.session() as s:
+        writer(s, "a", 1)
+        writer(s, "b", 2)
+        event.listen(s, "before_commit", lambda session: proxy.cut())
+        with pytest.raises(OperationalError) as caught:
+            s.commit()
+        s.rollback()
+    assert any("'b'" in note for note in getattr(caught.value, "__notes__", []))
+    assert shards.rows("a") == [] and shards.prepared("a") == []
+    proxy.restore()
+    # b's link dies once the decision is logged: a is committed, b is left to recovery, which commits it
+    prepared: list[str] = []
+    prepare = _twophase._prepare
+    log_decision = _twophase._log_decision
+    monkeypatch.setattr(_twophase, "_prepare", lambda conn, gid: (prepared.append(gid), prepare(conn, gid)))
+    monkeypatch.setattr(_twophase, "_log_decision", lambda *args: (log_decision(*args), proxy.cut()))
+    with cluster.session() as s:
+        writer(s, "a", 3)
+        writer(s, "b", 4)
+        with pytest.raises(TwoPhaseCommitError) as failed:
+            s.commit()
+        s.rollback()
+    monkeypatch.undo()
+    cluster.dispose()
+    assert len(prepared) == 2  # both shards took part in the two-phase commit
+    assert (failed.value.committed, failed.value.not_committed) == (["a"], ["b"])
+    proxy.restore()
+    recovering = shardkit.Cluster(direct, cross_shard_writes="twophase")
+    assert [(d.alias, d.action) for d in recovering.recover_twophase(min_age=3600)] == [("b", "commit")]
+    recovering.dispose()
+    assert shards.rows("a") == [(3, "on a")] and shards.rows("b") == [(4, "on b")]
+
+
+@pytest.mark.parametrize("how", sorted(WRITERS))
+def test_allow_mode_names_the_shards_for_writes_shardkit_did_not_route(
+    shards: Shards, proxy: TcpProxy, how: str
+) -> None:
+    from sqlalchemy import event
+
+    direct = shards.add("default", "a", "b")
+    urls = {**direct, "b": proxied_url(direct["b"], proxy)}
+    cluster = shardkit.Cluster(urls)
+    with cluster.session() as s:
+        WRITERS[how](s, "b", 2)
+        WRITERS[how](s, "a", 1)
+        event.listen(s, "before_commit", lambda session: proxy.cut())
+        with pytest.raises(PartialCommitError) as caught:
+            s.commit()
+        s.rollback()
+    cluster.dispose()
+    assert (caught.value.committed, caught.value.not_committed) == (["a"], ["b"])
+    assert shards.rows("a") == [(1, "on a")]
+
+
+def test_twophase_does_not_prepare_a_shard_only_read_from(shards: Shards, monkeypatch: pytest.MonkeyPatch) -> None:
+    urls = shards.add("default", "a", "b", "c")
+    cluster = shardkit.Cluster(urls, cross_shard_writes="twophase")
+    prepared: list[str] = []
+    prepare = _twophase._prepare
+    monkeypatch.setattr(_twophase, "_prepare", lambda conn, gid: (prepared.append(gid), prepare(conn, gid)))
+    with cluster.session() as s:
+        _text_write(s, "a", 1)
+        assert s.execute(text("SELECT count(*) FROM notes").execution_options(shardkit_using="c")).scalar() == 0
+        s.commit()  # one writer: a plain COMMIT
+        _text_write(s, "a", 2)
+        _text_write(s, "b", 3)
+        s.execute(select(notes.c.id).execution_options(shardkit_using="c")).all()
+        s.commit()
+    cluster.dispose()
+    assert len(prepared) == 2 and {gid.rsplit("_", 2)[1] for gid in prepared} == {"2"}  # a and b, not c
+    assert shards.rows("a") == [(1, "on a"), (2, "on a")] and shards.rows("b") == [(3, "on b")]
+
+
+@pytest.mark.parametrize("mode", ["allow", "twophase"])
+def test_commit_over_engines_made_by_execution_options(
+    shards: Shards, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """DATABASES given as ``engine.execution_options(...)`` engines: the commit hook is placed on their
+    connections too (SQLAlchemy 2.0.30 refused ``event.listen(conn, "commit")`` on them: every commit
+    over two of them failed)."""
+    urls = shards.add("default", "a", "b")
+    engines = {alias: create_engine(url).execution_options(shardkit_test=alias) for alias, url in urls.items()}
+    cluster = shardkit.Cluster(engines, cross_shard_writes=mode)
+    taken_over: list[int] = []
+    commit_each = _twophase._commit_each
+    two_phase_commit = _twophase.two_phase_commit
+    monkeypatch.setattr(_twophase, "_commit_each", lambda conns: (taken_over.append(len(conns)), commit_each(conns)))
+    monkeypatch.setattr(
+        _twophase, "two_phase_commit", lambda *args: (taken_over.append(len(args[1])), two_phase_commit(*args))
+    )
+    with cluster.session() as s:
+        write(s, "a", 1)
+        write(s, "b", 2)
+        s.commit()
+    for engine in engines.values():
+        engine.dispose()
+    assert taken_over == [2]  # shardkit's ordered (or two-phase) commit ran, over both connections
+    assert shards.rows("a") == [(1, "on a")] and shards.rows("b") == [(2, "on b")]
+    assert shards.prepared("a") == shards.prepared("b") == []
