@@ -170,6 +170,10 @@ class TwoPhaseCommitError(CommitError):
     (their transactions stay prepared, locks held, until ``recover`` commits them).
     ``decision == "unknown"``: logging the decision failed and ``default`` could not be
     checked; every alias stays prepared until ``recover`` settles it by the log.
+    ``decision == "abort"``: two-phase recovery logged ABORT for this transaction before its
+    COMMIT could be logged (it stalled longer than recovery's ``min_age``); nothing is
+    committed anywhere (``committed`` is empty); every alias is rolled back (by recovery,
+    following the logged ABORT, where this commit could not).
 
     ``txid`` names the transaction in ``shardkit_twophase_log``; ``errors`` maps each alias
     that failed to its exception.
