@@ -453,8 +453,11 @@ class ShardSession(Session):
             # Nothing of a failed flush happened: a new object is not on the database it was
             # being routed to (db_of() must not say so), and the next flush decides afresh.
             for state in self._flush_aliases:
-                if state.key is None:
-                    state.identity_token = _info_get(state, _USING) or _info_get(state, _DB)
+                if state.key is None:  # save(using=) did not happen either
+                    info = state.__dict__.get("info")
+                    if info is not None:
+                        info.pop(_USING, None)
+                    state.identity_token = _info_get(state, _DB)
             self._flush_aliases.clear()
             self._link_aliases.clear()
             self._flush_conns.clear()

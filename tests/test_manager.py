@@ -347,3 +347,13 @@ def test_refresh_asks_db_for_read_with_the_instance_once(cluster: shardkit.Clust
     mocked.dispose()
     router.db_for_read.assert_called_once_with(Author, instance=author)
     assert author.name == "x"
+
+
+def test_db_of_after_a_failed_session_flush_is_where_the_object_was_before(cluster: shardkit.Cluster) -> None:
+    with cluster.session() as s:
+        book = Book(id=1, title="no author", author_id=None)  # NOT NULL: the INSERT fails
+        s.save(book, using="other")
+        with pytest.raises(IntegrityError):
+            s.commit()
+        s.rollback()
+        assert shardkit.db_of(book) is None  # it was never written to "other"
