@@ -853,6 +853,7 @@ class ShardSession(Session):
         """The alias of one row to insert, shown to the routers as a stand-in instance; the row is
         returned with any key a router filled in (a generated id)."""
         mapper = _mapper_of(model)
+        mapper._check_configure()  # a stand-in's attributes work only once the mappers are configured
         keys = _column_attr_keys(mapper)
         stand_in = mapper.class_manager.new_instance()
         st = instance_state(stand_in)

@@ -331,3 +331,36 @@ def test_multi_row_values_insert_refuses_a_bad_key_and_writes_nothing(
             s.execute(insert(Member).values([{"id": 1, "name": "ok"}, {"id": "abc", "name": "bad"}]))
         s.rollback()
     assert placement(cluster) == {}
+
+
+class ParityRouter:
+    """A Django-style router with no batch method: odd ids on s1, even on s2; an UPDATE spans both."""
+
+    def db_for_write(self, model: type, **hints: object) -> str | list[str] | None:
+        if model is not Member:
+            return None
+        instance = hints.get("instance")
+        if instance is not None:
+            return "s1" if instance.id % 2 else "s2"  # type: ignore[attr-defined]
+        if getattr(hints.get("statement"), "is_insert", False):
+            return None  # rows of an INSERT: asked one by one (a list here would copy them to both)
+        return ["s1", "s2"]
+
+    def db_for_read(self, model: type, **hints: object) -> str | list[str] | None:
+        return self.db_for_write(model, **hints)
+
+
+def test_bulk_forms_ask_a_router_without_a_batch_method_row_by_row(make_urls: Callable[..., dict[str, str]]) -> None:
+    cluster = shardkit.Cluster(make_urls("default", "s1", "s2"), routers=[ParityRouter()])
+    try:
+        cluster.create_all(Base)
+        with cluster.session() as s:
+            s.execute(insert(Member).values([{"id": i, "name": "v"} for i in range(1, 7)]))
+            s.execute(update(Member), [{"id": i, "name": f"u{i}"} for i in range(1, 5)])
+            s.commit()
+        for alias, parity in (("s1", 1), ("s2", 0)):
+            with cluster.engine(alias).connect() as conn:
+                rows = {i: n for i, n in conn.execute(text("SELECT id, name FROM members"))}
+            assert rows == {i: f"u{i}" if i <= 4 else "v" for i in range(1, 7) if i % 2 == parity}
+    finally:
+        cluster.dispose()
