@@ -850,8 +850,8 @@ class ShardSession(Session):
         return result
 
     def _route_row(self, model: type[Any], row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """The alias of one row to insert, shown to the routers as a stand-in instance; the row is
-        returned with any key a router filled in (a generated id)."""
+        """The alias of one row to write, shown to the routers as a stand-in instance; the row is
+        returned with any key a router filled in (a generated id) or converted (``"5"`` -> ``5``)."""
         mapper = _mapper_of(model)
         mapper._check_configure()  # a stand-in's attributes work only once the mappers are configured
         keys = _column_attr_keys(mapper)
@@ -863,8 +863,9 @@ class ShardSession(Session):
             raise RoutingError(f"db_for_write gave several aliases for one {model.__name__} row")
         for col_key, attr in keys.items():
             value = st.dict.get(attr)
-            if value is not None and _changed_value(row.get(col_key, row.get(attr)), value):
-                row = {**row, col_key: value}  # a key the routers filled in (or converted: "5" -> 5)
+            name = attr if attr in row and col_key not in row else col_key  # as the row names it
+            if value is not None and _changed_value(row.get(name), value):
+                row = {**row, name: value}  # a key the routers filled in (or converted: "5" -> 5)
         return alias, row
 
     def _bulk_insert(self, orm_context: ORMExecuteState, model: type[Any], rows: list[Any]) -> Result[Any]:
