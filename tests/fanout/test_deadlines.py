@@ -32,7 +32,7 @@ from sqlalchemy.engine import make_url
 import shardkit
 from shardkit import HashRing, HashRingRouter
 from shardkit.errors import FanoutTimeoutError, ShardQueryError
-from shardkit.fanout import run_parallel
+from shardkit.fanout import CallableTask, ShardTask, run_parallel
 from shardkit.fanout._connect import pg_socket_options
 from shardkit.fanout._execute import ABANDONED_PER_LANE
 
@@ -401,3 +401,49 @@ def test_a_hanging_cancel_does_not_hold_the_caller() -> None:
         run_parallel({"t": task}, deadline=0.2)
     assert time.monotonic() - started < 0.2 + SLACK
     assert task.released.wait(5)
+
+
+class Stuck:
+    """A task whose cancel() cannot stop it: it runs until ``release`` is set."""
+
+    stage = "stuck"
+
+    def __init__(self, lane: object, release: threading.Event) -> None:
+        self.lane = lane
+        self.release = release
+        self.started = threading.Event()
+
+    def run(self, remaining: float | None) -> int:
+        self.started.set()
+        self.release.wait(10)
+        return 1
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_a_lane_keeps_at_most_its_cap_of_abandoned_workers() -> None:
+    """Tasks given up on but still running count against their lane; past the cap the lane's
+    next tasks wait without a thread, the other lanes never wait, and once the stuck ones
+    return the lane runs again."""
+    sick, release = object(), threading.Event()
+    started: list[Stuck] = []
+    try:
+        for _ in range(ABANDONED_PER_LANE + 3):
+            task = Stuck(sick, release)
+            tasks: dict[str, ShardTask[int]] = {"sick": task, "ok": CallableTask(lambda t: 7)}
+            outcome = run_parallel(tasks, deadline=0.1, partial=True)
+            assert outcome.results == {"ok": 7} and list(outcome.errors) == ["sick"]
+            started.append(task)
+        ran = [t.started.is_set() for t in started]
+        assert ran == [True] * ABANDONED_PER_LANE + [False] * 3, ran
+        assert "not started: 4 worker(s) of earlier fan-outs still blocked" in str(outcome.errors["sick"])
+    finally:
+        release.set()
+    give_up = time.monotonic() + 5
+    while time.monotonic() < give_up:  # the stuck workers return; the lane is free again
+        outcome = run_parallel({"sick": CallableTask(lambda t: 1)}, deadline=0.5, partial=True)
+        if outcome.complete:
+            break
+        time.sleep(0.05)
+    assert outcome.results == {"sick": 1}
