@@ -132,15 +132,14 @@ _IDLE_KEPT = int(os.environ.get("SHARDKIT_FANOUT_THREADS", "0")) or max(32, 4 * 
 class _Item:
     """One task handed to :class:`_Workers`: its callable, its future, its lane."""
 
-    __slots__ = ("abandoned", "args", "finished", "fn", "future", "lane", "started", "waited")
+    __slots__ = ("abandoned", "args", "finished", "fn", "future", "lane", "waited")
 
     def __init__(self, lane: Hashable, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.lane = lane
         self.fn = fn
         self.args = args
         self.future: Future[Any] = Future()
-        self.started = False  # on a thread, running (under _Workers._lock)
-        self.finished = False
+        self.finished = False  # under _Workers._lock
         self.abandoned = False
         self.waited = False  # queued behind the lane's abandoned workers
 
@@ -167,7 +166,7 @@ class _Workers:
     def submit(self, lane: Hashable, fn: Callable[..., Any], *args: Any) -> _Item:
         item = _Item(lane, fn, args)
         with self._lock:
-            state = self._lanes.get(lane)
+            state = self._lanes.get(lane) if self._lanes else None
             if state is not None and state.abandoned >= ABANDONED_PER_LANE:
                 # Tasks given up on while waiting here (cancelled futures) go: the list stays
                 # as long as the fan-outs waiting at this moment.
@@ -188,7 +187,7 @@ class _Workers:
     def abandon(self, item: _Item) -> None:
         """The fan-out gave up on ``item``: if it is still running, count it against its lane."""
         with self._lock:
-            if not item.started or item.finished or item.abandoned:
+            if item.finished or item.abandoned or not item.future.running():
                 return
             item.abandoned = True
             self._lanes.setdefault(item.lane, _Lane()).abandoned += 1
@@ -211,8 +210,6 @@ class _Workers:
     def _run(self, item: _Item) -> _Item | None:
         """Run ``item``; returns a task of its lane that may start now, for this thread."""
         if item.future.set_running_or_notify_cancel():
-            with self._lock:
-                item.started = True
             try:
                 result = item.fn(*item.args)
             except BaseException as exc:  # the task's failure goes to its future, as in concurrent.futures
@@ -400,7 +397,7 @@ def run_parallel(
     late = [futures[f] for f in pending]
     for alias in late:
         queued = items.get(alias)
-        if queued is not None and workers is not None and queued.waited and not queued.started:
+        if queued is not None and workers is not None and queued.waited and not queued.future.running():
             blocked = workers.abandoned(queued.lane)
             stages[alias] = (
                 f" (not started: {blocked} worker(s) of earlier fan-outs still blocked on this shard)"
