@@ -21,7 +21,9 @@ Execution options (per statement, or per cluster as ``Cluster(deadline=, partial
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -29,14 +31,17 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event, nulls_first, nulls_last
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
-from sqlalchemy.sql import operators
+from sqlalchemy.orm.context import FromStatement
+from sqlalchemy.sql import operators, selectable
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.lambdas import StatementLambdaElement
 
 from .errors import ShardQueryError, UnsupportedQueryError
 from .fanout import FanoutPlan, merge_rows, pg_statement_timeout_sql, plan_select, run_parallel
+from .fanout._collation import effective, lookups, text_keys
 from .fanout._connect import ConnectionTask
 from .fanout._merge import null_is_larger
+from .fanout._plan import plan_from_statement
 from .fanout._threads import calling_thread_executor, thread_bound
 from .typing import ShardTargets
 
@@ -46,7 +51,32 @@ if TYPE_CHECKING:
 
     from ._session import ShardSession
 
-__all__ = ["ShardedResult", "execute_fanout", "shards_of"]
+__all__ = ["ShardedResult", "execute_fanout", "reads_rows", "shards_of"]
+
+#: First words of a textual statement that only reads (comments and parentheses skipped).
+_READING_WORDS = frozenset({"select", "values", "table", "show", "explain", "describe", "pragma"})
+_LEADING = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/|\()*", re.S)
+_WRITE_WORD = re.compile(r"\b(?:insert|update|delete|merge)\b", re.I)
+
+
+def reads_rows(statement: Any) -> bool:
+    """Whether a statement SQLAlchemy does not call a SELECT only reads: a ``from_statement()``
+    over a SELECT or over a textual SELECT (``SELECT``, ``VALUES``, a ``WITH`` that writes
+    nothing).  ``from_statement()`` over INSERT/UPDATE/DELETE ... RETURNING writes."""
+    if not isinstance(statement, FromStatement):
+        return False
+    element = statement.element
+    if isinstance(element, selectable.SelectBase):
+        return True
+    if isinstance(element, TextClause):
+        sql = element.text
+        lead = _LEADING.match(sql)
+        sql = sql[lead.end() :] if lead else sql
+        word = sql.split(None, 1)[0].lower() if sql else ""
+        if word == "with":
+            return _WRITE_WORD.search(sql) is None
+        return word in _READING_WORDS
+    return False
 
 
 class ShardedResult(IteratorResult[Any]):
@@ -146,9 +176,11 @@ def _runner(
     statement: Any,
     base_bind_args: dict[str, Any],
     deadline: float | None,
+    before: Callable[[Connection], None] | None = None,
 ) -> Callable[[Connection, float | None], Result[Any]]:
     """The body of ``alias``'s task: run its statement on the session's connection of the shard
-    (on PostgreSQL with the time left as ``statement_timeout``)."""
+    (on PostgreSQL with the time left as ``statement_timeout``); ``before`` first reads what the
+    merge needs to know of the shard (its text collations), once per engine."""
 
     def run(conn: Connection, remaining: float | None) -> Result[Any]:
         pg = conn.dialect.name == "postgresql"
@@ -156,6 +188,8 @@ def _runner(
         try:
             if remaining is not None and pg:
                 conn.exec_driver_sql(pg_statement_timeout_sql(remaining))
+            if before is not None:
+                before(conn)
             result = orm_context.invoke_statement(
                 statement=statement,
                 execution_options={"identity_token": alias, "autoflush": False},  # flushed by the caller
@@ -230,19 +264,27 @@ def _pin_null_order(
 
 def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
     """Run ``orm_context``'s statement on every alias of ``targets`` and merge the results."""
-    if isinstance(orm_context.statement, TextClause):
+    statement = orm_context.statement
+    if isinstance(statement, TextClause):
         return _text_fanout(session, orm_context, targets)
-    if not orm_context.is_select:
+    if isinstance(statement, FromStatement):
+        if not reads_rows(statement):
+            return _write_fanout(session, orm_context, targets)
+        # rows come back shard after shard (a textual statement has no merge plan)
+        plan = plan_from_statement(statement, shard_key_columns=targets.shard_key_columns)
+        shard_statements = {alias: plan.shard_statement for alias in targets.statements}
+    elif not orm_context.is_select:
         return _write_fanout(session, orm_context, targets)
-    statement = _resolved(orm_context.statement)
+    else:
+        statement = _resolved(statement)
+        plan = plan_select(statement, shard_key_columns=targets.shard_key_columns)
+        shard_statements = {
+            alias: plan.shard_statement
+            if stmt is None or stmt is orm_context.statement or stmt is statement
+            else plan_select(_resolved(stmt), shard_key_columns=targets.shard_key_columns).shard_statement
+            for alias, stmt in targets.statements.items()
+        }
     options = orm_context.execution_options
-    plan = plan_select(statement, shard_key_columns=targets.shard_key_columns)
-    shard_statements = {
-        alias: plan.shard_statement
-        if stmt is None or stmt is orm_context.statement or stmt is statement
-        else plan_select(_resolved(stmt), shard_key_columns=targets.shard_key_columns).shard_statement
-        for alias, stmt in targets.statements.items()
-    }
     dialect_name = session.cluster.spec(next(iter(shard_statements))).dialect_name
     shard_statements = _pin_null_order(session, shard_statements, plan, dialect_name)
     partial = bool(options.get("shardkit_partial", session.cluster.partial))
@@ -250,7 +292,7 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     # The session is not thread-safe: anything that changes it happens here, in the calling
     # thread, before the workers start: the autoflush the shard executions would each do, and
     # taking each shard's connection from the session's transaction.
-    if orm_context.load_options._autoflush:
+    if _load_options(orm_context)._autoflush:
         session._autoflush()
     # Getting each shard's connection counts against the deadline: a shard the session holds
     # no connection for yet is checked out (and maybe connected) in its worker, and the
@@ -261,9 +303,16 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     adopt = functools.partial(_adopt, session, session.info.setdefault(_ADOPTED, []))
     tasks: dict[str, ConnectionTask[Result[Any]]] = {}
     unreachable: dict[str, BaseException] = {}
+    # Text the merge compares (ORDER BY, MIN/MAX, GROUP BY/DISTINCT keys): each shard's
+    # collation of it, read once per engine by the shard's task when not yet known.
+    compared = text_keys(plan.text_exprs) if plan.text_exprs else ()
+    befores = {a: lookups(session.cluster.engine(a), compared) for a in shard_statements} if compared else {}
+    rules: dict[int, str] | None = None
+    if compared and not any(befores.values()):  # all known (the usual case): decide before running
+        rules = effective(compared, {a: session.cluster.engine(a) for a in shard_statements})
     for alias in shard_statements:
         engine = session.cluster.engine(alias)
-        body = _runner(orm_context, alias, shard_statements[alias], base_bind_args, deadline)
+        body = _runner(orm_context, alias, shard_statements[alias], base_bind_args, deadline, befores.get(alias))
         if _held_connection(session, engine) is None and not thread_bound(engine):
             tasks[alias] = ConnectionTask(alias, body, checkout=engine.connect, adopt=adopt)
             continue
@@ -293,6 +342,20 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     # offset+limit each: build ORM objects in small chunks, as the merge pulls rows,
     # so the rows it throws away are never turned into objects.
     merge = plan.merge
+    if compared and rules is None:
+        try:
+            rules = effective(compared, {a: session.cluster.engine(a) for a in answered})
+        except UnsupportedQueryError:
+            for part in outcome.results.values():
+                part.close()
+            raise
+    if rules:  # a SQLite NOCASE/RTRIM key, or text values to refuse when met
+        merge = dataclasses.replace(
+            merge,
+            sort_keys=tuple(
+                dataclasses.replace(k, text_rule=rules[i]) if i in rules else k for i, k in enumerate(merge.sort_keys)
+            ),
+        )
     lazy_chunk = (
         8 if merge.sort_keys and merge.limit is not None and merge.aggregate is None and not merge.distinct else None
     )
@@ -304,7 +367,7 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
         elif lazy_chunk is not None and "yield_per" not in options:
             shard_result = shard_result.yield_per(lazy_chunk)
         streams.append(shard_result)
-    rows = merge_rows(plan.merge, streams, dialect_name=dialect_name)
+    rows = merge_rows(merge, streams, dialect_name=dialect_name)
     result = ShardedResult(SimpleResultMetaData(plan.output_keys), rows)
     if streams:
         # What the ORM told the legacy Query about these rows ("is_single_entity": apply
@@ -312,7 +375,7 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
         attributes = streams[0]._attributes
         if plan.merge.row_width != len(plan.merge.output_positions) and "is_single_entity" in attributes:
             # the shards also sent hidden sort columns: say what the statement itself selects
-            single = plan.single_entity and not orm_context.load_options._only_return_tuples
+            single = plan.single_entity and not _load_options(orm_context)._only_return_tuples
             attributes = attributes.union({"is_single_entity": single})
         result._attributes = attributes
     result.shards = answered
@@ -320,6 +383,16 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     result.errors = {a: outcome.errors[a] for a in shard_statements if a in outcome.errors}
     result.plan = plan
     return result
+
+
+def _load_options(orm_context: ORMExecuteState) -> Any:
+    """The ORM load options (SQLAlchemy gives them only for what it calls a SELECT; a
+    from_statement() over text() reads too)."""
+    if orm_context.is_select:
+        return orm_context.load_options
+    from sqlalchemy.orm.context import QueryContext
+
+    return orm_context.execution_options.get("_sa_orm_load_options", QueryContext.default_load_options)
 
 
 def _resolved(statement: Any) -> Any:
@@ -354,7 +427,10 @@ def _write_fanout(session: ShardSession, orm_context: ORMExecuteState, targets: 
     """UPDATE / DELETE on several shards: each in the session's transaction, row counts summed."""
     total = 0
     parts = []
-    returning = bool(getattr(orm_context.statement, "_returning", ()))
+    # UPDATE/DELETE ... RETURNING, and from_statement() of any write (its rows are objects)
+    returning = bool(getattr(orm_context.statement, "_returning", ())) or isinstance(
+        orm_context.statement, FromStatement
+    )
     for alias, stmt in targets.statements.items():
         shard_result = session._invoke_on(orm_context, alias, stmt)
         total += int(getattr(shard_result, "rowcount", 0) or 0)

@@ -693,6 +693,11 @@ class ShardSession(Session):
             return router.db_for_read(model, **hints)
         if isinstance(statement, TextClause):  # text() given a shardkit_model: read like the model
             return router.db_for_read(model, **hints)
+        if not (orm_context.is_update or orm_context.is_delete or orm_context.is_insert):
+            from ._fanout import reads_rows
+
+            if reads_rows(statement):  # from_statement(text("SELECT ...")): SQLAlchemy's is_select is False
+                return router.db_for_read(model, **hints)
         return router.db_for_write(model, **hints)
 
     def _using_targets(self, value: Any) -> str | ShardTargets:

@@ -49,6 +49,7 @@ __all__ = [
     "AggregateSpec",
     "MergePlan",
     "PyExpr",
+    "Reduce",
     "SortKey",
     "merge_rows",
     "null_is_larger",
@@ -95,6 +96,10 @@ class SortKey:
     attribute: str | None = None
     """Read the value as ``getattr(row[position], attribute)``: an ORDER BY column of an ORM
     entity already in the row, so the shards need not send it twice (a wider sort is slower)."""
+    text_rule: str | None = None
+    """How a text value compares: ``None`` by code point; ``"nocase"`` / ``"rtrim"`` as SQLite's
+    collations of those names; ``"!<message>"``: under a collation the merge cannot reproduce,
+    a text value raises :class:`~shardkit.errors.UnsupportedQueryError` with that message."""
 
     def resolved_nulls_first(self, dialect_name: str) -> bool:
         if self.nulls_first is not None:
@@ -360,6 +365,38 @@ class AggregatePlan:
 
 
 @dataclass(frozen=True)
+class Reduce:
+    """The merged rows folded into the one row of an outer ``count(*)`` or ``EXISTS``.
+
+    ``kind``:
+
+    * ``"sum"``: every shard row holds a count; the answer is their sum;
+    * ``"count"``: the answer is the number of merged rows (groups, distinct rows);
+    * ``"any"``: every shard row holds an ``EXISTS``; the answer is their OR;
+    * ``"all"``: every shard row holds a ``NOT EXISTS``; the answer is their AND.
+
+    A count is then cut as ``LIMIT``/``OFFSET`` would cut the rows it counts:
+    ``max(0, min(limit, n - offset))``.
+    """
+
+    kind: str
+    offset: int = 0
+    limit: int | None = None
+
+    def __str__(self) -> str:
+        cut = ""
+        if self.offset or self.limit is not None:
+            cut = f" cut by OFFSET {self.offset} LIMIT {'ALL' if self.limit is None else self.limit}"
+        what = {
+            "sum": "sum of the shards' counts",
+            "count": "count of the merged rows",
+            "any": "OR of the shards' EXISTS",
+            "all": "AND of the shards' NOT EXISTS",
+        }[self.kind]
+        return f"reduce to one row: {what}{cut}"
+
+
+@dataclass(frozen=True)
 class MergePlan:
     """Everything :func:`merge_rows` needs; no SQLAlchemy inside.
 
@@ -371,6 +408,7 @@ class MergePlan:
     :param offset: rows skipped after merging.
     :param limit: rows kept after the offset, or ``None``.
     :param aggregate: the re-aggregation, or ``None`` for row mode.
+    :param reduce: fold the merged rows into one row (an outer ``count(*)`` or ``EXISTS``).
     """
 
     row_width: int
@@ -381,12 +419,14 @@ class MergePlan:
     limit: int | None = None
     aggregate: AggregatePlan | None = None
     notes: tuple[str, ...] = field(default=())
+    reduce: Reduce | None = None
 
     @property
     def is_concat(self) -> bool:
         """True when merging is plain concatenation of the shard streams."""
         return (
             self.aggregate is None
+            and self.reduce is None
             and not self.sort_keys
             and not self.distinct
             and self.offset == 0
@@ -424,6 +464,8 @@ class MergePlan:
         if self.offset or self.limit is not None:
             lines.append(f"OFFSET {self.offset} LIMIT {'ALL' if self.limit is None else self.limit}")
         lines.append(f"output positions {list(self.output_positions)}")
+        if self.reduce is not None:
+            lines.append(str(self.reduce))
         lines.extend(self.notes)
         return "\n".join(lines)
 
@@ -462,6 +504,8 @@ def _sort_key_function(sort_keys: Sequence[SortKey], dialect_name: str) -> Calla
     descending values are wrapped in :class:`_Desc`.  A NULL ranks 0 (first) or 2 (last)
     and carries ``None``, which is only ever compared with another NULL's ``None``.
     """
+    if any(k.text_rule is not None for k in sort_keys):
+        return _folding_key_function(sort_keys, dialect_name)
     spec = [(k.position, k.attribute, k.descending, k.resolved_nulls_first(dialect_name)) for k in sort_keys]
 
     def key(row: Sequence[Any]) -> tuple[Any, ...]:
@@ -477,6 +521,52 @@ def _sort_key_function(sort_keys: Sequence[SortKey], dialect_name: str) -> Calla
                 append(-v if isinstance(v, _NEGATABLE) else _Desc(v))
             else:
                 append(1)
+                append(v)
+        return tuple(parts)
+
+    return key
+
+
+def _text_fold(rule: str | None) -> Callable[[str], Any] | None:
+    if rule is None:
+        return None
+    if rule.startswith("!"):
+        message = rule[1:]
+
+        def refuse(value: str) -> Any:
+            raise UnsupportedQueryError(f"cannot run across shards: {message}", construct="text collation")
+
+        return refuse
+    if rule == "nocase":
+        table = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+        return lambda value: value.translate(table)
+    if rule == "rtrim":
+        return lambda value: value.rstrip(" ")
+    raise ValueError(f"unknown text rule {rule!r}")
+
+
+def _folding_key_function(sort_keys: Sequence[SortKey], dialect_name: str) -> Callable[[Sequence[Any]], Any]:
+    """:func:`_sort_key_function` with a text value first passed through its key's rule."""
+    spec = [
+        (k.position, k.attribute, k.descending, k.resolved_nulls_first(dialect_name), _text_fold(k.text_rule))
+        for k in sort_keys
+    ]
+
+    def key(row: Sequence[Any]) -> tuple[Any, ...]:
+        parts: list[Any] = []
+        append = parts.append
+        for position, attribute, descending, nulls_first, fold in spec:
+            v = row[position] if attribute is None else getattr(row[position], attribute)
+            if v is None:
+                append(0 if nulls_first else 2)
+                append(None)
+                continue
+            if fold is not None and isinstance(v, str):
+                v = fold(v)
+            append(1)
+            if descending:
+                append(-v if isinstance(v, _NEGATABLE) else _Desc(v))
+            else:
                 append(v)
         return tuple(parts)
 
@@ -643,7 +733,24 @@ def merge_rows(
     if plan.offset or plan.limit is not None:
         stop = None if plan.limit is None else plan.offset + plan.limit
         projected = itertools.islice(projected, plan.offset, stop)
+    if plan.reduce is not None:
+        return _reduced(plan.reduce, projected)
     return projected
+
+
+def _reduced(reduce: Reduce, rows: Iterator[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    kind = reduce.kind
+    if kind == "any":
+        yield (any(bool(r[0]) for r in rows),)
+        return
+    if kind == "all":
+        yield (all(bool(r[0]) for r in rows),)
+        return
+    n = sum(int(r[0] or 0) for r in rows) if kind == "sum" else sum(1 for _ in rows)
+    n = max(0, n - reduce.offset)
+    if reduce.limit is not None:
+        n = min(n, reduce.limit)
+    yield (n,)
 
 
 def _dedupe(rows: Iterator[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:

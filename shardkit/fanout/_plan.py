@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import func, inspect
+from sqlalchemy import func, inspect, select
 from sqlalchemy.sql import elements, functions, operators, selectable, sqltypes, visitors
 
 from shardkit.errors import InvalidCursorError, UnsupportedQueryError
@@ -57,6 +57,7 @@ from shardkit.fanout._merge import (
     Neg,
     Not,
     PyExpr,
+    Reduce,
     Ref,
     SortKey,
     ToFloat,
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
     from sqlalchemy.sql import Select
     from sqlalchemy.sql.elements import ColumnElement
 
-__all__ = ["FanoutPlan", "cursor_of", "keyset_page", "plan_select"]
+__all__ = ["FanoutPlan", "cursor_of", "keyset_page", "plan_from_statement", "plan_select"]
 
 SUPPORTED_AGGREGATES = frozenset({"count", "sum", "min", "max", "avg"})
 
@@ -390,6 +391,11 @@ class FanoutPlan:
     statement: Select[Any] = field(repr=False)
     mode: str = "concat"
     single_entity: bool = False
+    text_exprs: tuple[tuple[str, int, Any, str], ...] = ()
+    """``(role, index, expression, label)`` of what the merge compares: ``"order"`` (the
+    ``index``-th sort key), ``"minmax"`` (a MIN/MAX argument), ``"equal"`` (a GROUP BY key, a
+    DISTINCT column); the session checks the text ones' collations
+    (:mod:`shardkit.fanout._collation`)."""
 
     def explain(self, dialect: Dialect | str | None = None) -> str:
         """The rewritten shard SQL and the merge plan, readable.
@@ -444,6 +450,10 @@ def plan_select(stmt: Select[Any], *, shard_key_columns: Collection[ColumnElemen
         raise _refuse("FOR UPDATE", "locking rows on several shards")
     if stmt._fetch_clause is not None:
         raise _refuse("FETCH FIRST", "use LIMIT")
+    if len(stmt._raw_columns) == 1:  # count(*) over a subquery, EXISTS: one row from every shard's one row
+        wrapped = _plan_wrapped(stmt, shard_key_columns)
+        if wrapped is not None:
+            return wrapped
     if not (stmt._from_obj or stmt.columns_clause_froms or stmt._where_criteria):
         # (get_final_froms() would say the same, but compiles the statement to do it)
         raise _refuse("SELECT without FROM", "it would return one row per shard")
@@ -469,6 +479,167 @@ def plan_select(stmt: Select[Any], *, shard_key_columns: Collection[ColumnElemen
     if aggregated and not pushdown:
         return _plan_aggregate(stmt, elems, orders, group_by, keys, limit, offset)
     return _plan_rows(stmt, elems, orders, keys, limit, offset, distinct_on, pushdown)
+
+
+# --------------------------------------------------------------------------- from_statement()
+
+
+def plan_from_statement(stmt: Any, *, shard_key_columns: Collection[ColumnElement[Any]] = ()) -> FanoutPlan:
+    """Plan ``select(User).from_statement(...)`` / ``Query.from_statement(...)`` that reads.
+
+    Every shard runs the statement as it is and its rows come back shard after shard (in the
+    order of the target aliases): a textual statement cannot be parsed for a merge, so its
+    ``ORDER BY``/``LIMIT`` stay per shard.  Over a SELECT, a shape whose rows would need a merge
+    (ORDER BY, LIMIT/OFFSET, DISTINCT, GROUP BY, aggregates) is refused: select the entity
+    itself (``select(User).order_by(...)``) to get it merged.
+
+    :raises UnsupportedQueryError: a SELECT whose rows cannot simply be concatenated.
+    """
+    element = stmt.element
+    if isinstance(element, selectable.CompoundSelect):
+        raise _refuse("set operation (UNION / INTERSECT / EXCEPT)", "in from_statement()")
+    if isinstance(element, selectable.Select):
+        inner = plan_select(element, shard_key_columns=shard_key_columns)
+        if not inner.merge.is_concat:
+            raise _refuse(
+                f"from_statement() over a SELECT that needs a merge ({inner.mode})",
+                "its rows would only be concatenated; use select(Model) with the same "
+                "ORDER BY / LIMIT / DISTINCT / GROUP BY instead",
+            )
+    descriptions = stmt.column_descriptions
+    width = len(descriptions)
+    keys = tuple(str(d.get("name")) for d in descriptions)
+    merge = MergePlan(row_width=width, output_positions=tuple(range(width)))
+    first = descriptions[0] if descriptions else {}
+    single = width == 1 and first.get("entity") is not None and first.get("expr") is first.get("entity")
+    return FanoutPlan(stmt, merge, keys, stmt, "concat", single)
+
+
+# --------------------------------------------------------------------------- count(*) over a subquery, EXISTS
+
+
+def _bare_outer(stmt: Select[Any]) -> bool:
+    """No WHERE, GROUP BY, HAVING, DISTINCT, LIMIT/OFFSET, join or extension around the one column."""
+    return not (
+        stmt._where_criteria
+        or stmt._group_by_clauses
+        or stmt._having_criteria
+        or stmt._distinct
+        or stmt._limit_clause is not None
+        or stmt._offset_clause is not None
+        or stmt._fetch_clause is not None
+        or stmt._for_update_arg is not None
+        or stmt._setup_joins
+        or stmt._distinct_on
+    )
+
+
+def _is_count_star(expr: Any) -> bool:
+    expr = _unwrap(expr)
+    if _func_name(expr) != "count":
+        return False
+    args = [_unwrap(a) for a in expr.clauses]
+    return len(args) == 1 and (
+        isinstance(args[0], elements.ColumnClause) and args[0].is_literal and args[0].name.strip() in ("*", "1")
+    )
+
+
+def _subquery_select(frm: Any) -> Select[Any] | None:
+    """The SELECT of a subquery in FROM (``Query.count()`` wraps it in an alias), or ``None``."""
+    for _ in range(8):
+        if isinstance(frm, selectable.CTE):
+            return None
+        if isinstance(frm, selectable.AliasedReturnsRows):
+            frm = frm.element
+            continue
+        break
+    return frm if isinstance(frm, selectable.Select) else None
+
+
+def _plan_wrapped(stmt: Select[Any], shard_key_columns: Collection[ColumnElement[Any]]) -> FanoutPlan | None:
+    """``SELECT count(*) FROM (subquery)`` and ``SELECT [NOT] EXISTS (...)``, or ``None`` for any
+    other statement.  Each shard answers for its rows; the merge folds the answers (Reduce)."""
+    column = _unwrap(stmt._raw_columns[0])
+    if not _bare_outer(stmt):
+        return None
+    keys = _output_keys(stmt)
+    kind = None
+    if isinstance(column, selectable.Exists):
+        kind = "any"
+    elif (
+        isinstance(column, elements.UnaryExpression)
+        and column.operator is operators.inv
+        and isinstance(_unwrap(column.element), selectable.Exists)
+    ):
+        kind = "all"
+    if kind is not None:
+        if stmt._from_obj or stmt.columns_clause_froms:
+            return None
+        _check_tree(stmt)
+        merge = MergePlan(row_width=1, output_positions=(0,), reduce=Reduce(kind))
+        return FanoutPlan(stmt, merge, keys, stmt, "exists")
+    if len(stmt._from_obj) != 1 or stmt.columns_clause_froms or not _is_count_star(column):
+        return None
+    inner = _subquery_select(stmt._from_obj[0])
+    if inner is None:
+        return None
+    return _plan_count(stmt, inner, keys, shard_key_columns)
+
+
+def _plan_count(
+    stmt: Select[Any], inner: Select[Any], keys: tuple[str, ...], shard_key_columns: Collection[ColumnElement[Any]]
+) -> FanoutPlan:
+    """``count(*)`` over a subquery (``Query.count()``).  The subquery's LIMIT/OFFSET only cut the
+    count: ``max(0, min(limit, total - offset))``.  A plain subquery is counted on each shard and
+    the counts summed; a GROUP BY, aggregate or DISTINCT subquery is merged as a fan-out of its
+    own (its groups / distinct rows, held in memory) and its merged rows counted."""
+    if inner._fetch_clause is not None:
+        raise _refuse("FETCH FIRST", "in a counted subquery: use LIMIT")
+    if _distinct_on(inner):
+        raise _refuse("DISTINCT ON in a counted subquery")
+    limit = _simple_int(inner, "limit")
+    offset = _simple_int(inner, "offset") or 0
+    stripped = inner.order_by(None).limit(None).offset(None)
+    elems = _row_elements(inner)
+    group_by = _by_items(inner._group_by_clauses)
+    grouped = (
+        bool(group_by)
+        or bool(inner._having_criteria)
+        or any(e.expr is not None and _contains_aggregate(e.expr) for e in elems)
+    )
+    reduce = Reduce("count", offset, limit)
+    if grouped:
+        if inner._distinct:
+            raise _refuse("DISTINCT with GROUP BY or aggregates in a counted subquery")
+        if group_by:  # one row per group: only the group keys are needed
+            group_keys = [_resolve(g, elems, inner)[0] for g in group_by]
+            stripped = stripped.with_only_columns(
+                *(_unwrap(g).label(f"_sk_k{i}") for i, g in enumerate(group_keys)), maintain_column_froms=True
+            )
+        inner_plan = plan_select(stripped, shard_key_columns=shard_key_columns)
+    elif inner._distinct:  # the distinct rows of every shard, deduplicated
+        plain = stripped._generate()
+        plain._distinct = False  # SELECT DISTINCT x FROM (SELECT x ...): the DISTINCT moves out
+        sub = plain.subquery()
+        inner_plan = plan_select(select(*sub.c).distinct(), shard_key_columns=shard_key_columns)
+    else:  # every shard counts its rows
+        plan_select(stripped, shard_key_columns=shard_key_columns)  # what it refuses, counted or not
+        shard = select(func.count().label("_sk_n")).select_from(stripped.subquery())
+        merge = MergePlan(row_width=1, output_positions=(0,), reduce=Reduce("sum", offset, limit))
+        return FanoutPlan(shard, merge, keys, stmt, "count")
+    merge = inner_plan.merge
+    merge = MergePlan(
+        row_width=merge.row_width,
+        output_positions=merge.output_positions,
+        sort_keys=(),
+        distinct=merge.distinct,
+        offset=0,
+        limit=None,
+        aggregate=merge.aggregate,
+        notes=merge.notes,
+        reduce=reduce,
+    )
+    return FanoutPlan(inner_plan.shard_statement, merge, keys, stmt, "count", text_exprs=inner_plan.text_exprs)
 
 
 def _plan_rows(
@@ -520,7 +691,10 @@ def _plan_rows(
     else:
         mode = "ordered" if sort_keys else "rows"
     single_entity = len(elems) == 1 and elems[0].entity is not None
-    return FanoutPlan(shard, merge, keys, stmt, mode, single_entity)
+    compared = [("order", i, o.expr, k.label) for i, (o, k) in enumerate(zip(orders, sort_keys, strict=True))]
+    if distinct:
+        compared.extend(("equal", i, e.expr, e.name or "") for i, e in enumerate(elems) if e.expr is not None)
+    return FanoutPlan(shard, merge, keys, stmt, mode, single_entity, tuple(compared))
 
 
 def _entity_attribute(expr: Any, elems: Sequence[_Element]) -> tuple[int | None, str | None]:
@@ -767,7 +941,16 @@ def _plan_aggregate(
             decimal_scales=tuple(_decimal_scale(e.expr) for e in elems),
         ),
     )
-    return FanoutPlan(shard, merge, keys, stmt, "re-aggregate")
+    compared = [("order", i, o.expr, k.label) for i, (o, k) in enumerate(zip(orders, sort_keys, strict=True))]
+    compared.extend(("equal", i, g, _short(g)) for i, g in enumerate(comp.group_by))
+    for i, (kind, arg, fn) in enumerate(comp.aggregates):
+        if kind in ("min", "max"):
+            compared.append(("minmax", i, arg, _short(fn)))
+        elif kind.endswith("_distinct"):
+            compared.append(("equal", i, arg, _short(fn)))
+    if distinct:
+        compared.extend(("equal", i, e.expr, e.name or "") for i, e in enumerate(elems))
+    return FanoutPlan(shard, merge, keys, stmt, "re-aggregate", text_exprs=tuple(compared))
 
 
 # --------------------------------------------------------------------------- keyset pagination
