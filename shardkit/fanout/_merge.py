@@ -23,10 +23,13 @@ Limits worth knowing
 * **Text ordering**: Python compares strings by code point; a database
   compares by its collation.  The merged order only equals the one-database
   order for a binary collation (PostgreSQL ``COLLATE "C"``, MySQL
-  ``utf8mb4_bin``, SQLite's default ``BINARY``).  Under another collation the
-  merge of correctly sorted shard streams can interleave differently.
+  ``utf8mb4_bin``, SQLite's default ``BINARY``), or with a
+  :attr:`SortKey.text_rule` reproducing SQLite's ``NOCASE``/``RTRIM``.  The
+  session finds each shard's collation and refuses the others
+  (:mod:`shardkit.fanout._collation`); this module merges as told.
 * Equality of group keys and of DISTINCT values is Python equality
-  (NaN never equals itself; ``'a'`` and ``'A'`` differ whatever the collation).
+  (NaN never equals itself; ``'a'`` and ``'A'`` differ whatever the collation:
+  the session refuses case-insensitive collations there).
 * AVG over integers: PostgreSQL and MySQL return ``Decimal``, SQLite a
   ``float``; the merge follows ``dialect_name`` but the last digits of a
   ``Decimal`` quotient can differ from the server's (28 significant digits
