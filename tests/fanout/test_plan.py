@@ -261,3 +261,54 @@ def test_order_by_function_in_rows_mode() -> None:
     plan = plan_select(select(c.id).order_by(func.lower(c.name).desc()).limit(3))
     assert plan.mode == "ordered" and plan.merge.sort_keys[0].descending
     assert "lower(users.name) AS _sk_0" in sql(plan)
+
+
+# review of issue 12: count(*) over LIMIT / GROUP BY / DISTINCT subqueries, EXISTS
+
+
+def test_count_over_a_limited_subquery_counts_without_the_limit() -> None:
+    from shardkit.fanout import merge_rows
+    from shardkit.fanout._merge import Reduce
+
+    plan = plan_select(select(func.count()).select_from(select(users).order_by(c.name).limit(3).offset(2).subquery()))
+    assert plan.mode == "count" and plan.merge.reduce == Reduce("sum", 2, 3)
+    assert "LIMIT" not in sql(plan) and "ORDER BY" not in sql(plan) and "count(*)" in sql(plan)
+    assert list(merge_rows(plan.merge, [[(2,)], [(1,)], [(0,)]], dialect_name="sqlite")) == [(1,)]  # 3 - 2
+    assert list(merge_rows(plan.merge, [[(40,)], [(7,)]], dialect_name="sqlite")) == [(3,)]
+    assert "cut by OFFSET 2 LIMIT 3" in plan.merge.describe()
+
+
+def test_count_over_group_by_counts_the_merged_groups() -> None:
+    from shardkit.fanout import merge_rows
+
+    inner = select(c.country, func.count()).group_by(c.country).having(func.count() > 1).limit(5)
+    plan = plan_select(select(func.count()).select_from(inner.subquery()))
+    assert plan.mode == "count" and plan.merge.aggregate is not None and plan.merge.reduce is not None
+    assert "GROUP BY users.country" in sql(plan) and "HAVING" not in sql(plan)
+    shard_a = [("de", 1), ("fr", 2)]  # (group key, partial count)
+    shard_b = [("de", 1), ("jp", 1)]
+    assert list(merge_rows(plan.merge, [shard_a, shard_b], dialect_name="sqlite")) == [(2,)]  # de (2), fr (2)
+
+
+def test_count_over_distinct_dedupes_across_shards() -> None:
+    from shardkit.fanout import merge_rows
+
+    plan = plan_select(select(func.count()).select_from(select(c.country).distinct().subquery()))
+    assert sql(plan).startswith("SELECT DISTINCT anon_1.country FROM (SELECT users.country")
+    assert list(merge_rows(plan.merge, [[("de",), ("fr",)], [("de",), ("us",)]], dialect_name="sqlite")) == [(3,)]
+
+
+def test_exists_is_the_or_of_the_shards() -> None:
+    from shardkit.fanout import merge_rows
+
+    plan = plan_select(select(select(users).where(c.score > 5).exists()))
+    assert plan.mode == "exists"
+    assert list(merge_rows(plan.merge, [[(False,)], [(True,)]], dialect_name="sqlite")) == [(True,)]
+    negated = plan_select(select(~select(users).where(c.score > 5).exists()))
+    assert list(merge_rows(negated.merge, [[(True,)], [(False,)]], dialect_name="sqlite")) == [(False,)]
+
+
+def test_count_with_distinct_and_group_by_is_refused() -> None:
+    inner = select(c.country).group_by(c.country).distinct()
+    with pytest.raises(UnsupportedQueryError, match="DISTINCT with GROUP BY"):
+        plan_select(select(func.count()).select_from(inner.subquery()))

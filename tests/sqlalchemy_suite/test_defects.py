@@ -195,3 +195,48 @@ def test_core_writes_on_a_mapped_table_route_like_the_model(make_urls: Callable[
         assert s.execute(delete(posts).where(posts.c.id > 20)).rowcount == 11  # type: ignore[attr-defined]
         assert s.execute(select(func.max(posts.c.id))).scalar() == 20
     cluster.dispose()
+
+
+CONTINENT_SHARD = {
+    "Asia": "asia",
+    "North America": "north_america",
+    "Europe": "europe",
+    "South America": "south_america",
+}
+
+
+def test_from_statement_over_a_select_reads_every_shard(world: World) -> None:
+    # review of issue 12: from_statement() was routed with db_for_write and run as a write
+    # fan-out: Query.from_statement() gave [], select().from_statement() raised IndexError
+    wl = world.WeatherLocation
+    locations = world.models.weather_locations
+    sess = world.fixture_data()
+    got = sess.scalars(select(wl).from_statement(select(locations).where(locations.c.id > 1))).all()
+    assert sorted(c.city for c in got) == sorted(CITIES[1:])
+    assert all(inspect(c).identity_token == CONTINENT_SHARD[c.continent] for c in got)
+    assert sorted(c.id for c in sess.query(wl).from_statement(select(locations)).all()) == list(range(1, 8))
+
+
+def test_from_statement_over_text_reads_every_shard(distinct_world: World) -> None:
+    wl = distinct_world.WeatherLocation
+    sess = distinct_world.fixture_data()
+    raw = text("SELECT id, continent, city FROM weather_locations")
+    got = sess.query(wl).from_statement(raw).all()
+    assert sorted(c.city for c in got) == sorted(CITIES)
+    assert all(isinstance(c, wl) and inspect(c).identity_token == CONTINENT_SHARD[c.continent] for c in got)
+    assert [inspect(c).identity_token for c in got] == sorted(
+        (inspect(c).identity_token for c in got), key=SHARDS.index
+    )  # concatenated in alias order
+    assert len(sess.scalars(select(wl).from_statement(raw)).all()) == 7
+
+
+def test_query_count_over_limit_group_by_distinct_and_exists(world: World) -> None:
+    # review of issue 12: refused ("LIMIT/OFFSET in a subquery", "SELECT without FROM")
+    wl = world.WeatherLocation
+    sess = world.fixture_data()
+    assert sess.query(wl).order_by(wl.city).limit(3).count() == 3
+    assert sess.query(wl).order_by(wl.city).limit(3).offset(5).count() == 2
+    assert sess.query(wl.continent).group_by(wl.continent).count() == 4
+    assert sess.query(wl.continent).distinct().count() == 4
+    assert sess.query(sess.query(wl).filter(wl.city == "Quito").exists()).scalar() is True
+    assert sess.query(sess.query(wl).filter(wl.city == "Atlantis").exists()).scalar() is False
