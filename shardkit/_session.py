@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from sqlalchemy import BindParameter, Engine, Join, Select, Table, TextClause, and_, event, select
+from sqlalchemy import BindParameter, Engine, Identity, Join, Select, Table, TextClause, and_, event, select
 from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.orm import (
     Mapper,
@@ -556,6 +556,12 @@ class ShardSession(Session):
         * Without, ``db_for_write(Model, instance=obj)`` decides.  An object loaded from another
           database than the one the routers name is written whole to that one (UPDATE, else
           INSERT) and its db becomes that alias, as in Django.
+        * A new object whose primary key was set by hand is, with or without ``using``, an
+          UPDATE of the row with that key if there is one (every column: the object's value,
+          else the column's Python-side default, else NULL; a column with only a server-side
+          default or a sequence keeps what it has), else an INSERT.  When the primary key
+          column has a default of its own (Python- or server-side, not a sequence or an
+          identity), a new object is always an INSERT, as since Django 3.0.
         """
         state = instance_state(obj)
         if using is None and state.key is not None and self.pinned is None:
@@ -567,12 +573,16 @@ class ShardSession(Session):
             current = db_of(obj) if state.key is not None else None
             if current is not None and current != using:
                 self._move(obj, using)
-            elif state.key is None and _has_primary_key(state):
+            elif state.key is None and _has_primary_key(state) and not _pk_has_default(state.mapper):
                 self._move(obj, using)  # its key may already be there: UPDATE, else INSERT
             else:
                 state.info[_USING] = using
                 if state.key is None:
                     state.identity_token = using
+        elif state.key is None and _has_primary_key(state) and not _pk_has_default(state.mapper):
+            if state.session_id in (None, self.hash_key):
+                # a key set by hand, as Django's save(): UPDATE where it is written, else INSERT
+                self._move(obj, self.write_alias_of(obj))
         elif state.key is not None and self.pinned is None and state.session_id in (None, self.hash_key):
             current = db_of(obj)
             if current is not None and not self._row_exists(obj, current):
@@ -594,13 +604,15 @@ class ShardSession(Session):
         mapper = state.mapper
         if state.session_id is not None and state.session_id != self.hash_key:
             raise ShardkitError(f"{mapper.class_.__name__} instance belongs to another session", model=mapper.class_)
-        # Load everything now: a copy must not miss expired or deferred columns.
-        # No autoflush: the object's pending changes belong to the copy, not to its old alias.
-        with self.no_autoflush:
-            for prop in mapper.column_attrs:
-                value = getattr(obj, prop.key)
-                if prop.key not in state.dict:  # never set (None): part of the row all the same
-                    set_committed_value(obj, prop.key, value)
+        new = state.key is None
+        if not new:
+            # Load everything now: a copy must not miss expired or deferred columns.
+            # No autoflush: the object's pending changes belong to the copy, not to its old alias.
+            with self.no_autoflush:
+                for prop in mapper.column_attrs:
+                    value = getattr(obj, prop.key)
+                    if prop.key not in state.dict:
+                        set_committed_value(obj, prop.key, value)
         pk = mapper.primary_key_from_instance(obj)
         table = mapper.local_table
         exists_stmt = select(*mapper.primary_key).where(
@@ -618,12 +630,19 @@ class ShardSession(Session):
         if other is not None and other is not obj:
             self.expunge(other)
         if exists:
+            # the whole row is written, as Django's UPDATE does; a new object's unset columns
+            # get what Django's __init__ would have given them (an INSERT gets SQLAlchemy's)
+            written = _fill_new_row(obj, mapper) if new else None
             make_transient_to_detached(obj)
             self.add(obj)
             pk_keys = {mapper.get_property_by_column(c).key for c in mapper.primary_key}
             for prop in mapper.column_attrs:
-                if prop.key not in pk_keys:
+                if prop.key not in pk_keys and (written is None or prop.key in written):
                     flag_modified(obj, prop.key)
+            if new:
+                for rel in mapper.relationships:  # book.editor = person: its key is written too
+                    if rel.direction is MANYTOONE and rel.key in state.dict and not rel.viewonly:
+                        flag_modified(obj, rel.key)
         state.info[_USING] = alias
         state.info.pop(_DB, None)
 
@@ -1137,6 +1156,65 @@ def _has_primary_key(state: InstanceState[Any]) -> bool:
     """Whether a new object has every primary-key attribute set."""
     mapper = state.mapper
     return all(state.dict.get(mapper.get_property_by_column(c).key) is not None for c in mapper.primary_key)
+
+
+def _pk_has_default(mapper: Mapper[Any]) -> bool:
+    """Whether a primary-key column makes its own value (a Python- or server-side default; a
+    sequence or an identity column is an auto-increment, Django's AutoField): Django >= 3.0
+    then saves a new object with an INSERT, never an UPDATE."""
+    for col in mapper.primary_key:
+        default = col.default
+        if default is not None and not getattr(default, "is_sequence", False):
+            return True
+        server = col.server_default
+        if server is not None and not isinstance(server, Identity) and col.identity is None:
+            return True
+    return False
+
+
+class _DefaultContext:
+    """What a column default callable receives (``default=lambda ctx: ...``) when a new
+    object's row is written by an UPDATE: the values of the row, as at an INSERT."""
+
+    def __init__(self, params: dict[str, Any], column: Any) -> None:
+        self.current_parameters = params
+        self.current_column = column
+
+    def get_current_parameters(self, isolate_multiinsert_groups: bool = True) -> dict[str, Any]:
+        return self.current_parameters
+
+
+def _fill_new_row(obj: Any, mapper: Mapper[Any]) -> set[str]:
+    """Give a new object's unset columns what Django's ``Model()`` gives its fields: the
+    column's Python-side default (a callable called once), else ``None``; a column whose only
+    default is server-side (or a sequence) is left out.  Returns the attribute keys to write."""
+    state = instance_state(obj)
+    params: dict[str, Any] = {}
+    pending: list[tuple[str, Any]] = []
+    written: set[str] = set()
+    for prop in mapper.column_attrs:
+        col = prop.columns[0]
+        if prop.key in state.dict:
+            params[str(col.key)] = state.dict[prop.key]
+            written.add(prop.key)
+        else:
+            pending.append((prop.key, col))
+    for key, col in pending:
+        default = getattr(col, "default", None)
+        if default is None:
+            if getattr(col, "server_default", None) is not None:
+                continue  # the database's own default: the row keeps what it has
+            value = None
+        elif getattr(default, "is_sequence", False):
+            continue
+        elif getattr(default, "is_callable", False):
+            value = default.arg(_DefaultContext(params, col))
+        else:  # is_scalar, or is_clause_element: a SQL expression, written as such
+            value = default.arg
+        set_committed_value(obj, key, value)
+        params[str(col.key)] = value
+        written.add(key)
+    return written
 
 
 def _mapper_of(model: type[Any]) -> Mapper[Any]:
