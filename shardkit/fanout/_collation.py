@@ -41,20 +41,7 @@ PG_BINARY = frozenset({"c", "posix", "c.utf-8", "c.utf8", "ucs_basic", "pg_c_utf
 #: Merge rules: code point order, SQLite's NOCASE (ASCII folded) and RTRIM (trailing spaces).
 BINARY, NOCASE, RTRIM = "binary", "nocase", "rtrim"
 
-_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
-
-
-def nocase(value: str) -> str:
-    """SQLite's NOCASE: only the 26 ASCII capitals are folded."""
-    return value.translate(_ASCII_LOWER)
-
-
-def rtrim(value: str) -> str:
-    """SQLite's RTRIM: trailing spaces are ignored."""
-    return value.rstrip(" ")
-
-
-FOLDS: dict[str, Callable[[str], str]] = {NOCASE: nocase, RTRIM: rtrim}
+_ENUM_ORDER = "(ENUM declaration order)"
 
 
 @dataclass(frozen=True)
@@ -67,6 +54,7 @@ class TextKey:
         column, as ``func.lower(name)`` of no declared type: checked on the values).
     :param explicit: an explicit COLLATE, or the collation of the expression's type.
     :param columns: the table columns in the expression, whose database collation applies.
+    :param enum: a native ENUM: PostgreSQL and MySQL order it by declaration, not as text.
     """
 
     role: str
@@ -75,10 +63,11 @@ class TextKey:
     certain: bool
     explicit: str | None
     columns: tuple[Any, ...]
+    enum: bool = False
 
 
 def _is_text_type(t: Any) -> bool:
-    return isinstance(t, sqltypes.String) and not isinstance(t, sqltypes.Enum)
+    return isinstance(t, sqltypes.String)
 
 
 def text_keys(exprs: Iterable[tuple[str, int, Any, str]]) -> tuple[TextKey, ...]:
@@ -105,7 +94,8 @@ def text_keys(exprs: Iterable[tuple[str, int, Any, str]]) -> tuple[TextKey, ...]
             col_collations = {c.type.collation for c in columns if c.type.collation}
             if len(col_collations) == 1 and len(columns) == 1:
                 explicit = col_collations.pop()
-        out.append(TextKey(role, index, label, certain, explicit, tuple(columns)))
+        enum = isinstance(t, sqltypes.Enum) and bool(t.native_enum)
+        out.append(TextKey(role, index, label, certain, explicit, tuple(columns), enum))
     return tuple(out)
 
 
@@ -139,6 +129,8 @@ def _needed(engine: Engine, dialect: str, keys: Sequence[TextKey]) -> list[tuple
     for key in keys:
         if key.explicit is not None and key.explicit.lower() != "default":
             continue
+        if dialect == "postgresql" and key.role == "equal":
+            continue  # any PostgreSQL collation groups as Python does (see effective())
         for column in key.columns:
             ck = _column_key(engine, column)
             if ck is not None:
@@ -219,6 +211,8 @@ def _rule(dialect: str, name: str) -> str | None:
 
 def _collations(engine: Engine, dialect: str, key: TextKey) -> list[str]:
     """The collations ``key`` is compared by on ``engine`` (none: no text after all)."""
+    if key.enum and key.role != "equal" and dialect in ("postgresql", "mysql", "mariadb"):
+        return [_ENUM_ORDER]
     if key.explicit is not None and key.explicit.lower() != "default":
         return [key.explicit]
     if dialect == "sqlite":
@@ -269,6 +263,9 @@ def effective(keys: Sequence[TextKey], engines: dict[str, Engine]) -> dict[int, 
             'use a binary collation on every shard: .collate("C") on PostgreSQL, a *_bin collation '
             "on MySQL/MariaDB; or sort in Python after reading"
         )
+        if any(name == _ENUM_ORDER for _, name, _ in found):
+            why = f"{what} {key.label}, a native ENUM ordered by its declaration on {', '.join(on[_ENUM_ORDER])}"
+            advice = "order by cast(column, String) to sort by name, or sort in Python after reading"
         if key.role == "order" and not key.certain:
             rules[key.index] = f"!{why}; {advice}"
             continue

@@ -419,3 +419,35 @@ def test_mariadb_table_with_its_own_binary_collation(databases: DatabaseFactory)
             assert s.execute(stmt.execution_options(shardkit_using=SHARDS)).all() == one.execute(stmt).all()
     finally:
         cluster.dispose()
+
+
+def test_native_enum_order_is_refused_on_postgresql(databases: DatabaseFactory) -> None:
+    # PostgreSQL orders a native ENUM by its declaration, the merge would by name
+    from sqlalchemy import Column, Enum, Integer, MetaData, Table, cast
+
+    md = MetaData()
+    t = Table(
+        "r12_levels",
+        md,
+        Column("id", Integer, primary_key=True),
+        Column("lvl", Enum("low", "mid", "high", name="r12_lvl")),
+    )
+    cluster = shardkit.Cluster(databases.urls("postgresql", "default", *SHARDS))
+    try:
+        for alias in SHARDS:
+            md.create_all(cluster.engine(alias))
+            with cluster.engine(alias).begin() as conn:
+                conn.execute(insert(t), [{"id": i, "lvl": ["low", "mid", "high"][i % 3]} for i in range(4)])
+        on = {"shardkit_using": SHARDS}
+        with cluster.session() as s:
+            with pytest.raises(UnsupportedQueryError, match="native ENUM"):
+                s.execute(select(t.c.lvl).order_by(t.c.lvl).execution_options(**on)).all()
+            by_name = s.execute(select(t.c.lvl).order_by(cast(t.c.lvl, String)).execution_options(**on)).scalars().all()
+            assert by_name == ["high"] * 3 + ["low"] * 6 + ["mid"] * 3
+            assert sorted(s.execute(select(t.c.lvl).distinct().execution_options(**on)).scalars()) == [
+                "high",
+                "low",
+                "mid",
+            ]
+    finally:
+        cluster.dispose()
