@@ -27,6 +27,7 @@ from ._manager import (
     QuerySet,
     RelatedList,
     RelatedManager,
+    ValuesQuerySet,
 )
 from ._routing import RouterChain
 from ._session import ShardSession, current_session, db_of, using
@@ -59,6 +60,7 @@ __all__ = [
     "ShardTargets",
     "ShardedResult",
     "ShardkitError",
+    "ValuesQuerySet",
     "contains",
     "current_session",
     "db_of",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import builtins
 import copy
 import datetime
+from collections import namedtuple
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, overload
@@ -59,6 +60,7 @@ __all__ = [
     "QuerySet",
     "RelatedList",
     "RelatedManager",
+    "ValuesQuerySet",
 ]
 
 M = TypeVar("M")
@@ -620,23 +622,24 @@ class QuerySet(Generic[M]):
     def exists(self) -> bool:
         return self[:1]._fetch() != []
 
-    def values_list(self, *fields: str, flat: bool = False) -> list[Any]:
-        """The values of ``fields`` for each row (tuples, or the values themselves with ``flat=True``)."""
-        if flat and len(fields) != 1:
-            raise ShardkitError("values_list(flat=True) takes exactly one field", model=self.model)
-        names = fields or tuple(p.key for p in _mapper(self.model).column_attrs)
-        alias = self._run_alias(write=False)
-        stmt = self._apply(select(*[_column(self.model, f) for f in names]), alias)
-        order = self._ordering()
-        if order:
-            stmt = stmt.order_by(*order)
-        if self._offset:
-            stmt = stmt.offset(self._offset)
-        if self._limit is not None:
-            stmt = stmt.limit(self._limit)
-        with _session_scope() as session:
-            rows = session.execute(stmt).all()
-        return [row[0] for row in rows] if flat else [tuple(row) for row in rows]
+    def values(self, *fields: str) -> ValuesQuerySet[dict[str, Any]]:
+        """A lazy queryset of one dict per row, ``{field: value}`` (every column when no field
+        is named), as Django's ``values()``.  Chainable; as the right side of ``__in`` it is a
+        SQL subquery of its one field, run on the outer query's database."""
+        return ValuesQuerySet._of(self, fields, "dict")
+
+    def values_list(self, *fields: str, flat: bool = False, named: bool = False) -> ValuesQuerySet[Any]:
+        """A lazy queryset of the values of ``fields`` for each row: tuples, the values
+        themselves with ``flat=True`` (one field), named tuples with ``named=True``.
+        ``list(qs.values_list(...))`` is the list of them; as the right side of ``__in`` it is
+        a SQL subquery of its one field, run on the outer query's database."""
+        if flat and named:
+            raise TypeError("'flat' and 'named' can't be used together.")
+        if flat and len(fields) > 1:
+            raise TypeError("'flat' is not valid when values_list is called with more than one field.")
+        if flat and not fields:
+            fields = (_pk_attr(self.model),)  # Django: flat=True alone is the primary key
+        return ValuesQuerySet._of(self, fields, "flat" if flat else "named" if named else "tuple")
 
     def dates(self, field: str, kind: str) -> list[datetime.date]:
         """The distinct dates of ``field`` truncated to ``kind`` (``"year"``, ``"month"``, ``"day"``), ascending."""
@@ -697,6 +700,128 @@ class QuerySet(Generic[M]):
                 session.delete(obj)
             session.flush()
             return len(objs)
+
+
+V = TypeVar("V")
+
+
+class ValuesQuerySet(QuerySet[V]):
+    """What ``values()`` and ``values_list()`` return: a lazy queryset of dicts, tuples, named
+    tuples or plain values (``flat=True``) in place of objects.
+
+    It chains (``filter``, ``exclude``, ``order_by``, ``using``, slices) and evaluates as a
+    queryset does (iteration, ``len``, an index, ``count``, ``exists``, ``first``, ``get`` ...),
+    reading the database at each evaluation.  Used as the right side of ``__in``
+    (``filter(id__in=Person.objects.values_list("id", flat=True))``) it becomes a SQL subquery
+    of its one field, refused with :class:`CrossDatabaseQueryError` (a ``ValueError``) when it
+    is placed on another database than the outer query, as a queryset is.  For code written
+    against the lists these methods once returned, it also compares equal to the list of its
+    rows (``qs.values_list("name", flat=True) == ["a"]``).
+    """
+
+    _fields: tuple[str, ...]
+    _kind: str
+
+    @classmethod
+    def _of(cls, qs: QuerySet[Any], fields: Sequence[str], kind: str) -> ValuesQuerySet[Any]:
+        names = tuple(fields) or tuple(p.key for p in _mapper(qs.model).column_attrs)
+        for name in names:
+            _column(qs.model, name)  # an unknown field fails here, as in Django
+        made: ValuesQuerySet[Any] = cls.__new__(cls)
+        made.__dict__.update(qs.__dict__)
+        made._cache = None
+        made._fields = names
+        made._kind = kind
+        return made
+
+    def _columns(self) -> list[Any]:
+        return [_column(self.model, f) for f in self._fields]
+
+    def _statement(self, alias: str | None) -> Any:
+        stmt = self._apply(select(*self._columns()), alias)
+        order = self._ordering()
+        if order:
+            stmt = stmt.order_by(*order)
+        if self._offset:
+            stmt = stmt.offset(self._offset)
+        if self._limit is not None:
+            stmt = stmt.limit(self._limit)
+        return stmt
+
+    def _pk_subquery(self) -> Any:
+        """The subquery of ``filter(x__in=this)``: its one field."""
+        if len(self._fields) != 1:
+            raise TypeError(
+                f"Cannot use multi-field values as a filter value ({self.model.__name__}: {', '.join(self._fields)})."
+            )
+        stmt = self._apply(select(*self._columns()), None)
+        if self._limit is not None or self._offset:
+            order = self._ordering()
+            if order:
+                stmt = stmt.order_by(*order)
+            if self._offset:
+                stmt = stmt.offset(self._offset)
+            if self._limit is not None:
+                stmt = stmt.limit(self._limit)
+        return stmt
+
+    def _fetch(self) -> list[V]:
+        if self._cache is None:
+            alias = self._run_alias(write=False)
+            with _session_scope() as session:
+                rows = session.execute(self._statement(alias)).all()
+            kind, names = self._kind, self._fields
+            out: list[Any]
+            if kind == "flat":
+                out = [row[0] for row in rows]
+            elif kind == "dict":
+                out = [dict(zip(names, row, strict=True)) for row in rows]
+            elif kind == "named":
+                row_class = _row_class(names)
+                out = [row_class(*row) for row in rows]
+            else:
+                out = [tuple(row) for row in rows]
+            self._cache = out
+        return self._cache
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, list | tuple):
+            return self._fetch() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        where = " AND ".join(str(c) for c in self._where) or "all"
+        method = "values" if self._kind == "dict" else "values_list"
+        flag = {"flat": ", flat=True", "named": ", named=True"}.get(self._kind, "")
+        fields = ", ".join(repr(f) for f in self._fields)
+        return (
+            f"<{type(self).__name__} {self.model.__name__}.{method}({fields}{flag}) {where}"
+            f"{f' using {self._db!r}' if self._db else ''}>"
+        )
+
+    def create(self, **fields: Any) -> Any:
+        raise TypeError("Cannot call create() after .values() or .values_list().")
+
+    def get_or_create(self, defaults: dict[str, Any] | None = None, **lookups: Any) -> tuple[Any, bool]:
+        raise TypeError("Cannot call get_or_create() after .values() or .values_list().")
+
+    def delete(self) -> int:
+        raise TypeError("Cannot call delete() after .values() or .values_list().")
+
+
+_ROW_CLASSES: dict[tuple[str, ...], type[Any]] = {}
+
+
+def _row_class(names: tuple[str, ...]) -> type[Any]:
+    """The named tuple of ``values_list(named=True)`` (Django's ``Row``)."""
+    made = _ROW_CLASSES.get(names)
+    if made is None:
+        if len(_ROW_CLASSES) > 256:
+            _ROW_CLASSES.clear()
+        made = _ROW_CLASSES[names] = namedtuple("Row", names, rename=True)
+    return made
 
 
 def _fast_delete(model: type[Any]) -> bool:
@@ -839,8 +964,11 @@ class Manager(Generic[M]):
     def exists(self) -> bool:
         return self.get_queryset().exists()
 
-    def values_list(self, *fields: str, flat: bool = False) -> list[Any]:
-        return self.get_queryset().values_list(*fields, flat=flat)
+    def values(self, *fields: str) -> ValuesQuerySet[dict[str, Any]]:
+        return self.get_queryset().values(*fields)
+
+    def values_list(self, *fields: str, flat: bool = False, named: bool = False) -> ValuesQuerySet[Any]:
+        return self.get_queryset().values_list(*fields, flat=flat, named=named)
 
     def dates(self, field: str, kind: str) -> list[datetime.date]:
         return self.get_queryset().dates(field, kind)
@@ -1314,8 +1442,11 @@ class RelatedList(list[M]):
     def exists(self) -> bool:
         return self._m().exists()
 
-    def values_list(self, *fields: str, flat: bool = False) -> list[Any]:
-        return self._m().values_list(*fields, flat=flat)
+    def values(self, *fields: str) -> ValuesQuerySet[dict[str, Any]]:
+        return self._m().values(*fields)
+
+    def values_list(self, *fields: str, flat: bool = False, named: bool = False) -> ValuesQuerySet[Any]:
+        return self._m().values_list(*fields, flat=flat, named=named)
 
     def update(self, **values: Any) -> int:
         return self._m().update(**values)
