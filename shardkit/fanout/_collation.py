@@ -95,6 +95,10 @@ def text_keys(exprs: Iterable[tuple[str, int, Any, str]]) -> tuple[TextKey, ...]
             if len(col_collations) == 1 and len(columns) == 1:
                 explicit = col_collations.pop()
         enum = isinstance(t, sqltypes.Enum) and bool(t.native_enum)
+        if not label:
+            from shardkit.fanout._plan import _short
+
+            label = _short(expr)
         out.append(TextKey(role, index, label, certain, explicit, tuple(columns), enum))
     return tuple(out)
 

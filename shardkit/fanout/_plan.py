@@ -560,9 +560,8 @@ def _plan_wrapped(stmt: Select[Any], shard_key_columns: Collection[ColumnElement
     """``SELECT count(*) FROM (subquery)`` and ``SELECT [NOT] EXISTS (...)``, or ``None`` for any
     other statement.  Each shard answers for its rows; the merge folds the answers (Reduce)."""
     column = _unwrap(stmt._raw_columns[0])
-    if not _bare_outer(stmt):
-        return None
-    keys = _output_keys(stmt)
+    if not isinstance(column, (elements.UnaryExpression, functions.FunctionElement)) or not _bare_outer(stmt):
+        return None  # (an entity, a column: the common case, answered at once)
     kind = None
     if isinstance(column, selectable.Exists):
         kind = "any"
@@ -577,13 +576,13 @@ def _plan_wrapped(stmt: Select[Any], shard_key_columns: Collection[ColumnElement
             return None
         _check_tree(stmt)
         merge = MergePlan(row_width=1, output_positions=(0,), reduce=Reduce(kind))
-        return FanoutPlan(stmt, merge, keys, stmt, "exists")
+        return FanoutPlan(stmt, merge, _output_keys(stmt), stmt, "exists")
     if len(stmt._from_obj) != 1 or stmt.columns_clause_froms or not _is_count_star(column):
         return None
     inner = _subquery_select(stmt._from_obj[0])
     if inner is None:
         return None
-    return _plan_count(stmt, inner, keys, shard_key_columns)
+    return _plan_count(stmt, inner, _output_keys(stmt), shard_key_columns)
 
 
 def _plan_count(
@@ -942,12 +941,12 @@ def _plan_aggregate(
         ),
     )
     compared = [("order", i, o.expr, k.label) for i, (o, k) in enumerate(zip(orders, sort_keys, strict=True))]
-    compared.extend(("equal", i, g, _short(g)) for i, g in enumerate(comp.group_by))
-    for i, (kind, arg, fn) in enumerate(comp.aggregates):
+    compared.extend(("equal", i, g, "") for i, g in enumerate(comp.group_by))  # label: when refused
+    for i, (kind, arg, _fn) in enumerate(comp.aggregates):
         if kind in ("min", "max"):
-            compared.append(("minmax", i, arg, _short(fn)))
+            compared.append(("minmax", i, arg, ""))
         elif kind.endswith("_distinct"):
-            compared.append(("equal", i, arg, _short(fn)))
+            compared.append(("equal", i, arg, ""))
     if distinct:
         compared.extend(("equal", i, e.expr, e.name or "") for i, e in enumerate(elems))
     return FanoutPlan(shard, merge, keys, stmt, "re-aggregate", text_exprs=tuple(compared))
