@@ -176,7 +176,7 @@ def _read_fact(cursor: Any, dialect: str, fact: tuple[str, ...]) -> str | None:
                 return str(row.get("datlocale") or "")
             return str(row.get("datcollate") or "")
         _, schema, table, column = fact
-        rel = (f'"{schema}".' if schema else "") + '"' + table.replace('"', '""') + '"'
+        rel = ('"' + schema.replace('"', '""') + '".' if schema else "") + '"' + table.replace('"', '""') + '"'
         cursor.execute(
             "SELECT co.collname FROM pg_attribute a JOIN pg_collation co ON co.oid = a.attcollation "
             "WHERE a.attrelid = to_regclass(%s) AND a.attname = %s",
