@@ -254,3 +254,25 @@ def test_values_subquery_on_the_same_database_is_one_sql_query(cluster: shardkit
     assert list(on_other.values_list("title", flat=True)) == ["elsewhere"]
     with pytest.raises(TypeError, match="multi-field"):
         list(Doc.objects.filter(id__in=Doc.objects.values_list("id", "title")))
+
+
+def test_save_new_object_with_a_set_key_updates_on_its_ring_shard(make_urls: Callable[..., Any]) -> None:
+    router = shardkit.HashRingRouter(shardkit.HashRing(["s0", "s1"], vnodes=16), shard_keys={Doc: "id"})
+    cluster = shardkit.Cluster(make_urls("default", "s0", "s1"), routers=[router])
+    cluster.create_all(Base)
+    try:
+        with cluster.activate():
+            for i in range(1, 9):
+                Doc.objects.create(id=i, title=f"old {i}", pages=i)
+            before = {alias: rows(cluster, alias, "SELECT id FROM rv11_doc ORDER BY id") for alias in ("s0", "s1")}
+            assert all(before.values())  # both shards hold some rows
+            for i in range(1, 9):
+                doc = Doc(id=i, title=f"new {i}")
+                doc.save()  # an UPDATE on the shard the key maps to, never a duplicate elsewhere
+                assert shardkit.db_of(doc) == next(a for a, ids in before.items() if (i,) in ids)
+            for alias, ids in before.items():
+                got = rows(cluster, alias, "SELECT id, title, pages FROM rv11_doc ORDER BY id")
+                assert got == [(i, f"new {i}", 100) for (i,) in ids]
+            assert sum(len(ids) for ids in before.values()) == 8  # the shards hold every row once
+    finally:
+        cluster.dispose()
