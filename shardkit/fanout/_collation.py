@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.sql import elements, operators, sqltypes, visitors
+from sqlalchemy.sql.selectable import TableClause
 
 from shardkit.errors import UnsupportedQueryError
 
@@ -85,7 +86,11 @@ def text_keys(exprs: Iterable[tuple[str, int, Any, str]]) -> tuple[TextKey, ...]
                 explicit = str(el.right.collation)
                 break
             if isinstance(el, elements.ColumnClause) and _is_text_type(el.type):
-                columns.append(el)
+                if isinstance(getattr(el, "table", None), TableClause):
+                    columns.append(el)
+                else:  # a column of a subquery or an alias: the table columns under it
+                    base = [b for b in el.base_columns if isinstance(getattr(b, "table", None), TableClause)]
+                    columns.extend(base or [el])
         if explicit is None and certain:
             explicit = getattr(t, "collation", None)
         if explicit is None and not certain and not columns:

@@ -415,8 +415,11 @@ def test_mariadb_table_with_its_own_binary_collation(databases: DatabaseFactory)
     t = md.tables["r12_cities"]
     try:
         stmt = select(t.c.name, t.c.id).order_by(t.c.name, t.c.id).limit(9)
+        counted = select(func.count()).select_from(select(t.c.continent).distinct().subquery())
         with cluster.session() as s, cluster.session(using="one") as one:
             assert s.execute(stmt.execution_options(shardkit_using=SHARDS)).all() == one.execute(stmt).all()
+            assert s.execute(counted.execution_options(shardkit_using=SHARDS)).scalar() == 4
+            assert one.execute(counted).scalar() == 4
     finally:
         cluster.dispose()
 
