@@ -655,9 +655,11 @@ class QuerySet(Generic[M]):
         return [datetime.date(int(r[0]), int(r[1]) if len(r) > 1 else 1, int(r[2]) if len(r) > 2 else 1) for r in rows]
 
     def create(self, **fields: Any) -> M:
-        """Make a ``Model(**fields)`` and save it (on this queryset's alias, if placed)."""
+        """Make a ``Model(**fields)`` and insert it (on this queryset's alias, if placed): as
+        Django's ``create()``, always an INSERT, so a primary key that exists raises
+        ``IntegrityError`` rather than overwriting the row."""
         obj = self.model(**fields)
-        save(obj, using=self._db)
+        save(obj, using=self._db, force_insert=True)
         return obj
 
     def get_or_create(self, defaults: dict[str, Any] | None = None, **lookups: Any) -> tuple[M, bool]:
@@ -1526,12 +1528,12 @@ def _restore(obj: Any, snap: tuple[Any, ...]) -> None:
         make_transient_to_detached(obj)  # it still is the row it was loaded as
 
 
-def save(obj: Any, *, using: str | None = None) -> None:
-    """Save ``obj`` now, as Django's ``Model.save(using=...)`` does."""
+def save(obj: Any, *, using: str | None = None, force_insert: bool = False) -> None:
+    """Save ``obj`` now, as Django's ``Model.save(using=..., force_insert=...)`` does."""
     snap = _snapshot(obj)
     try:
         with _session_scope(obj) as session:
-            session.save(obj, using=using)
+            session.save(obj, using=using, force_insert=force_insert)
     except BaseException:
         _restore(obj, snap)
         raise
@@ -1626,9 +1628,11 @@ class ModelMixin:
             text = ModelMixin.__str__(self)
         return f"<{type(self).__name__}: {text}>"
 
-    def save(self, using: str | None = None) -> None:
-        """Write this object now: to ``using`` if given, else where the routers say."""
-        save(self, using=using)
+    def save(self, using: str | None = None, force_insert: bool = False) -> None:
+        """Write this object now: to ``using`` if given, else where the routers say.  A new
+        object whose primary key is set updates the row with that key if there is one, else
+        is inserted; ``force_insert=True`` always inserts it (as Django's)."""
+        save(self, using=using, force_insert=force_insert)
 
     def delete(self, using: str | None = None) -> None:
         """Delete this object now: from ``using`` if given, else from where it lives."""

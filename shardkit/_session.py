@@ -547,7 +547,7 @@ class ShardSession(Session):
 
     # -- the Django-style write API ----------------------------------------------
 
-    def save(self, obj: Any, *, using: str | None = None) -> None:
+    def save(self, obj: Any, *, using: str | None = None, force_insert: bool = False) -> None:
         """Add ``obj`` to be written at the next flush, as Django's ``Model.save(using=...)``.
 
         * With ``using``, the object is written there: an UPDATE if that database has a row
@@ -562,8 +562,16 @@ class ShardSession(Session):
           default or a sequence keeps what it has), else an INSERT.  When the primary key
           column has a default of its own (Python- or server-side, not a sequence or an
           identity), a new object is always an INSERT, as since Django 3.0.
+        * ``force_insert=True`` (what ``Manager.create()`` passes, as Django's does): a new
+          object is an INSERT, never an UPDATE, even when its key is set.
         """
         state = instance_state(obj)
+        if force_insert and state.key is not None:
+            raise ShardkitError(
+                f"force_insert=True is for a new {state.class_.__name__}: this one was loaded or saved already",
+                model=state.class_,
+            )
+        insert_only = force_insert or _pk_has_default(state.mapper)
         if using is None and state.key is not None and self.pinned is None:
             target = self.cluster.router.db_for_write(state.class_, instance=obj)
             if isinstance(target, str) and target != db_of(obj):
@@ -573,13 +581,13 @@ class ShardSession(Session):
             current = db_of(obj) if state.key is not None else None
             if current is not None and current != using:
                 self._move(obj, using)
-            elif state.key is None and _has_primary_key(state) and not _pk_has_default(state.mapper):
+            elif state.key is None and _has_primary_key(state) and not insert_only:
                 self._move(obj, using)  # its key may already be there: UPDATE, else INSERT
             else:
                 state.info[_USING] = using
                 if state.key is None:
                     state.identity_token = using
-        elif state.key is None and _has_primary_key(state) and not _pk_has_default(state.mapper):
+        elif state.key is None and _has_primary_key(state) and not insert_only:
             if state.session_id in (None, self.hash_key):
                 # a key set by hand, as Django's save(): UPDATE where it is written, else INSERT
                 self._move(obj, self.write_alias_of(obj))

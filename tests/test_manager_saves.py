@@ -276,3 +276,21 @@ def test_save_new_object_with_a_set_key_updates_on_its_ring_shard(make_urls: Cal
             assert sum(len(ids) for ids in before.values()) == 8  # the shards hold every row once
     finally:
         cluster.dispose()
+
+
+def test_create_always_inserts_as_django_does(cluster: shardkit.Cluster) -> None:
+    # Django's create() is save(force_insert=True): an existing key raises, the row is not overwritten
+    _old_doc("other")
+    with pytest.raises(IntegrityError):
+        Doc.objects.using("other").create(id=3, title="Overwrite?")
+    Doc.objects.create(id=3, title="On default")  # another database: no conflict
+    with pytest.raises(IntegrityError):
+        Doc.objects.create(id=3, title="Overwrite?")
+    with pytest.raises(IntegrityError):
+        Doc(id=3, title="Overwrite?").save(force_insert=True)
+    assert [r[:2] for r in rows(cluster, "other", DOC_ROW)] == [(3, "Old")]
+    assert [r[:2] for r in rows(cluster, "default", DOC_ROW)] == [(3, "On default")]
+    obj, created = Doc.objects.get_or_create(id=3, defaults={"title": "x"})
+    assert not created and obj.title == "On default"
+    with pytest.raises(shardkit.ShardkitError, match="force_insert"):
+        obj.save(force_insert=True)  # a loaded object is never inserted again by force
