@@ -728,7 +728,7 @@ class ValuesQuerySet(QuerySet[V]):
     def _of(cls, qs: QuerySet[Any], fields: Sequence[str], kind: str) -> ValuesQuerySet[Any]:
         names = tuple(fields) or tuple(p.key for p in _mapper(qs.model).column_attrs)
         for name in names:
-            _column(qs.model, name)  # an unknown field fails here, as in Django
+            _value_column(qs.model, name)  # an unknown field fails here, as in Django
         made: ValuesQuerySet[Any] = cls.__new__(cls)
         made.__dict__.update(qs.__dict__)
         made._cache = None
@@ -737,7 +737,7 @@ class ValuesQuerySet(QuerySet[V]):
         return made
 
     def _columns(self) -> list[Any]:
-        return [_column(self.model, f) for f in self._fields]
+        return [_value_column(self.model, f) for f in self._fields]
 
     def _statement(self, alias: str | None) -> Any:
         stmt = self._apply(select(*self._columns()), alias)
@@ -811,6 +811,17 @@ class ValuesQuerySet(QuerySet[V]):
 
     def delete(self) -> int:
         raise TypeError("Cannot call delete() after .values() or .values_list().")
+
+
+def _value_column(model: type[Any], name: str) -> Any:
+    """The column of a ``values()`` field: a column attribute, ``"pk"``, or a many-to-one
+    relationship's name, which stands for its foreign key (``values_list("editor")``, as Django)."""
+    rel = _mapper(model).relationships.get(name) if name != "pk" else None
+    if rel is not None:
+        pairs = rel.local_remote_pairs or []
+        if rel.direction is MANYTOONE and len(pairs) == 1:
+            return getattr(model, _mapper(model).get_property_by_column(pairs[0][0]).key)
+    return _column(model, name)
 
 
 _ROW_CLASSES: dict[tuple[str, ...], type[Any]] = {}

@@ -294,3 +294,12 @@ def test_create_always_inserts_as_django_does(cluster: shardkit.Cluster) -> None
     assert not created and obj.title == "On default"
     with pytest.raises(shardkit.ShardkitError, match="force_insert"):
         obj.save(force_insert=True)  # a loaded object is never inserted again by force
+
+
+def test_values_of_a_foreign_key_by_its_relationship_name(cluster: shardkit.Cluster) -> None:
+    Shelf.objects.create(id=1, name="top")
+    Doc.objects.create(id=1, title="a", shelf_id=1)
+    Doc.objects.create(id=2, title="b")
+    assert list(Doc.objects.order_by("id").values_list("shelf", flat=True)) == [1, None]  # Django: the key
+    assert list(Doc.objects.filter(id=1).values("shelf", "title")) == [{"shelf": 1, "title": "a"}]
+    assert [s.name for s in Shelf.objects.filter(id__in=Doc.objects.values_list("shelf", flat=True))] == ["top"]
