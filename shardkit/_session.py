@@ -640,7 +640,7 @@ class ShardSession(Session):
         if exists:
             # the whole row is written, as Django's UPDATE does; a new object's unset columns
             # get what Django's __init__ would have given them (an INSERT gets SQLAlchemy's)
-            written = _fill_new_row(obj, mapper) if new else None
+            written = _fill_new_row(obj, mapper, conn) if new else None
             make_transient_to_detached(obj)
             self.add(obj)
             pk_keys = {mapper.get_property_by_column(c).key for c in mapper.primary_key}
@@ -1184,15 +1184,17 @@ class _DefaultContext:
     """What a column default callable receives (``default=lambda ctx: ...``) when a new
     object's row is written by an UPDATE: the values of the row, as at an INSERT."""
 
-    def __init__(self, params: dict[str, Any], column: Any) -> None:
+    def __init__(self, params: dict[str, Any], column: Any, connection: Connection) -> None:
         self.current_parameters = params
         self.current_column = column
+        self.connection = connection
+        self.engine = connection.engine
 
     def get_current_parameters(self, isolate_multiinsert_groups: bool = True) -> dict[str, Any]:
         return self.current_parameters
 
 
-def _fill_new_row(obj: Any, mapper: Mapper[Any]) -> set[str]:
+def _fill_new_row(obj: Any, mapper: Mapper[Any], connection: Connection) -> set[str]:
     """Give a new object's unset columns what Django's ``Model()`` gives its fields: the
     column's Python-side default (a callable called once), else ``None``; a column whose only
     default is server-side (or a sequence) is left out.  Returns the attribute keys to write."""
@@ -1216,7 +1218,7 @@ def _fill_new_row(obj: Any, mapper: Mapper[Any]) -> set[str]:
         elif getattr(default, "is_sequence", False):
             continue
         elif getattr(default, "is_callable", False):
-            value = default.arg(_DefaultContext(params, col))
+            value = default.arg(_DefaultContext(params, col, connection))
         else:  # is_scalar, or is_clause_element: a SQL expression, written as such
             value = default.arg
         set_committed_value(obj, key, value)

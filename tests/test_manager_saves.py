@@ -50,6 +50,7 @@ class Doc(Base):
         String(60), default=lambda ctx: ctx.get_current_parameters()["title"] + "!"
     )  # a default that reads the row's other values, as SQLAlchemy's context-taking callables do
     kept: Mapped[str] = mapped_column(String(50), server_default="srv")
+    asked: Mapped[int] = mapped_column(default=lambda ctx: ctx.connection.scalar(text("SELECT 41")) + 1)
     shelf_id: Mapped[int | None] = mapped_column(ForeignKey("rv11_shelf.id"))
     shelf: Mapped[Shelf | None] = relationship()
 
@@ -108,6 +109,7 @@ def test_save_using_new_object_over_a_row_writes_defaults_not_nulls(cluster: sha
     assert rows(cluster, "other", DOC_ROW) == [(3, "New", None, 100, 7, stamp, "New!", "was here", None)]
     assert (doc.pages, doc.copies, doc.stamp, doc.echo, doc.note) == (100, 7, stamp, "New!", None)
     assert doc.kept == "was here"  # read back from the row it now is
+    assert doc.asked == 42  # a default that uses its context's connection
     assert shardkit.db_of(doc) == "other"
     assert rows(cluster, "default", DOC_ROW) == []
     assert next(_made) == before + 2
