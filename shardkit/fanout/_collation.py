@@ -138,13 +138,15 @@ def _needed(engine: Engine, dialect: str, keys: Sequence[TextKey]) -> list[tuple
     for key in keys:
         if key.explicit is not None and key.explicit.lower() != "default":
             continue
-        if dialect == "postgresql" and key.role == "equal":
-            continue  # any PostgreSQL collation groups as Python does (see effective())
         for column in key.columns:
             ck = _column_key(engine, column)
             if ck is not None:
                 out.append(ck)
-        out.append(("database",))
+        if not (dialect == "postgresql" and key.role == "equal"):  # a database's default is deterministic
+            out.append(("database",))
+    if dialect == "postgresql":  # is equality byte equality? (CREATE COLLATION ... deterministic = false)
+        explicit = {k.explicit for k in keys if k.role == "equal" and k.explicit and k.explicit.lower() != "default"}
+        out.extend(("deterministic", name) for name in sorted(explicit))
     return out
 
 
@@ -162,14 +164,17 @@ def lookups(engine: Engine, keys: Sequence[TextKey]) -> Callable[[Connection], N
         cursor = conn.connection.cursor()
         try:
             for fact in missing:
-                facts[fact] = _read_fact(cursor, conn.dialect.name, fact)
+                facts[fact] = _read_fact(cursor, conn.dialect.name, fact, facts)
         finally:
             cursor.close()
 
     return read
 
 
-def _read_fact(cursor: Any, dialect: str, fact: tuple[str, ...]) -> str | None:
+def _read_fact(
+    cursor: Any, dialect: str, fact: tuple[str, ...], facts: dict[tuple[str, ...], str | None]
+) -> str | None:
+    """Read one fact; a PostgreSQL column's collation also records whether it is deterministic."""
     if dialect == "postgresql":
         if fact[0] == "database":
             cursor.execute("SELECT row_to_json(d)::text FROM pg_database d WHERE datname = current_database()")
@@ -180,15 +185,26 @@ def _read_fact(cursor: Any, dialect: str, fact: tuple[str, ...]) -> str | None:
             if provider == "b":
                 return str(row.get("datlocale") or "")
             return str(row.get("datcollate") or "")
+        if fact[0] == "deterministic":
+            cursor.execute(
+                "SELECT bool_and(coalesce((to_jsonb(co) ->> 'collisdeterministic')::boolean, true)) "
+                "FROM pg_collation co WHERE collname = %s",
+                (fact[1],),
+            )
+            found = cursor.fetchone()
+            return "f" if found is not None and found[0] is False else "t"
         _, schema, table, column = fact
         rel = ('"' + schema.replace('"', '""') + '".' if schema else "") + '"' + table.replace('"', '""') + '"'
         cursor.execute(
-            "SELECT co.collname FROM pg_attribute a JOIN pg_collation co ON co.oid = a.attcollation "
-            "WHERE a.attrelid = to_regclass(%s) AND a.attname = %s",
+            "SELECT co.collname, to_jsonb(co) ->> 'collisdeterministic' FROM pg_attribute a "
+            "JOIN pg_collation co ON co.oid = a.attcollation WHERE a.attrelid = to_regclass(%s) AND a.attname = %s",
             (rel, column),
         )
         found = cursor.fetchone()
-        return None if found is None or found[0] == "default" else str(found[0])
+        if found is None or found[0] == "default":
+            return None
+        facts[("deterministic", str(found[0]))] = "f" if found[1] == "false" else "t"
+        return str(found[0])
     if fact[0] == "database":
         cursor.execute("SELECT @@collation_database")
         return str(cursor.fetchone()[0])
@@ -259,9 +275,14 @@ def effective(keys: Sequence[TextKey], engines: dict[str, Engine]) -> dict[int, 
             rules[key.index] = str(next(iter(rule_set)))  # SQLite NOCASE / RTRIM on every shard
             continue
         if key.role == "equal" and all(
-            rule == BINARY or engines[alias].dialect.name == "postgresql" for alias, _, rule in found
+            rule == BINARY
+            or (
+                engines[alias].dialect.name == "postgresql"
+                and _facts(engines[alias]).get(("deterministic", name)) != "f"
+            )
+            for alias, name, rule in found
         ):
-            continue  # PostgreSQL's (deterministic) collations: equal means byte-equal
+            continue  # a deterministic PostgreSQL collation: equal means byte-equal
         on: dict[str, list[str]] = {}
         for alias, name, _ in found:
             on.setdefault(name or "(unknown)", []).append(alias)
