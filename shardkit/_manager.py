@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, overload
 
 from sqlalchemy import ColumnElement, and_, delete, event, extract, func, inspect, not_, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapper, joinedload, load_only, object_session, selectinload
 from sqlalchemy.orm.attributes import InstrumentedAttribute, instance_state
 from sqlalchemy.orm.collections import collection
@@ -672,7 +673,18 @@ class QuerySet(Generic[M]):
             return qs.get(**lookups), False
         except ObjectDoesNotExist:
             params = {k: v for k, v in lookups.items() if "__" not in k}
-            return qs.create(**{**params, **(defaults or {})}), True
+            try:
+                return qs.create(**{**params, **(defaults or {})}), True
+            except IntegrityError:
+                # another connection created it in between (Django reads it again); inside a
+                # session block the failed flush awaits your rollback: the error is yours
+                if current_session() is not None:
+                    raise
+                try:
+                    return qs.get(**lookups), False
+                except ObjectDoesNotExist:
+                    pass
+                raise
 
     def update(self, **values: Any) -> int:
         """``UPDATE`` the matching rows; returns the number of rows changed."""

@@ -305,3 +305,27 @@ def test_values_of_a_foreign_key_by_its_relationship_name(cluster: shardkit.Clus
     assert list(Doc.objects.order_by("id").values_list("shelf", flat=True)) == [1, None]  # Django: the key
     assert list(Doc.objects.filter(id=1).values("shelf", "title")) == [{"shelf": 1, "title": "a"}]
     assert [s.name for s in Shelf.objects.filter(id__in=Doc.objects.values_list("shelf", flat=True))] == ["top"]
+
+
+def test_get_or_create_reads_again_when_a_concurrent_insert_wins(
+    cluster: shardkit.Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Django: create() raising IntegrityError (the row was inserted meanwhile) -> get() again
+    real_get = shardkit.QuerySet.get
+    calls: list[int] = []
+
+    def racing_get(self: Any, *criteria: Any, **lookups: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:  # the first read misses; another connection then inserts the row
+            with cluster.engine("default").begin() as conn:
+                conn.execute(text("INSERT INTO rv11_tag (id, name) VALUES ('k', 'theirs')"))
+            raise Tag.DoesNotExist("not yet")
+        return real_get(self, *criteria, **lookups)
+
+    monkeypatch.setattr(shardkit.QuerySet, "get", racing_get)
+    tag, created = Tag.objects.get_or_create(id="k", defaults={"name": "mine"})
+    assert (tag.name, created, len(calls)) == ("theirs", False, 2)
+    assert rows(cluster, "default", "SELECT id, name FROM rv11_tag") == [("k", "theirs")]
+    monkeypatch.setattr(shardkit.QuerySet, "get", real_get)
+    with pytest.raises(IntegrityError):  # the key exists but the lookup does not match: no retry hides it
+        Tag.objects.get_or_create(id="k", name="other")
