@@ -20,7 +20,11 @@ from sqlalchemy import (
     text,
     union_all,
 )
-from sqlalchemy.dialects.postgresql import distinct_on
+
+try:  # SQLAlchemy 2.1: select().ext(distinct_on(...)); 2.0: select().distinct(*columns)
+    from sqlalchemy.dialects.postgresql import distinct_on
+except ImportError:  # pragma: no cover - SQLAlchemy 2.0
+    distinct_on = None
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shardkit.errors import FanoutError, UnsupportedQueryError
@@ -30,6 +34,13 @@ from .strategies import users
 
 c = users.c
 
+
+
+def _distinct_on(stmt: Any, *columns: Any) -> Any:
+    """PostgreSQL's DISTINCT ON in the spelling of the installed SQLAlchemy."""
+    if distinct_on is not None:
+        return stmt.ext(distinct_on(*columns))
+    return stmt.distinct(*columns)
 
 class Base(DeclarativeBase):
     pass
@@ -194,7 +205,7 @@ def test_explain_renders_for_a_dialect() -> None:
         (select(c.name, func.count()).select_from(users), "column outside an aggregate"),
         (select(c.name, func.count()).group_by(c.country), "column neither grouped nor aggregated"),
         (select(c.name).distinct().order_by(c.score), "ORDER BY expression not in the select list of a DISTINCT query"),
-        (select(users).ext(distinct_on(c.country)), "DISTINCT ON"),
+        (_distinct_on(select(users), c.country), "DISTINCT ON"),
         (
             select(func.count()).select_from(users).having(func.count() % 2 == 0),
             "operator mod over aggregates or in HAVING",
@@ -219,7 +230,7 @@ def test_union_refused() -> None:
 
 
 def test_distinct_on_shard_key_allowed() -> None:
-    plan = plan_select(select(users).ext(distinct_on(c.id)).order_by(c.id), shard_key_columns=[c.id])
+    plan = plan_select(_distinct_on(select(users), c.id).order_by(c.id), shard_key_columns=[c.id])
     assert not plan.merge.distinct
 
 
