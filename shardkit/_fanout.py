@@ -106,6 +106,13 @@ def shards_of(result: Any) -> tuple[str, ...]:
         shards = getattr(result, "shards", None)
         if shards is not None:
             return tuple(shards)
+        # a SELECT routed to one alias runs as SQLAlchemy's own execution: the alias is in
+        # the execution options of its cursor result (an ORM result keeps that as ``raw``)
+        for cursor_result in (result, getattr(result, "raw", None)):
+            context = getattr(cursor_result, "context", None)
+            alias = getattr(context, "execution_options", {}).get("shardkit_alias")
+            if alias is not None:
+                return (alias,)
         result = getattr(result, "_real_result", None)
         seen += 1
     return ()

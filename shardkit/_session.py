@@ -794,7 +794,7 @@ class ShardSession(Session):
             result.shards = (alias,)  # type: ignore[attr-defined]
         return result
 
-    def _execute_routed(self, orm_context: ORMExecuteState) -> Result[Any]:
+    def _execute_routed(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         if orm_context.is_insert and not self._placed(orm_context):
             model = _statement_model(orm_context)
             if model is not None:
@@ -805,6 +805,13 @@ class ShardSession(Session):
                 return self._bulk_update(orm_context, model)
         target = self._route(orm_context)
         if isinstance(target, str):
+            if orm_context.is_select:
+                # One alias for a SELECT: name it in the bind arguments and let SQLAlchemy go
+                # on with this same execution (no second pass through Session.execute); the
+                # alias is kept in the execution options for the identity key and shards_of().
+                orm_context.bind_arguments["shard_id"] = target
+                orm_context.update_execution_options(identity_token=target, shardkit_alias=target)
+                return None
             return self._invoke_on(orm_context, target)
         return self._fanout(orm_context, target)
 
