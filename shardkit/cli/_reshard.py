@@ -75,37 +75,6 @@ def _resharder(settings_path: str | None, add: str | None, remove: str | None, n
     return Resharder(cluster, router, _new_ring(new_ring), add=add, remove=remove, metadata=base, **kw)
 
 
-def _describe(ring: Any) -> str:
-    return (
-        f"version {ring.version} (mode {ring.mode}, generation {ring.generation}, "
-        f"{len(ring)} shard{'' if len(ring) == 1 else 's'}: {', '.join(ring) or 'none'})"
-    )
-
-
-def _render(plan: Any) -> str:
-    """The plan as text: both rings, the hash space that moves, then rows per table and shard pair."""
-    lines = [
-        f"current ring: {_describe(plan.old_ring)}",
-        f"new ring:     {_describe(plan.new_ring)}",
-        f"moving hash space: {plan.movement}",
-    ]
-    moving = plan.moving_rows
-    for t in plan.tables:
-        total = plan.rows.get(t.name, 0)
-        pct = 100.0 * moving[t.name] / total if total else 0.0
-        colo = f" (co-located with {t.parent} by {t.key.name})" if t.parent else ""
-        lines.append(f"table {t.name}{colo}: {moving[t.name]} of {total} rows move ({pct:.1f}%)")
-        for m in plan.moves:
-            if m.table == t.name and m.rows:
-                lines.append(f"  {m.source} -> {m.target}: {m.rows} rows")
-    scanned = sum(plan.rows.values())
-    if plan.seconds > 0:
-        lines.append(
-            f"counted on the shards: {scanned} rows in {plan.seconds:.2f}s ({scanned / plan.seconds:,.0f} rows/s)"
-        )
-    return "\n".join(lines)
-
-
 _common = [
     click.option(
         "--settings",
@@ -153,7 +122,7 @@ def plan(settings: str | None, add: str | None, remove: str | None, new_ring: st
             )
         )
     else:
-        click.echo(_render(result))
+        click.echo(result.render())
 
 
 @reshard.command()

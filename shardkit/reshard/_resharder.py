@@ -80,6 +80,14 @@ class _Stopped(Exception):
 
 
 # --------------------------------------------------------------------------- results
+def _describe_ring(ring: HashRing) -> str:
+    n = len(ring)
+    return (
+        f"version {ring.version} (mode {ring.mode}, generation {ring.generation}, "
+        f"{n} shard{'' if n == 1 else 's'}: {', '.join(ring) or 'none'})"
+    )
+
+
 @dataclass(frozen=True)
 class Move:
     """Rows of ``table`` on ``source`` that the new ring gives to ``target`` (counted on the shard)."""
@@ -111,11 +119,11 @@ class ReshardPlan:
         return {t.name: out[t.name] for t in self.tables}
 
     def render(self) -> str:
-        """The plan as a text report."""
-        old, new = self.old_ring, self.new_ring
+        """The plan as a text report: both rings, the hash space that moves, then rows per table
+        and per source -> target pair (what ``shardkit reshard plan`` prints)."""
         lines = [
-            f"ring {old.mode}: version {old.version} (generation {old.generation}, {len(old)} shards) -> "
-            f"version {new.version} (generation {new.generation}, {len(new)} shards)",
+            f"current ring: {_describe_ring(self.old_ring)}",
+            f"new ring:     {_describe_ring(self.new_ring)}",
             f"moving hash space: {self.movement}",
         ]
         moving = self.moving_rows
