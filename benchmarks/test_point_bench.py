@@ -23,7 +23,6 @@ printed at the end of the run with their targets.
 from __future__ import annotations
 
 import os
-import secrets
 import statistics
 import threading
 import time
@@ -33,14 +32,14 @@ from itertools import count
 from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, String, create_engine, insert, select, text
+from sqlalchemy import BigInteger, String, create_engine, insert, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import shardkit
+from tests.conftest import DatabaseFactory
 
 N = int(os.environ.get("SHARDKIT_BENCH_POINT_USERS", "20000"))
-PG_URL = os.environ.get("SHARDKIT_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 SHARDS = ["p0", "p1", "p2", "p3"]
 KEYS = list(range(1, N + 1, max(1, N // 500)))[:500]
 THREADS = 16
@@ -76,26 +75,15 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[World]:
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:  # no server: a benchmark cannot run
-        pytest.skip(f"!!! PostgreSQL at {make_url(PG_URL).render_as_string()} is NOT REACHABLE: {exc}")
-    tag = secrets.token_hex(4)
-    names = {alias: f"shardkit_pb_{tag}_{alias}" for alias in [*SHARDS, "default", "single"]}
-    with admin.connect() as conn:
-        for name in names.values():
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    databases = DatabaseFactory(tmp_path_factory.mktemp("point"))  # dropped at the end, even on failure
     cluster: shardkit.Cluster | None = None
     single: Engine | None = None
     try:
-        url = make_url(PG_URL)
-        urls = {alias: url.set(database=name) for alias, name in names.items()}
+        urls = {a: make_url(u) for a, u in databases.urls("postgresql", *SHARDS, "default", "single").items()}
         ring = shardkit.HashRing(SHARDS)
         pool = {"pool_size": THREADS, "max_overflow": 0}  # one connection per thread on every side
-        databases = {
+        settings = {
             a: {
                 "ENGINE": "postgresql",
                 "NAME": urls[a].database,
@@ -106,7 +94,7 @@ def world() -> Iterator[World]:
             }
             for a in ["default", *SHARDS]
         }
-        cluster = shardkit.Cluster(databases, routers=[shardkit.HashRingRouter(ring)])
+        cluster = shardkit.Cluster(settings, routers=[shardkit.HashRingRouter(ring)])
         cluster.create_all(Base)
         single = create_engine(urls["single"], **pool)
         Base.metadata.create_all(single)
@@ -124,10 +112,7 @@ def world() -> Iterator[World]:
             cluster.dispose()
         if single is not None:
             single.dispose()
-        with admin.connect() as conn:
-            for name in names.values():
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        databases.drop_all()
 
 
 def _median(benchmark: Any) -> float:

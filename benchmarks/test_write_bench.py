@@ -17,20 +17,18 @@ Throughput ratios (shardkit / peer) are printed at the end of the run.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from sqlalchemy import BigInteger, ForeignKey, String, create_engine, insert, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 import shardkit
+from tests.conftest import DatabaseFactory
 
 N = int(os.environ.get("SHARDKIT_BENCH_WRITE_USERS", "100000"))
-PG_URL = os.environ.get("SHARDKIT_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 SHARDS = ["w0", "w1", "w2", "w3"]
 _FIGURES: dict[str, float] = {}
 
@@ -71,36 +69,24 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[World]:
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    databases = DatabaseFactory(tmp_path_factory.mktemp("writes"))  # dropped at the end, even on failure
     try:
-        with admin.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:  # no server: a benchmark cannot run
-        pytest.skip(f"!!! PostgreSQL at {make_url(PG_URL).render_as_string()} is NOT REACHABLE: {exc}")
-    tag = secrets.token_hex(4)
-    names = {alias: f"shardkit_wb_{tag}_{alias}" for alias in [*SHARDS, "default", "single"]}
-    with admin.connect() as conn:
-        for name in names.values():
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_URL)
-    urls = {alias: url.set(database=name) for alias, name in names.items()}
-    ring = shardkit.HashRing(SHARDS)
-    cluster = shardkit.Cluster({a: urls[a] for a in ["default", *SHARDS]}, routers=[shardkit.HashRingRouter(ring)])
-    cluster.create_all(Base)
-    single = create_engine(urls["single"])
-    Base.metadata.create_all(single)
-    users = [{"id": i, "name": f"user{i}", "score": i % 1000} for i in range(1, N + 1)]
-    orders = [{"id": i, "user_id": i, "total": i % 97} for i in range(1, N + 1)]
-    try:
-        yield World(cluster, ring, single, users, orders)
+        urls = databases.urls("postgresql", *SHARDS, "default", "single")
+        ring = shardkit.HashRing(SHARDS)
+        cluster = shardkit.Cluster({a: urls[a] for a in ["default", *SHARDS]}, routers=[shardkit.HashRingRouter(ring)])
+        single = create_engine(urls["single"])
+        try:
+            cluster.create_all(Base)
+            Base.metadata.create_all(single)
+            users = [{"id": i, "name": f"user{i}", "score": i % 1000} for i in range(1, N + 1)]
+            orders = [{"id": i, "user_id": i, "total": i % 97} for i in range(1, N + 1)]
+            yield World(cluster, ring, single, users, orders)
+        finally:
+            cluster.dispose()
+            single.dispose()
     finally:
-        cluster.dispose()
-        single.dispose()
-        with admin.connect() as conn:
-            for name in names.values():
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        databases.drop_all()
 
 
 def _run(benchmark: Any, world: World, fn: Any, key: str) -> None:
