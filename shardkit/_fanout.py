@@ -36,7 +36,7 @@ from sqlalchemy.sql import operators, selectable
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.lambdas import StatementLambdaElement
 
-from .errors import ShardQueryError, UnsupportedQueryError
+from .errors import ShardQueryError, UnsupportedQueryError, brief
 from .fanout import FanoutPlan, merge_rows, pg_statement_timeout_sql, plan_select, run_parallel
 from .fanout._collation import effective, lookups, text_keys
 from .fanout._connect import ConnectionTask
@@ -215,11 +215,6 @@ def _runner(
     return run
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 #: SQLSTATE of a statement cancelled by statement_timeout or a cancel request.
 _PG_QUERY_CANCELED = "57014"
 
@@ -335,7 +330,7 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
             continue
         tasks[alias] = ConnectionTask(alias, body, held=conn)
     if unreachable and (not partial or not tasks):
-        detail = "; ".join(f"{a}: {type(e).__name__}: {_first_line(e)}" for a, e in unreachable.items())
+        detail = "; ".join(f"{a}: {brief(e)}" for a, e in unreachable.items())
         raise ShardQueryError(
             f"fan-out failed on shard(s) {', '.join(repr(a) for a in unreachable)}: cannot connect ({detail})",
             errors=unreachable,

@@ -54,7 +54,7 @@ from types import ModuleType
 from typing import Any
 
 from ._cluster import Cluster
-from .errors import ConfigError
+from .errors import ConfigError, brief
 from .ring import HashRing, HashRingRouter
 
 __all__ = ["ENV_VAR", "Settings", "import_object", "load_settings"]
@@ -123,7 +123,7 @@ def import_object(path: str) -> Any:
     try:
         module = importlib.import_module(module_path)
     except Exception as exc:  # any failure while importing user code is a settings mistake
-        raise ConfigError(f"{path!r} does not import: {_one_line(exc)}", path=path) from exc
+        raise ConfigError(f"{path!r} does not import: {brief(exc)}", path=path) from exc
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -181,9 +181,9 @@ def _import_settings(name: str) -> ModuleType:
                 f"settings module {name!r} not found (is its folder on sys.path? a TOML file needs the .toml suffix)",
                 settings=name,
             ) from exc
-        raise ConfigError(f"settings module {name!r} does not import: {_one_line(exc)}", settings=name) from exc
+        raise ConfigError(f"settings module {name!r} does not import: {brief(exc)}", settings=name) from exc
     except Exception as exc:  # a syntax error or a crash inside the user's module
-        raise ConfigError(f"settings module {name!r} does not import: {_one_line(exc)}", settings=name) from exc
+        raise ConfigError(f"settings module {name!r} does not import: {brief(exc)}", settings=name) from exc
 
 
 def _from_module(module: ModuleType, options: Mapping[str, Any]) -> Settings:
@@ -206,7 +206,7 @@ def _from_toml(path: Path, options: Mapping[str, Any]) -> Settings:
     except FileNotFoundError:
         raise ConfigError(f"settings file {source!r} does not exist", settings=source) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"settings file {source!r} cannot be read: {_one_line(exc)}", settings=source) from None
+        raise ConfigError(f"settings file {source!r} cannot be read: {brief(exc)}", settings=source) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"settings file {source!r} is not valid TOML: {exc}", settings=source) from None
     unknown = sorted(set(data) - _TOML_KEYS)
@@ -302,8 +302,3 @@ def _build(
                 aliases=missing,
             )
     return Settings(cluster=cluster, ring=ring, metadata=metadata, source=source)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -72,6 +72,7 @@ from .errors import (
     ShardkitError,
     TwoPhaseCommitError,
     TwoPhaseRecoveryError,
+    brief,
 )
 
 if TYPE_CHECKING:
@@ -149,14 +150,6 @@ def _gid_literal(gid: str) -> str:
     if parse_gid(gid) is None:  # only shardkit's own GIDs are ever spliced into SQL
         raise ShardkitError(f"not a shardkit two-phase GID: {gid!r}", gid=gid)
     return "'" + gid.replace("'", "''") + "'"
-
-
-def _brief(exc: BaseException) -> str:
-    """``DriverError: first line`` of a database error (a driver's message holds no password)."""
-    orig = getattr(exc, "orig", None)
-    shown = orig if isinstance(orig, BaseException) else exc
-    lines = str(shown).strip().splitlines()
-    return f"{type(shown).__name__}: {lines[0].strip()}" if lines else type(shown).__name__
 
 
 def _sqlstate(exc: BaseException) -> str | None:
@@ -338,7 +331,7 @@ def _settle_unlogged(cluster: Cluster, txid: str, aliases: list[str], gids: dict
         decision, ours = _record_abort(cluster, txid, aliases)
     except Exception:
         raise TwoPhaseCommitError(
-            f"two-phase commit {txid}: logging the decision on 'default' failed ({_brief(exc)}) and "
+            f"two-phase commit {txid}: logging the decision on 'default' failed ({brief(exc)}) and "
             f"whether it was written cannot be checked: {', '.join(aliases)} stay prepared, holding their "
             "locks, until 'shardkit twophase recover' can read 'default': it commits them if the decision "
             "was written, else rolls them back",
@@ -386,7 +379,7 @@ def _commit_prepared(
         except Exception as exc:
             if _sqlstate(exc) != _PG_UNDEFINED_OBJECT:
                 errors[alias] = exc
-                reasons[alias] = f"COMMIT PREPARED failed ({_brief(exc)}); it stays prepared"
+                reasons[alias] = f"COMMIT PREPARED failed ({brief(exc)}); it stays prepared"
                 _discard(conns[alias])
                 continue
             # the prepared transaction is gone: finished by someone else.  Never assume how.
@@ -630,7 +623,7 @@ def _commit_each(conns: list[tuple[str, Connection]]) -> None:
                 )
                 raise error from None
             raise PartialCommitError(
-                f"commit failed on {alias!r} ({_brief(error)}) after {', '.join(committed)} had committed "
+                f"commit failed on {alias!r} ({brief(error)}) after {', '.join(committed)} had committed "
                 f"(the aliases are committed one after the other); "
                 f"{'rolled back on ' + ', '.join(rolled_back) if rolled_back else 'no alias was left to roll back'}. "
                 f"The databases now disagree: {', '.join(committed)} hold this transaction's writes, "
@@ -811,7 +804,7 @@ def _scan(cluster: Cluster, alias: str, min_age: float) -> list[tuple[str, str, 
 
 def _recovery_error(errors: dict[str, BaseException], resolved: list[InDoubt]) -> TwoPhaseRecoveryError:
     names = ", ".join(repr(alias) for alias in errors)
-    details = "; ".join(f"{alias}: {_brief(exc)}" for alias, exc in errors.items())
+    details = "; ".join(f"{alias}: {brief(exc)}" for alias, exc in errors.items())
     done = f"resolved {len(resolved)} in-doubt transaction(s) elsewhere" if resolved else "resolved nothing"
     return TwoPhaseRecoveryError(
         f"two-phase recovery could not finish on {names} ({details}); {done}; "

@@ -17,10 +17,10 @@ keeps working for code that does not know shardkit::
      +-- RelationError (ValueError)          allow_relation refused a relation (cross-shard)
      +-- UnsavedObjectError (ValueError)     a related-manager call on an object not saved there
      +-- CrossShardWriteError                a multi-shard commit refused by the strict setting
- +-- CommitError                         a commit over several shards did not end alike on all of them
- |    +-- PartialCommitError              "allow": some shards committed, the others did not
- |    +-- TwoPhaseCommitError             "twophase": decided commit, some shards left for recovery
- +-- TwoPhaseRecoveryError               recovery could not reach or resolve some aliases
+     +-- CommitError                         a commit over several shards did not end alike on all of them
+     |    +-- PartialCommitError              "allow": some shards committed, the others did not
+     |    +-- TwoPhaseCommitError             "twophase": decided commit, some shards left for recovery
+     +-- TwoPhaseRecoveryError               recovery could not reach or resolve some aliases
      +-- FanoutError                         a read across shards failed
      |    +-- UnsupportedQueryError           a statement shape that cannot be merged correctly
      |    +-- InvalidCursorError (TypeError)  a keyset cursor value that is not a plain value
@@ -230,3 +230,21 @@ class FanoutTimeoutError(ShardQueryError, TimeoutError):
 
 class ReshardError(ShardkitError):
     """A reshard cannot start, resume, verify or cut over."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message, for one-line reports (a database error's own
+    message, not SQLAlchemy's wrapper with the SQL; drivers put no password in it); the type's
+    name when the message is empty."""
+    orig = getattr(exc, "orig", None)
+    shown = orig if isinstance(orig, BaseException) else exc
+    lines = str(shown).strip().splitlines()
+    return lines[0].strip() if lines else type(shown).__name__
+
+
+def brief(exc: BaseException) -> str:
+    """``Type: first line`` of an error (see :func:`first_line`)."""
+    orig = getattr(exc, "orig", None)
+    shown = orig if isinstance(orig, BaseException) else exc
+    lines = str(shown).strip().splitlines()
+    return f"{type(shown).__name__}: {lines[0].strip()}" if lines else type(shown).__name__

@@ -43,7 +43,7 @@ from concurrent.futures import FIRST_EXCEPTION, Executor, Future, wait
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from shardkit.errors import FanoutTimeoutError, ShardQueryError
+from shardkit.errors import FanoutTimeoutError, ShardQueryError, brief
 
 __all__ = [
     "CallableTask",
@@ -321,11 +321,6 @@ def _stage(task: ShardTask[Any]) -> str:
     return f" ({stage})" if isinstance(stage, str) and stage else ""
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
-
-
 def _names(aliases: Any) -> str:
     return ", ".join(repr(a) for a in aliases)
 
@@ -429,9 +424,7 @@ def run_parallel(
                 aliases=tuple(slow),
             )
         failed = [a for a in ordered if a not in late] if timed_out else list(ordered)
-        detail = "; ".join(
-            f"{a}{'' if a in late else stages[a]}: {type(e).__name__}: {_first_line(e)}" for a, e in ordered.items()
-        )
+        detail = "; ".join(f"{a}{'' if a in late else stages[a]}: {brief(e)}" for a, e in ordered.items())
         raise ShardQueryError(
             f"fan-out failed on shard(s) {_names(failed)}"
             + (f", no answer from {_names(late)}" if timed_out and late else "")

@@ -42,6 +42,7 @@ from sqlalchemy import inspect, select
 from sqlalchemy.exc import NoInspectionAvailable
 
 from .._routing import RouterChain
+from ..errors import first_line
 from ..ring import HashRing, HashRingRouter
 from ..typing import ShardTargets
 from ._errors import ShardMovingError
@@ -191,7 +192,7 @@ class FencingRouter:
                 self._unknown = None
             except Exception as exc:  # default unreachable: keep the last state, say so
                 self._next_poll = _now() + self.poll_interval / 4  # try again soon
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 if self._unknown is None:  # loud only when it matters: a reshard was under way
                     level = logging.WARNING if self._active else logging.DEBUG
                     logger.log(level, "cannot read the reshard state from default: %s", first)
