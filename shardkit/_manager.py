@@ -752,7 +752,10 @@ class ValuesQuerySet(QuerySet[V]):
         return [_value_column(self.model, f) for f in self._fields]
 
     def _statement(self, alias: str | None) -> Any:
-        stmt = self._apply(select(*self._columns()), alias)
+        return self._ordered_slice(self._apply(select(*self._columns()), alias))
+
+    def _ordered_slice(self, stmt: Any) -> Any:
+        """``stmt`` with this queryset's ordering, offset and limit."""
         order = self._ordering()
         if order:
             stmt = stmt.order_by(*order)
@@ -763,21 +766,13 @@ class ValuesQuerySet(QuerySet[V]):
         return stmt
 
     def _pk_subquery(self) -> Any:
-        """The subquery of ``filter(x__in=this)``: its one field."""
+        """The subquery of ``filter(x__in=this)``: its one field (ordered only where a slice needs it)."""
         if len(self._fields) != 1:
             raise TypeError(
                 f"Cannot use multi-field values as a filter value ({self.model.__name__}: {', '.join(self._fields)})."
             )
         stmt = self._apply(select(*self._columns()), None)
-        if self._limit is not None or self._offset:
-            order = self._ordering()
-            if order:
-                stmt = stmt.order_by(*order)
-            if self._offset:
-                stmt = stmt.offset(self._offset)
-            if self._limit is not None:
-                stmt = stmt.limit(self._limit)
-        return stmt
+        return self._ordered_slice(stmt) if self._limit is not None or self._offset else stmt
 
     def _fetch(self) -> list[V]:
         if self._cache is None:
