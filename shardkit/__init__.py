@@ -17,7 +17,6 @@ from . import errors
 from ._cluster import Cluster, get_active_cluster
 from ._config import DEFAULT_DB_ALIAS, AliasSpec
 from ._events import contains, listen, listens_for, remove
-from ._fanout import ShardedResult, shards_of
 from ._manager import (
     FieldError,
     Manager,
@@ -33,6 +32,7 @@ from ._routing import RouterChain
 from ._session import ShardSession, current_session, db_of, using
 from ._settings import Settings, load_settings
 from .errors import ShardkitError
+from .fanout._orm import ShardedResult, shards_of
 from .ids import IdGenerator, next_id
 from .ring import HashRing, HashRingRouter
 from .typing import ShardTargets

@@ -721,7 +721,7 @@ class ShardSession(Session):
         if isinstance(statement, TextClause):  # text() given a shardkit_model: read like the model
             return router.db_for_read(model, **hints)
         if not (orm_context.is_update or orm_context.is_delete or orm_context.is_insert):
-            from ._fanout import reads_rows
+            from .fanout._orm import reads_rows
 
             if reads_rows(statement):  # from_statement(text("SELECT ...")): SQLAlchemy's is_select is False
                 return router.db_for_read(model, **hints)
@@ -872,7 +872,7 @@ class ShardSession(Session):
         return result
 
     def _broadcast(self, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
-        from ._fanout import ShardedResult
+        from .fanout._orm import ShardedResult
 
         returning = bool(getattr(orm_context.statement, "_returning", ()))
         first: Result[Any] | None = None
@@ -913,7 +913,7 @@ class ShardSession(Session):
         Each row is shown to the routers as a stand-in instance (so a ring router reads its shard
         key, and may assign an id); rows are grouped per alias and each alias gets one executemany.
         """
-        from ._fanout import ShardedResult
+        from .fanout._orm import ShardedResult
 
         groups: dict[str, list[Any]] = {}
         batch_rows = list(rows)  # a router may replace a row with a copy holding a generated key
@@ -978,7 +978,7 @@ class ShardSession(Session):
     def _multi_values_insert(self, orm_context: ORMExecuteState, model: type[Any], rows: list[Any]) -> Result[Any]:
         """``insert(User).values([{...}, {...}])``: the rows grouped per alias as the routers place
         each one, and one multi-row INSERT per alias (its RETURNING rows shard after shard)."""
-        from ._fanout import ShardedResult
+        from .fanout._orm import ShardedResult
 
         statement = orm_context.statement
         table = statement.table  # type: ignore[attr-defined]
@@ -1011,7 +1011,7 @@ class ShardSession(Session):
         one in for a row that already exists) or nothing is written.  A model whose rows are on
         every target (a reference table) still gets the whole batch on every one.
         """
-        from ._fanout import ShardedResult
+        from .fanout._orm import ShardedResult
 
         router = self.cluster.router
         statement = orm_context.statement
@@ -1060,7 +1060,7 @@ class ShardSession(Session):
         return _merged([], tuple(groups), total, ShardedResult)
 
     def _fanout(self, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
-        from ._fanout import execute_fanout
+        from .fanout._orm import execute_fanout
 
         return execute_fanout(self, orm_context, targets)
 

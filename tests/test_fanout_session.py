@@ -20,8 +20,7 @@ from sqlalchemy import Engine, ForeignKey, String, create_engine, event, func, s
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import shardkit
-from shardkit import HashRing, HashRingRouter, db_of
-from shardkit._fanout import ShardedResult, shards_of
+from shardkit import HashRing, HashRingRouter, ShardedResult, db_of, shards_of
 from shardkit.errors import UnsupportedQueryError
 from shardkit.fanout import cursor_of, keyset_page
 

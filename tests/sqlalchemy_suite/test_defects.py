@@ -14,7 +14,7 @@ from sqlalchemy import BigInteger, ForeignKey, delete, func, insert, inspect, la
 from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship, selectinload
 
 import shardkit
-from shardkit._fanout import shards_of
+from shardkit import shards_of
 from shardkit.errors import UnknownAliasError
 
 from ..conftest import StatementLog

@@ -36,20 +36,20 @@ from sqlalchemy.sql import operators, selectable
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.lambdas import StatementLambdaElement
 
-from .errors import ShardQueryError, UnsupportedQueryError, brief
-from .fanout import FanoutPlan, merge_rows, pg_statement_timeout_sql, plan_select, run_parallel
-from .fanout._collation import effective, lookups, text_keys
-from .fanout._connect import ConnectionTask
-from .fanout._merge import null_is_larger
-from .fanout._plan import plan_from_statement
-from .fanout._threads import calling_thread_executor, thread_bound
-from .typing import ShardTargets
+from ..errors import ShardQueryError, UnsupportedQueryError, brief
+from ..typing import ShardTargets
+from ._collation import effective, lookups, text_keys
+from ._connect import ConnectionTask
+from ._execute import pg_statement_timeout_sql, run_parallel
+from ._merge import merge_rows, null_is_larger
+from ._plan import FanoutPlan, plan_from_statement, plan_select
+from ._threads import calling_thread_executor, thread_bound
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine, Result
     from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
-    from ._session import ShardSession
+    from .._session import ShardSession
 
 __all__ = ["ShardedResult", "execute_fanout", "reads_rows", "shards_of"]
 
@@ -161,7 +161,7 @@ def _close_adopted_at_transaction_end() -> None:
     global _listening
     if _listening:
         return
-    from ._session import ShardSession
+    from .._session import ShardSession
 
     if not event.contains(ShardSession, "after_transaction_end", _close_adopted):
         event.listen(ShardSession, "after_transaction_end", _close_adopted)
