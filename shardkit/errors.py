@@ -27,6 +27,9 @@ keeps working for code that does not know shardkit::
      |    +-- ShardQueryError                 one or more shards failed: ``.errors`` maps alias -> exception
      |    +-- FanoutTimeoutError (TimeoutError) the fan-out deadline passed
      +-- ReshardError                        a reshard that cannot start, continue or verify
+          +-- ShardMovingError                a write (or an every-shard read) of a key being moved; retry
+          +-- ReshardLockedError              another reshard holds the lock (``owner`` names it)
+          +-- ReshardVerifyError              verify found differences (``report`` lists every differing key)
 
 Context is passed as keyword arguments and kept as attributes (``alias``,
 ``model``, ``key``), so callers can react without parsing messages.  No error
@@ -52,9 +55,12 @@ __all__ = [
     "PartialCommitError",
     "RelationError",
     "ReshardError",
+    "ReshardLockedError",
+    "ReshardVerifyError",
     "RouterError",
     "RouterImportError",
     "RoutingError",
+    "ShardMovingError",
     "ShardQueryError",
     "ShardkitError",
     "TwoPhaseCommitError",
@@ -230,6 +236,31 @@ class FanoutTimeoutError(ShardQueryError, TimeoutError):
 
 class ReshardError(ShardkitError):
     """A reshard cannot start, resume, verify or cut over."""
+
+
+class ShardMovingError(ReshardError):
+    """The key's rows are being moved to another shard right now: retry in a moment.
+
+    Raised by :class:`~shardkit.reshard.FencingRouter` during the short cut-over of a
+    reshard.  Attributes: ``key`` (the shard key, or ``None`` for a statement whose key
+    is not known), ``table``, ``retryable`` (always ``True``).
+    """
+
+    retryable = True
+
+
+class ReshardLockedError(ReshardError):
+    """Another reshard is running; ``owner`` is ``"host:pid"`` of the holder."""
+
+
+class ReshardVerifyError(ReshardError):
+    """Source and target differ; ``report`` (a :class:`~shardkit.reshard.VerifyReport`) names every
+    differing primary key.  The cut-over did not happen."""
+
+    report: Any
+
+    def __init__(self, message: str, *, report: Any, **context: Any) -> None:
+        super().__init__(message, report=report, **context)
 
 
 def first_line(exc: BaseException) -> str:

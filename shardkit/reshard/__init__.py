@@ -20,7 +20,7 @@ on MySQL.
 
 from __future__ import annotations
 
-from ._errors import ReshardLockedError, ReshardVerifyError, ShardMovingError
+from ..errors import ReshardLockedError, ReshardVerifyError, ShardMovingError
 from ._fence import FencingRouter
 from ._resharder import (
     Move,

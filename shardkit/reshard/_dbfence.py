@@ -54,10 +54,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, text
 
-from ..errors import ReshardError
+from ..errors import ReshardError, ShardMovingError
 from ..ring import HashRing
 from ..ring._keys import hash_key
-from ._errors import ShardMovingError
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine

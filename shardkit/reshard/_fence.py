@@ -42,10 +42,9 @@ from sqlalchemy import inspect, select
 from sqlalchemy.exc import NoInspectionAvailable
 
 from .._routing import RouterChain
-from ..errors import first_line
+from ..errors import ShardMovingError, first_line
 from ..ring import HashRing, HashRingRouter
 from ..typing import ShardTargets
-from ._errors import ShardMovingError
 
 if TYPE_CHECKING:
     from .._cluster import Cluster

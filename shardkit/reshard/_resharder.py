@@ -42,10 +42,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, inspect, select
 
-from ..errors import ConfigError, ReshardError
+from ..errors import ConfigError, ReshardError, ReshardVerifyError
 from ..ring import HashRing, HashRingRouter
 from . import _copy, _dbfence, _pg
-from ._errors import ReshardVerifyError
 from ._fence import FencingRouter, fences_of, find_ring_router
 from ._state import Lease, ReshardState, StateStore, load_current_ring
 from ._tables import SOURCE_COLUMN, MovingTable, discover

@@ -36,8 +36,8 @@ from sqlalchemy import (
     text,
 )
 
+from ..errors import ReshardLockedError
 from ..ring import HashRing
-from ._errors import ReshardLockedError
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
