@@ -31,11 +31,10 @@ import contextlib
 import contextvars
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from sqlalchemy import BindParameter, Engine, Identity, Join, Select, Table, TextClause, and_, event, select
-from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.orm import (
     Mapper,
     Query,
@@ -48,9 +47,10 @@ from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.exc import NO_STATE
 from sqlalchemy.orm.interfaces import MANYTOONE, ORMOption
 
-from . import _events, _sqla
+from . import _events, _sqla, _writes
 from ._twophase import CommitOrder
 from .errors import InvalidRouteError, RoutingError, ShardkitError
+from .fanout._orm import execute_fanout, reads_rows
 from .typing import ShardTargets
 
 if TYPE_CHECKING:
@@ -720,11 +720,9 @@ class ShardSession(Session):
             return router.db_for_read(model, **hints)
         if isinstance(statement, TextClause):  # text() given a shardkit_model: read like the model
             return router.db_for_read(model, **hints)
-        if not (orm_context.is_update or orm_context.is_delete or orm_context.is_insert):
-            from .fanout._orm import reads_rows
-
-            if reads_rows(statement):  # from_statement(text("SELECT ...")): SQLAlchemy's is_select is False
-                return router.db_for_read(model, **hints)
+        if not (orm_context.is_update or orm_context.is_delete or orm_context.is_insert) and reads_rows(statement):
+            # from_statement(text("SELECT ...")): SQLAlchemy's is_select is False
+            return router.db_for_read(model, **hints)
         return router.db_for_write(model, **hints)
 
     def _using_targets(self, value: Any) -> str | ShardTargets:
@@ -774,26 +772,6 @@ class ShardSession(Session):
             return None
         return self.identity_map.get(key)
 
-    def _invoke_on(self, orm_context: ORMExecuteState, alias: str, statement: Any = None) -> Result[Any]:
-        bind_arguments = dict(orm_context.bind_arguments)
-        bind_arguments["shard_id"] = alias
-        orm_context.update_execution_options(identity_token=alias)
-        kwargs: dict[str, Any] = {"bind_arguments": bind_arguments}
-        if statement is not None:
-            kwargs["statement"] = statement
-        if not (orm_context.is_insert or orm_context.is_update or orm_context.is_delete):
-            result = orm_context.invoke_statement(**kwargs)  # a SELECT, or text() we cannot classify
-        else:  # a bulk INSERT/UPDATE/DELETE on one known alias
-            self._note_statement_write(alias)
-            previous, self._bulk_alias = self._bulk_alias, alias
-            try:
-                result = orm_context.invoke_statement(**kwargs)
-            finally:
-                self._bulk_alias = previous
-        with contextlib.suppress(AttributeError):  # a Result class with __slots__
-            result.shards = (alias,)  # type: ignore[attr-defined]
-        return result
-
     def _execute_routed(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         if orm_context.is_insert and not self._placed(orm_context):
             model = _statement_model(orm_context)
@@ -812,15 +790,37 @@ class ShardSession(Session):
                 orm_context.bind_arguments["shard_id"] = target
                 orm_context.update_execution_options(identity_token=target, shardkit_alias=target)
                 return None
-            return self._invoke_on(orm_context, target)
+            return _writes.invoke_on(self, orm_context, target)
         return self._fanout(orm_context, target)
 
-    def _note_statement_write(self, alias: str) -> None:
-        """A write statement is about to run on ``alias``: apply the cross-shard write setting."""
-        if alias in self._tx_write_aliases:
+    def check_writes(self, aliases: Iterable[str]) -> None:
+        """A statement is about to write on each of ``aliases``: check the cross-shard setting for
+        all of them before the first is written."""
+        self.cluster._check_write_aliases(self._tx_write_aliases | set(aliases))
+
+    def note_writes(self, aliases: Iterable[str]) -> None:
+        """A write statement is about to run on each of ``aliases``: apply the cross-shard write
+        setting to all of them (before the first is written), then count them as written."""
+        written = self._tx_write_aliases
+        new = [a for a in aliases if a not in written]
+        if not new:
             return
-        self.cluster._check_write_aliases(self._tx_write_aliases | {alias})
-        self._tx_write_aliases.add(alias)
+        self.cluster._check_write_aliases(written | set(new))
+        written.update(new)
+
+    def _note_statement_write(self, alias: str) -> None:
+        """Kept for callers of the earlier name: :meth:`note_writes` of one alias."""
+        self.note_writes((alias,))
+
+    @contextlib.contextmanager
+    def writing_on(self, alias: str) -> Iterator[None]:
+        """While a bulk statement runs on ``alias``: SQLAlchemy's bulk paths ask ``get_bind``
+        with the mapper only, and must not see the per-instance ``connection_callable``."""
+        previous, self._bulk_alias = self._bulk_alias, alias
+        try:
+            yield
+        finally:
+            self._bulk_alias = previous
 
     def _placed(self, orm_context: ORMExecuteState) -> bool:
         return (
@@ -834,7 +834,7 @@ class ShardSession(Session):
         """An INSERT statement: to where the routers send the statement, else row by row."""
         opinion = self.cluster.router.write_opinion(model, statement=orm_context.statement, session=self)
         if isinstance(opinion, str):
-            return self._invoke_on(orm_context, opinion)
+            return _writes.invoke_on(self, orm_context, opinion)
         params = orm_context.parameters
         if isinstance(opinion, ShardTargets):  # e.g. a reference table: the same rows on every alias
             return self._broadcast(orm_context, opinion)
@@ -852,7 +852,7 @@ class ShardSession(Session):
         extra = {k: v for k, v in filled.items() if row.get(k) is None}  # a key the routers generated
         if extra:
             return self._invoke_on_with_params(orm_context, alias, {**single, **extra}, extra)
-        return self._invoke_on(orm_context, alias)
+        return _writes.invoke_on(self, orm_context, alias)
 
     def _invoke_on_with_params(
         self, orm_context: ORMExecuteState, alias: str, params: dict[str, Any], extra: dict[str, Any]
@@ -872,21 +872,15 @@ class ShardSession(Session):
         return result
 
     def _broadcast(self, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
-        from .fanout._orm import ShardedResult
-
         returning = bool(getattr(orm_context.statement, "_returning", ()))
         first: Result[Any] | None = None
         for alias in targets.statements:
-            part = self._invoke_on(orm_context, alias)
+            part = _writes.invoke_on(self, orm_context, alias)
             if returning and first is None:
                 first = part  # the same rows went to every shard: return them once
             else:
                 part.close()
-        if first is not None:
-            return first
-        result = ShardedResult(SimpleResultMetaData([]), iter(()))
-        result.shards = tuple(targets.statements)
-        return result
+        return _writes.merged([first] if first is not None else [], tuple(targets.statements))
 
     def _route_row(self, model: type[Any], row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """The alias of one row to write, shown to the routers as a stand-in instance; the row is
@@ -913,8 +907,6 @@ class ShardSession(Session):
         Each row is shown to the routers as a stand-in instance (so a ring router reads its shard
         key, and may assign an id); rows are grouped per alias and each alias gets one executemany.
         """
-        from .fanout._orm import ShardedResult
-
         groups: dict[str, list[Any]] = {}
         batch_rows = list(rows)  # a router may replace a row with a copy holding a generated key
         aliases = self.cluster.router.db_for_write_rows(model, batch_rows, session=self)
@@ -925,7 +917,7 @@ class ShardSession(Session):
             for row in rows:
                 alias, filled = self._route_row(model, row)
                 groups.setdefault(alias, []).append(filled)
-        self._note_statement_writes(groups)  # a batch the cross-shard setting refuses writes nothing
+        self.check_writes(groups)  # a batch the cross-shard setting refuses writes nothing
         total = 0
         returning = bool(getattr(orm_context.statement, "_returning", ()))
         parts: list[Result[Any]] = []
@@ -952,15 +944,7 @@ class ShardSession(Session):
             else:
                 part.close()
             total += len(batch)  # every row was sent, or execute() raised
-        if parts:  # INSERT ... RETURNING: the rows of every shard, shard after shard
-            merged = parts[0].merge(*parts[1:]) if len(parts) > 1 else parts[0]
-            with contextlib.suppress(AttributeError):
-                merged.shards = tuple(groups)  # type: ignore[attr-defined]
-            return merged
-        result = ShardedResult(SimpleResultMetaData([]), iter(()))
-        result.shards = tuple(groups)
-        result.rowcount = total  # type: ignore[attr-defined]
-        return result
+        return _writes.merged(parts, tuple(groups), total)  # INSERT ... RETURNING: shard after shard
 
     def _route_rows(self, model: type[Any], rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
         """Each row's alias, and the row as routed (with any key a router filled in or converted)."""
@@ -970,16 +954,10 @@ class ShardSession(Session):
             return list(zip(aliases, routed, strict=True))
         return [self._route_row(model, row) for row in rows]
 
-    def _note_statement_writes(self, aliases: Iterable[str]) -> None:
-        """A statement is about to write on each of ``aliases``: check the cross-shard setting for
-        all of them before the first is written."""
-        self.cluster._check_write_aliases(self._tx_write_aliases | set(aliases))
 
     def _multi_values_insert(self, orm_context: ORMExecuteState, model: type[Any], rows: list[Any]) -> Result[Any]:
         """``insert(User).values([{...}, {...}])``: the rows grouped per alias as the routers place
         each one, and one multi-row INSERT per alias (its RETURNING rows shard after shard)."""
-        from .fanout._orm import ShardedResult
-
         statement = orm_context.statement
         table = statement.table  # type: ignore[attr-defined]
         plain = [_values_row(table, ps) for ps in rows]
@@ -987,20 +965,20 @@ class ShardSession(Session):
         for ps, row, (alias, routed) in zip(rows, plain, self._route_rows(model, plain), strict=True):
             changed = {k: v for k, v in routed.items() if k not in row or _changed_value(row[k], v)}
             groups.setdefault(alias, []).append(_with_values(table, ps, changed) if changed else ps)
-        self._note_statement_writes(groups)
+        self.check_writes(groups)
         returning = bool(getattr(statement, "_returning", ()))
         parts: list[Result[Any]] = []
         total = 0
         for alias, group in groups.items():
             part_statement = statement._generate()  # type: ignore[attr-defined]
             part_statement._multi_values = (group,)
-            part = self._invoke_on(orm_context, alias, part_statement)
+            part = _writes.invoke_on(self, orm_context, alias, part_statement)
             if returning:
                 parts.append(part)
             else:
                 total += max(getattr(part, "rowcount", 0) or 0, 0)
                 part.close()
-        return _merged(parts, tuple(groups), total, ShardedResult)
+        return _writes.merged(parts, tuple(groups), total)
 
     def _bulk_update(self, orm_context: ORMExecuteState, model: type[Any]) -> Result[Any]:
         """``session.execute(update(User), rows)``, SQLAlchemy's bulk UPDATE by primary key.
@@ -1011,15 +989,13 @@ class ShardSession(Session):
         one in for a row that already exists) or nothing is written.  A model whose rows are on
         every target (a reference table) still gets the whole batch on every one.
         """
-        from .fanout._orm import ShardedResult
-
         router = self.cluster.router
         statement = orm_context.statement
         opinion = router.write_opinion(model, statement=statement, session=self)
         if opinion is None:
             opinion = router.db_for_write(model, statement=statement, session=self)
         if isinstance(opinion, str):
-            return self._invoke_on(orm_context, opinion)
+            return _writes.invoke_on(self, orm_context, opinion)
         rows: list[dict[str, Any]] = list(orm_context.parameters)  # type: ignore[arg-type]
         routed_rows = list(rows)  # a router may replace a row with a copy holding its converted key
         aliases = router.db_for_write_rows(model, routed_rows, session=self)
@@ -1041,7 +1017,7 @@ class ShardSession(Session):
                     attribute=filled[0],
                 )
             groups.setdefault(alias, []).append(routed)
-        self._note_statement_writes(groups)
+        self.check_writes(groups)
         total = 0
         for alias, batch in groups.items():
             previous, self._bulk_alias = self._bulk_alias, alias
@@ -1057,11 +1033,11 @@ class ShardSession(Session):
             count = getattr(part, "rowcount", None)
             total += count if isinstance(count, int) and count >= 0 else len(batch)
             part.close()
-        return _merged([], tuple(groups), total, ShardedResult)
+        return _writes.merged([], tuple(groups), total)
 
     def _fanout(self, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
-        from .fanout._orm import execute_fanout
-
+        if _writes.is_write(orm_context):
+            return _writes.run_on_targets(self, orm_context, targets)
         return execute_fanout(self, orm_context, targets)
 
     def route(self, statement: Any) -> str | ShardTargets:
@@ -1322,19 +1298,6 @@ def _with_values(table: Any, parameter_set: Any, changed: Mapping[str, Any]) -> 
             key = table.c.get(col_key, col_key)
         out[key] = value
     return out
-
-
-def _merged(parts: list[Result[Any]], shards: tuple[str, ...], rowcount: int, empty: Any) -> Result[Any]:
-    """The RETURNING rows of every shard, shard after shard; else an empty result with the row count."""
-    if parts:
-        merged = parts[0].merge(*parts[1:]) if len(parts) > 1 else parts[0]
-        with contextlib.suppress(AttributeError):
-            merged.shards = shards  # type: ignore[attr-defined]
-        return merged
-    result = empty(SimpleResultMetaData([]), iter(()))
-    result.shards = shards
-    result.rowcount = rowcount
-    return result  # type: ignore[no-any-return]
 
 
 _ATTR_KEYS: dict[Mapper[Any], dict[str, str]] = {}

@@ -23,7 +23,7 @@ from sqlalchemy.orm import configure_mappers, dependency
 from sqlalchemy.orm.base import INCLUDE_PENDING_MUTATIONS, PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.relationships import RelationshipProperty
 
-__all__ = ["install"]
+__all__ = ["install", "returning_of"]
 
 _installed = False
 
@@ -79,3 +79,11 @@ def install() -> None:
     processor.process_saves = _grouped(processor.process_saves)
     processor.process_deletes = _grouped(processor.process_deletes)
     _installed = True
+
+
+# -- statement internals ------------------------------------------------------
+
+
+def returning_of(statement: Any) -> tuple[Any, ...]:
+    """The RETURNING columns of an INSERT / UPDATE / DELETE (``()`` for anything else)."""
+    return getattr(statement, "_returning", ()) or ()

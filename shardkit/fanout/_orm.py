@@ -267,16 +267,10 @@ def _pin_null_order(
 def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
     """Run ``orm_context``'s statement on every alias of ``targets`` and merge the results."""
     statement = orm_context.statement
-    if isinstance(statement, TextClause):
-        return _text_fanout(session, orm_context, targets)
     if isinstance(statement, FromStatement):
-        if not reads_rows(statement):
-            return _write_fanout(session, orm_context, targets)
         # rows come back shard after shard (a textual statement has no merge plan)
         plan = plan_from_statement(statement, shard_key_columns=targets.shard_key_columns)
         shard_statements = {alias: plan.shard_statement for alias in targets.statements}
-    elif not orm_context.is_select:
-        return _write_fanout(session, orm_context, targets)
     else:
         statement = _resolved(statement)
         plan = plan_select(statement, shard_key_columns=targets.shard_key_columns)
@@ -403,46 +397,3 @@ def _resolved(statement: Any) -> Any:
         return statement._resolved
     return statement
 
-
-def _text_fanout(session: ShardSession, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
-    """A ``text()`` statement on several aliases, one after another.  shardkit does not parse
-    SQL, so there is no merge plan: rows come back concatenated in alias order (no global
-    ORDER BY, LIMIT or aggregate), row counts of a textual write are summed."""
-    parts = [session._invoke_on(orm_context, alias, stmt) for alias, stmt in targets.statements.items()]
-    aliases = tuple(targets.statements)
-    if all(getattr(part, "returns_rows", True) for part in parts):
-        merged = parts[0].merge(*parts[1:]) if len(parts) > 1 else parts[0]
-        with contextlib.suppress(AttributeError):
-            merged.shards = aliases  # type: ignore[attr-defined]
-        return merged
-    total = 0
-    for part in parts:
-        total += int(getattr(part, "rowcount", 0) or 0)
-        part.close()
-    result = ShardedResult(SimpleResultMetaData([]), iter(()))
-    result.shards = aliases
-    result.rowcount = total  # type: ignore[attr-defined]
-    return result
-
-
-def _write_fanout(session: ShardSession, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
-    """UPDATE / DELETE on several shards: each in the session's transaction, row counts summed."""
-    total = 0
-    parts = []
-    # UPDATE/DELETE ... RETURNING, and from_statement() of any write (its rows are objects)
-    returning = bool(getattr(orm_context.statement, "_returning", ())) or isinstance(
-        orm_context.statement, FromStatement
-    )
-    for alias, stmt in targets.statements.items():
-        shard_result = session._invoke_on(orm_context, alias, stmt)
-        total += int(getattr(shard_result, "rowcount", 0) or 0)
-        parts.append(shard_result)
-    if returning and parts:  # UPDATE/DELETE ... RETURNING: every shard's rows
-        merged = parts[0].merge(*parts[1:]) if len(parts) > 1 else parts[0]
-        with contextlib.suppress(AttributeError):
-            merged.shards = tuple(targets.statements)  # type: ignore[attr-defined]
-        return merged
-    result = ShardedResult(SimpleResultMetaData([]), iter(()))
-    result.shards = tuple(targets.statements)
-    result.rowcount = total  # type: ignore[attr-defined]
-    return result
