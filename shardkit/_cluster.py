@@ -13,7 +13,7 @@ with ``with cluster.activate():``.
 from __future__ import annotations
 
 import contextvars
-import importlib
+import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
@@ -179,23 +179,20 @@ class Cluster:
         self._autocommit = threading.local()
 
     @classmethod
-    def from_settings(cls, settings: str | ModuleType, **kwargs: Any) -> Cluster:
-        """Build a cluster from a settings module's ``DATABASES`` and ``DATABASE_ROUTERS``.
+    def from_settings(cls, settings: str | os.PathLike[str] | ModuleType | None = None, **kwargs: Any) -> Cluster:
+        """Build a cluster from settings: ``DATABASES``, ``DATABASE_ROUTERS`` and ``SHARDKIT_RING``.
 
-        :param settings: a dotted module path (``"myproject.settings"``) or the module itself.
+        The cluster of :func:`shardkit.load_settings` (the one loader, see ``shardkit._settings``):
+        a ring the settings define gets its :class:`~shardkit.HashRingRouter` in the chain.
+
+        :param settings: a dotted module path (``"myproject.settings"``), the module itself, the
+            path of a ``settings.py`` or of a TOML file; ``None`` reads ``SHARDKIT_SETTINGS``.
+        :param kwargs: keyword arguments of :class:`Cluster` (``engine_options``, ``deadline`` ...).
+        :raises ConfigError: the settings cannot be found, read or validated.
         """
-        if isinstance(settings, str):
-            try:
-                module: Any = importlib.import_module(settings)
-            except ImportError as exc:
-                raise ConfigError(f"settings module {settings!r} does not import: {exc}", settings=settings) from exc
-        else:
-            module = settings
-        databases = getattr(module, "DATABASES", None)
-        if databases is None:
-            raise ConfigError(f"settings module {module.__name__!r} defines no DATABASES")
-        routers = getattr(module, "DATABASE_ROUTERS", ())
-        return cls(databases, routers, **kwargs)
+        from ._settings import load_settings  # here: the settings module builds Cluster objects
+
+        return load_settings(settings, cluster_class=cls, **kwargs).cluster
 
     # -- aliases and engines -----------------------------------------------------
 

@@ -24,9 +24,13 @@ Two forms, one result (:class:`Settings`):
       vnodes = 1024             # mode = "buckets" + buckets = 4096 for the balanced mode
       shard_keys = { orders = "user_id" }
 
-Which one is meant: a path ending in ``.toml``, or naming an existing file, is
-a TOML file; anything else is a dotted module path.  With no argument, the
-environment variable ``SHARDKIT_SETTINGS`` names either.
+Which one is meant: a path ending in ``.py`` is a Python settings file, imported
+as the module named by its stem with its folder on ``sys.path`` (the Django habit,
+``--settings settings.py``); a path ending in ``.toml``, or naming an existing file,
+is a TOML file; anything else is a dotted module path.  With no argument, the
+environment variable ``SHARDKIT_SETTINGS`` names any of them.  This module is the one
+loader: :func:`load_settings`, :meth:`Cluster.from_settings <shardkit.Cluster.from_settings>`
+and every ``shardkit`` command read settings through it, so each way in behaves alike.
 
 The ring and the router chain: when the settings define a ring and no router
 of ``DATABASE_ROUTERS`` is a :class:`~shardkit.HashRingRouter`, a
@@ -44,8 +48,11 @@ contains a password.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
+import logging
 import os
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,10 +61,13 @@ from types import ModuleType
 from typing import Any
 
 from ._cluster import Cluster
+from ._find import import_object, ring_router_of
 from .errors import ConfigError, brief
 from .ring import HashRing, HashRingRouter
 
-__all__ = ["ENV_VAR", "Settings", "import_object", "load_settings"]
+__all__ = ["ENV_VAR", "Settings", "import_object", "load_settings", "ring_router_of"]
+
+logger = logging.getLogger(__name__)
 
 ENV_VAR = "SHARDKIT_SETTINGS"
 """The environment variable naming the settings (a dotted module path or a TOML file)."""
@@ -106,40 +116,18 @@ class Settings:
         return self.ring
 
 
-def import_object(path: str) -> Any:
-    """Import ``"package.module:attr"`` (or ``"package.module.attr"``) and return the attribute.
-
-    :raises ConfigError: the module or the attribute does not exist.
-
-    >>> import_object("shardkit:HashRing").__name__
-    'HashRing'
-    """
-    if ":" in path:
-        module_path, _, attr = path.partition(":")
-    else:
-        module_path, _, attr = path.rpartition(".")
-    if not module_path or not attr:
-        raise ConfigError(f"{path!r} is not a path to an object: use 'package.module:name'", path=path)
-    try:
-        module = importlib.import_module(module_path)
-    except Exception as exc:  # any failure while importing user code is a settings mistake
-        raise ConfigError(f"{path!r} does not import: {brief(exc)}", path=path) from exc
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(
-                f"{path!r} does not import: {module_path!r} has no attribute {attr!r}", path=path
-            ) from None
-    return obj
-
-
-def load_settings(source: str | os.PathLike[str] | ModuleType | None = None, **cluster_options: Any) -> Settings:
+def load_settings(
+    source: str | os.PathLike[str] | ModuleType | None = None,
+    *,
+    cluster_class: type[Cluster] = Cluster,
+    **cluster_options: Any,
+) -> Settings:
     """Load a cluster and its ring from a settings module or a TOML file.
 
-    :param source: a dotted module path, the module itself, or the path of a TOML
-        file; ``None`` reads the environment variable ``SHARDKIT_SETTINGS``.
+    :param source: a dotted module path, the module itself, the path of a Python
+        settings file (``settings.py``) or of a TOML file; ``None`` reads the
+        environment variable ``SHARDKIT_SETTINGS``.
+    :param cluster_class: the class of the cluster built (a subclass of :class:`~shardkit.Cluster`).
     :param cluster_options: keyword arguments for :class:`~shardkit.Cluster`
         (``engine_options``, ``deadline`` ...).
     :raises ConfigError: the settings cannot be found, read or validated.
@@ -152,19 +140,15 @@ def load_settings(source: str | os.PathLike[str] | ModuleType | None = None, **c
         if source is None:
             raise ConfigError(f"no settings given: pass --settings (a module or a .toml file) or set {ENV_VAR}")
     if isinstance(source, ModuleType):
-        return _from_module(source, cluster_options)
+        return _from_module(source, cluster_class, cluster_options)
     text = os.fspath(source)
     if not text.strip():
         raise ConfigError("the settings name is empty")
     if text.strip().endswith(".py"):  # the Django habit: a file path where a module name goes
-        raise ConfigError(
-            f"settings {text!r} is a Python file: pass its module name ({Path(text.strip()).stem!r}, with its "
-            "folder on sys.path), or give the path to the `shardkit` command, which imports the file",
-            settings=text,
-        )
+        return _from_module(_module_from_file(Path(text.strip())), cluster_class, cluster_options)
     if _looks_like_file(text):
-        return _from_toml(Path(text), cluster_options)
-    return _from_module(_import_settings(text), cluster_options)
+        return _from_toml(Path(text), cluster_class, cluster_options)
+    return _from_module(_import_settings(text), cluster_class, cluster_options)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -186,7 +170,48 @@ def _import_settings(name: str) -> ModuleType:
         raise ConfigError(f"settings module {name!r} does not import: {brief(exc)}", settings=name) from exc
 
 
-def _from_module(module: ModuleType, options: Mapping[str, Any]) -> Settings:
+def _module_from_file(path: Path) -> ModuleType:
+    """Import the settings file ``path`` as the module named by its stem, its folder on ``sys.path``.
+
+    The folder goes on ``sys.path`` (as ``python path/to/settings.py`` would do) so that the
+    file's own imports and paths such as ``SHARDKIT_METADATA = "models:Base"`` resolve; an
+    already imported module of the same name and file is reused.
+    """
+    if not path.is_file():
+        raise ConfigError(f"settings file {str(path)!r} does not exist", settings=str(path))
+    path = path.resolve()
+    name = path.stem
+    if not name.isidentifier():
+        raise ConfigError(
+            f"settings file {str(path)!r}: {name!r} is not a Python module name; rename the file", settings=str(path)
+        )
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    known = sys.modules.get(name)
+    known_file = getattr(known, "__file__", None)
+    if known is not None and known_file and Path(known_file).resolve() == path:
+        return known
+    if known is not None:
+        raise ConfigError(
+            f"settings file {str(path)!r}: another module named {name!r} is already imported "
+            f"({known_file or 'built in'}); rename the file or pass a dotted module path",
+            settings=str(path),
+        )
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # pragma: no cover - a .py path always has a loader
+        raise ConfigError(f"settings file {str(path)!r} cannot be imported", settings=str(path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code failed: a settings mistake, in one line
+        del sys.modules[name]
+        raise ConfigError(f"settings file {str(path)!r} does not import: {brief(exc)}", settings=str(path)) from exc
+    return module
+
+
+def _from_module(module: ModuleType, cluster_class: type[Cluster], options: Mapping[str, Any]) -> Settings:
     source = module.__name__
     databases = getattr(module, "DATABASES", None)
     if databases is None:
@@ -195,10 +220,10 @@ def _from_module(module: ModuleType, options: Mapping[str, Any]) -> Settings:
     ring = _ring_from_value(getattr(module, "SHARDKIT_RING", None), f"{source}.SHARDKIT_RING")
     shard_keys = getattr(module, "SHARDKIT_SHARD_KEYS", None)
     metadata = getattr(module, "SHARDKIT_METADATA", None)
-    return _build(source, databases, routers, ring, shard_keys, metadata, options)
+    return _build(source, databases, routers, ring, shard_keys, metadata, cluster_class, options)
 
 
-def _from_toml(path: Path, options: Mapping[str, Any]) -> Settings:
+def _from_toml(path: Path, cluster_class: type[Cluster], options: Mapping[str, Any]) -> Settings:
     source = str(path)
     try:
         with path.open("rb") as fh:
@@ -235,7 +260,7 @@ def _from_toml(path: Path, options: Mapping[str, Any]) -> Settings:
     metadata = data.get("metadata")
     if metadata is not None and not isinstance(metadata, str):
         raise ConfigError(f"{source}: 'metadata' must be a 'package.module:Base' string", settings=source)
-    return _build(source, databases, routers, ring, shard_keys, metadata, options)
+    return _build(source, databases, routers, ring, shard_keys, metadata, cluster_class, options)
 
 
 def _toml_alias(source: str, alias: str, entry: Any) -> Any:
@@ -275,24 +300,26 @@ def _build(
     ring: HashRing | None,
     shard_keys: Any,
     metadata: Any,
+    cluster_class: type[Cluster],
     options: Mapping[str, Any],
 ) -> Settings:
     if shard_keys is not None and not isinstance(shard_keys, Mapping):
         raise ConfigError(f"{source}: shard keys must map table names (or models) to attribute names")
-    cluster = Cluster(databases, routers, **options)
-    ring_routers = [r for r in cluster.router.routers if isinstance(r, HashRingRouter)]
+    cluster = cluster_class(databases, routers, **options)
+    ring_router = ring_router_of(cluster)
     if ring is None:
-        if ring_routers:
-            ring = ring_routers[0].ring
-    elif ring_routers:
-        if ring_routers[0].ring != ring:
+        if ring_router is not None:
+            ring = ring_router.ring
+    elif ring_router is not None:
+        if ring_router.ring != ring:
             raise ConfigError(
                 f"{source}: SHARDKIT_RING and the ring of the HashRingRouter in DATABASE_ROUTERS differ; "
                 "define the ring once (the router's ring is used when SHARDKIT_RING is not set)"
             )
     else:
         # routers as loaded (paths imported, classes instantiated) plus the ring's router
-        cluster = Cluster(databases, [*cluster.router.routers, HashRingRouter(ring, shard_keys=shard_keys)], **options)
+        routers = [*cluster.router.routers, HashRingRouter(ring, shard_keys=shard_keys)]
+        cluster = cluster_class(databases, routers, **options)
     if ring is not None:
         missing = [alias for alias in ring if alias not in cluster.aliases]
         if missing:
@@ -301,4 +328,5 @@ def _build(
                 f"(aliases: {', '.join(cluster.aliases)})",
                 aliases=missing,
             )
+    logger.debug("settings %s: aliases %s, ring: %s", source, ", ".join(cluster.aliases), ring is not None)
     return Settings(cluster=cluster, ring=ring, metadata=metadata, source=source)

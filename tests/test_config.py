@@ -243,3 +243,27 @@ def test_the_cli_prints_one_line_without_the_password(tmp_path) -> None:  # type
     assert "Traceback" not in done.stderr and SECRET not in done.stderr + done.stdout
     assert "shard3" in done.stderr and "port" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_from_settings_honours_the_ring_and_toml(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Cluster.from_settings is load_settings' cluster: SHARDKIT_RING and TOML files count too."""
+    (tmp_path / "ringsettings.py").write_text(
+        "DATABASES = {'default': 'sqlite://', 's0': 'sqlite://', 's1': 'sqlite://'}\n"
+        "SHARDKIT_RING = {'shards': ['s0', 's1'], 'vnodes': 8}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cluster = shardkit.Cluster.from_settings("ringsettings")
+    (router,) = cluster.router.routers
+    assert isinstance(router, shardkit.HashRingRouter) and router.ring == shardkit.HashRing(["s0", "s1"], vnodes=8)
+    (tmp_path / "shardkit.toml").write_text(
+        '[databases]\ndefault = "sqlite://"\ns0 = "sqlite://"\n[ring]\nshards = ["s0"]\nvnodes = 8\n'
+    )
+    for source in (tmp_path / "shardkit.toml", str(tmp_path / "shardkit.toml")):
+        cluster = shardkit.Cluster.from_settings(source)
+        assert cluster.aliases == ("default", "s0")
+        (router,) = cluster.router.routers
+        assert isinstance(router, shardkit.HashRingRouter) and router.ring == shardkit.HashRing(["s0"], vnodes=8)
+    with pytest.raises(ConfigError, match=r"ring shard\(s\) s9 not in DATABASES"):
+        (tmp_path / "bad.toml").write_text('[databases]\ndefault = "sqlite://"\n[ring]\nshards = ["s9"]\n')
+        shardkit.Cluster.from_settings(tmp_path / "bad.toml")
+    sys.modules.pop("ringsettings", None)

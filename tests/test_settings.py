@@ -8,11 +8,12 @@ import textwrap
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from shardkit import HashRing, HashRingRouter
-from shardkit._settings import Settings, import_object, load_settings
+from shardkit._settings import Settings, import_object, load_settings, ring_router_of
 from shardkit.errors import ConfigError
 
 
@@ -197,3 +198,75 @@ def test_import_object() -> None:
     for bad, message in (("nodots", "not a path"), ("shardkit:Nope", "no attribute"), ("nope_mod:X", "nope_mod")):
         with pytest.raises(ConfigError, match=message):
             import_object(bad)
+
+
+RING_MODULE = """
+DATABASES = {"default": "sqlite://", "s0": "sqlite://", "s1": "sqlite://"}
+DATABASE_ROUTERS = ["tests.app.routers.AuthRouter"]
+SHARDKIT_RING = {"shards": ["s0", "s1"], "vnodes": 16}
+SHARDKIT_SHARD_KEYS = {"orders": "user_id"}
+"""
+
+RING_TOML = """
+routers = ["tests.app.routers.AuthRouter"]
+
+[databases]
+default = "sqlite://"
+s0 = "sqlite://"
+s1 = "sqlite://"
+
+[ring]
+shards = ["s0", "s1"]
+vnodes = 16
+shard_keys = { orders = "user_id" }
+"""
+
+
+def test_every_way_in_gives_the_same_cluster(module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One loader: a module name, the module, a settings.py path, a TOML file and SHARDKIT_SETTINGS,
+    through load_settings and through Cluster.from_settings, give the same aliases, chain and ring."""
+    import importlib
+
+    from shardkit import Cluster
+
+    name = module(RING_MODULE)
+    toml = tmp_path / "ring.toml"
+    toml.write_text(RING_TOML)
+    sources: list[Any] = [name, importlib.import_module(name), f"{tmp_path}/{name}.py", tmp_path / f"{name}.py"]
+    sources += [toml, str(toml), None]
+    expected = HashRing(["s0", "s1"], vnodes=16)
+    for source in sources:
+        if source is None:
+            monkeypatch.setenv("SHARDKIT_SETTINGS", name)
+        clusters = [load_settings(source).cluster, Cluster.from_settings(source)]
+        for cluster in clusters:
+            routers = cluster.router.routers
+            assert cluster.aliases == ("default", "s0", "s1"), source
+            assert [type(r).__name__ for r in routers] == ["AuthRouter", "HashRingRouter"], source
+            assert ring_router_of(cluster) is routers[1] and routers[1].ring == expected, source
+            assert routers[1].is_sharded("orders") and not routers[1].is_sharded("users"), source
+    monkeypatch.setenv("SHARDKIT_SETTINGS", str(toml))
+    assert ring_router_of(Cluster.from_settings()) is not None
+
+
+def test_ring_router_of() -> None:
+    from shardkit import Cluster, RouterChain
+
+    router = HashRingRouter(HashRing(["s0"]))
+    cluster = Cluster({"default": "sqlite://", "s0": "sqlite://"}, [object(), router])
+    assert ring_router_of(cluster) is router
+    assert ring_router_of(cluster.router) is router
+    assert ring_router_of([object(), router]) is router
+    assert ring_router_of(RouterChain([], ["default"])) is None
+    assert ring_router_of(Cluster({"default": "sqlite://"})) is None
+
+
+def test_a_cluster_subclass_gets_its_own_class(module) -> None:
+    from shardkit import Cluster
+
+    class MyCluster(Cluster):
+        pass
+
+    cluster = MyCluster.from_settings(module(RING_MODULE), deadline=4.0)
+    assert type(cluster) is MyCluster and cluster.deadline == 4.0
+    assert ring_router_of(cluster) is not None

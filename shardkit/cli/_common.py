@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from types import ModuleType, TracebackType
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from .._settings import ENV_VAR, Settings, load_settings
-from ..errors import ConfigError
+from ..errors import brief
 
 if TYPE_CHECKING:
     from ..ring import HashRing
@@ -81,63 +79,19 @@ def load(settings_path: str | None) -> Settings:
     """Load the settings named on the command, else on the group, else by ``SHARDKIT_SETTINGS``.
 
     The current directory is put on ``sys.path`` first (as ``python -m`` does), so
-    ``--settings mysettings`` finds ``./mysettings.py``.  A path to a Python file
-    (``--settings settings.py``, the Django habit) is loaded as a module from that
-    path.  The cluster's engines are disposed when the command ends.
+    ``--settings mysettings`` finds ``./mysettings.py``; the rest (a module, a
+    ``settings.py`` path, a TOML file) is :func:`shardkit.load_settings`'s.  The
+    cluster's engines are disposed when the command ends.
     """
     ctx = click.get_current_context()
     root = ctx.find_root()
     path = settings_path or root.params.get("settings_path") or os.environ.get(ENV_VAR) or None
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    source: str | ModuleType | None = path
-    if path is not None and path.strip().endswith(".py"):
-        source = _module_from_file(Path(path.strip()))
-    settings = load_settings(source)
+    settings = load_settings(path)
     root.meta["shardkit.settings"] = settings
     root.call_on_close(settings.cluster.dispose)
     return settings
-
-
-def _module_from_file(path: Path) -> ModuleType:
-    """Import the settings file ``path`` as the module named by its stem, its folder on ``sys.path``.
-
-    The folder goes on ``sys.path`` (as ``python path/to/settings.py`` would do) so that the
-    file's own imports and paths such as ``SHARDKIT_METADATA = "models:Base"`` resolve; an
-    already imported module of the same name and file is reused.
-    """
-    if not path.is_file():
-        raise ConfigError(f"settings file {str(path)!r} does not exist", settings=str(path))
-    path = path.resolve()
-    name = path.stem
-    if not name.isidentifier():
-        raise ConfigError(
-            f"settings file {str(path)!r}: {name!r} is not a Python module name; rename the file", settings=str(path)
-        )
-    folder = str(path.parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    known = sys.modules.get(name)
-    known_file = getattr(known, "__file__", None)
-    if known is not None and known_file and Path(known_file).resolve() == path:
-        return known
-    if known is not None:
-        raise ConfigError(
-            f"settings file {str(path)!r}: another module named {name!r} is already imported "
-            f"({known_file or 'built in'}); rename the file or pass a dotted module path",
-            settings=str(path),
-        )
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:  # pragma: no cover - a .py path always has a loader
-        raise ConfigError(f"settings file {str(path)!r} cannot be imported", settings=str(path))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:  # the user's code failed: a settings mistake, in one line
-        del sys.modules[name]
-        raise ConfigError(f"settings file {str(path)!r} does not import: {one_line(exc)}", settings=str(path)) from exc
-    return module
 
 
 def echo_json(data: Any) -> None:
@@ -191,12 +145,8 @@ def not_in_ring(alias: str, ring: HashRing) -> CliError:
     return CliError(f"shard {alias!r} is not in the ring (its shards: {', '.join(ring) or 'none'})")
 
 
-def one_line(exc: BaseException) -> str:
-    """``Type: first line`` of an exception; a DBAPI error is shown by its driver's error."""
-    orig = getattr(exc, "orig", None)
-    shown = orig if isinstance(orig, BaseException) else exc
-    lines = [line.strip() for line in str(shown).strip().splitlines() if line.strip()]
-    return f"{type(shown).__name__}: {lines[0]}" if lines else type(shown).__name__
+one_line = brief
+"""``Type: first line`` of an exception, a DBAPI error by its driver's (:func:`shardkit.errors.brief`)."""
 
 
 def scrub(message: str, settings: Settings | None) -> str:

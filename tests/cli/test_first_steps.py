@@ -347,10 +347,15 @@ def test_settings_py_from_the_environment(run, workdir: Path, write_settings, mo
     assert result.exit_code == 0, result.output
 
 
-def test_load_settings_of_a_py_path_says_the_module_name() -> None:
+def test_load_settings_of_a_py_path_imports_the_file(workdir: Path, write_settings) -> None:
+    """The Python API takes a settings.py path as the command does (one loader, see shardkit._settings)."""
+    import shardkit
     from shardkit._settings import load_settings
     from shardkit.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"pass its module name \('settings'") as caught:
+    name = write_settings("DATABASES = {'default': 'sqlite://', 'other': 'sqlite://'}\n")
+    assert load_settings(f"{workdir}/{name}.py").cluster.aliases == ("default", "other")
+    assert shardkit.Cluster.from_settings(workdir / f"{name}.py").aliases == ("default", "other")
+    with pytest.raises(ConfigError, match=r"settings file 'conf/settings.py' does not exist") as caught:
         load_settings("conf/settings.py")
     assert "TOML" not in str(caught.value)
