@@ -47,7 +47,6 @@ import logging
 import random
 import time
 import uuid
-from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -57,6 +56,7 @@ from sqlalchemy import event, text
 from ..errors import ReshardError, ShardMovingError
 from ..ring import HashRing
 from ..ring._keys import hash_key
+from ..ring._layout import hash_ranges
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
@@ -76,11 +76,10 @@ __all__ = [
     "supported",
 ]
 
-logger = logging.getLogger("shardkit.reshard")
+logger = logging.getLogger(__name__)
 
 REFUSED_SQLSTATE = "40SK1"
 SQLITE_MARK = "shardkit_moving"
-_SPACE = 1 << 32
 _TRIGGER = "shardkit_fence"
 _PG_LOCK_ERRORS = ("55P03", "40P01")  # lock_not_available, deadlock_detected
 
@@ -91,44 +90,17 @@ def supported(engine: Engine) -> bool:
 
 
 # ------------------------------------------------------------------------ the arcs
-def _starts(ring: HashRing) -> list[int]:
-    """First hashes of the runs of the hash space over which ``ring``'s owner is constant."""
-    points = ring._points
-    if points is None:
-        n = len(ring._owners)
-        return [-(-b * _SPACE // n) for b in range(n)]
-    return [0, *(p + 1 for p in points if p + 1 < _SPACE)]
-
-
-def _owner_at(ring: HashRing, h: int) -> str | None:
-    owners, slots, points = ring._owners, ring._slots, ring._points
-    if points is None:
-        return slots[owners[(h * len(owners)) >> 32]]
-    i = bisect_left(points, h)
-    return slots[owners[0 if i == len(points) else i]]
-
-
 def fenced_arcs(old: HashRing, new: HashRing, alias: str, stage: str) -> list[tuple[int, int]]:
     """The closed hash ranges ``[lo, hi]`` whose keys ``alias`` refuses at ``stage``.
 
     ``"fence"``: every hash but those both rings give to ``alias``; ``"switched"``: every
     hash the new ring gives to another shard.
     """
-    if stage not in ("fence", "switched"):
-        raise ValueError(stage)
-    starts = sorted(set(_starts(old)) | set(_starts(new)))
-    out: list[tuple[int, int]] = []
-    for i, s in enumerate(starts):
-        end = starts[i + 1] - 1 if i + 1 < len(starts) else _SPACE - 1
-        o, n = _owner_at(old, s), _owner_at(new, s)
-        refused = n != alias if stage == "switched" else not (o == alias and n == alias)
-        if not refused:
-            continue
-        if out and out[-1][1] == s - 1:
-            out[-1] = (out[-1][0], end)
-        else:
-            out.append((s, end))
-    return out
+    if stage == "fence":
+        return hash_ranges(old, new, lambda o, n: not (o == alias and n == alias))
+    if stage == "switched":
+        return hash_ranges(old, new, lambda o, n: n != alias)
+    raise ValueError(stage)
 
 
 # ---------------------------------------------------------------- locks, with retry

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FencingRouter", "attach_fencing", "ensure_fencing", "fences_of", "find_ring_router"]
 
-logger = logging.getLogger("shardkit.reshard")
+logger = logging.getLogger(__name__)
 _now = time.monotonic
 
 WRITE_PHASES = frozenset(("fenced", "merging", "switched"))

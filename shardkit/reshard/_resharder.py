@@ -65,7 +65,7 @@ __all__ = [
     "reshard",
 ]
 
-logger = logging.getLogger("shardkit.reshard")
+logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 10_000
 DEFAULT_WORKERS = 4
