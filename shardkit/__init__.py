@@ -17,21 +17,11 @@ from . import errors
 from ._cluster import Cluster, get_active_cluster
 from ._config import DEFAULT_DB_ALIAS, AliasSpec
 from ._events import contains, listen, listens_for, remove
-from ._manager import (
-    FieldError,
-    Manager,
-    ModelMixin,
-    MultipleObjectsReturned,
-    ObjectDoesNotExist,
-    QuerySet,
-    RelatedList,
-    RelatedManager,
-    ValuesQuerySet,
-)
+from ._manager import Manager, ModelMixin, QuerySet, RelatedList, RelatedManager, ValuesQuerySet
 from ._routing import RouterChain
 from ._session import ShardSession, current_session, db_of, using
 from ._settings import Settings, load_settings
-from .errors import ShardkitError
+from .errors import FieldError, MultipleObjectsReturned, ObjectDoesNotExist, ShardkitError
 from .fanout._orm import ShardedResult, shards_of
 from .ids import IdGenerator, next_id
 from .ring import HashRing, HashRingRouter

@@ -43,10 +43,19 @@ from sqlalchemy.orm.session import _sessions
 from sqlalchemy.sql.elements import ClauseElement
 
 from . import _events
+from ._amanager import AsyncManagerMixin, AsyncModelMixin, AsyncQuerySetMixin
 from ._cluster import Cluster, get_active_cluster
 from ._relations import django_lead, relation_error
 from ._session import _DB, _USING, ShardSession, current_session, db_of, link_opinion
-from .errors import CrossDatabaseQueryError, RouterError, ShardkitError, UnsavedObjectError
+from .errors import (  # the model errors live in the one error tree; re-exported here by name
+    CrossDatabaseQueryError,
+    FieldError,
+    MultipleObjectsReturned,
+    ObjectDoesNotExist,
+    RouterError,
+    ShardkitError,
+    UnsavedObjectError,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import RelationshipProperty
@@ -67,18 +76,6 @@ __all__ = [
 M = TypeVar("M")
 
 _KEEP = "shardkit.manager_session"  # state.info: keeps an evaluation's session alive with its objects
-
-
-class ObjectDoesNotExist(ShardkitError, LookupError):
-    """``get()`` found no row. Each model has its own subclass, ``Model.DoesNotExist``."""
-
-
-class MultipleObjectsReturned(ShardkitError, LookupError):
-    """``get()`` found more than one row. Each model has ``Model.MultipleObjectsReturned``."""
-
-
-class FieldError(ShardkitError, AttributeError):
-    """A keyword lookup names a field or a lookup the model does not have."""
 
 
 # -- sessions --------------------------------------------------------------------------------
@@ -351,7 +348,7 @@ def _write_db(model: Any, instance: Any) -> str:
 # -- QuerySet ------------------------------------------------------------------------------------
 
 
-class QuerySet(Generic[M]):
+class QuerySet(AsyncQuerySetMixin[M], Generic[M]):
     """A lazy, chainable query of one model, in Django's style.
 
     Nothing runs until the queryset is iterated, sliced with an index, or asked
@@ -888,7 +885,7 @@ class RawQuerySet(Generic[M]):
 # -- Manager ---------------------------------------------------------------------------------
 
 
-class Manager(Generic[M]):
+class Manager(AsyncManagerMixin[M], Generic[M]):
     """Django's model manager: the entry point of queries, ``Model.objects``.
 
     Subclass it to add methods (``create_user()`` ...); they work through
@@ -1587,7 +1584,7 @@ class _ModelState:
         return instance_state(self._obj).key is None
 
 
-class ModelMixin:
+class ModelMixin(AsyncModelMixin):
     """Gives a declarative model Django's ``objects``, ``save()``, ``delete()``, ``pk``,
     ``refresh_from_db()`` and related managers.
 

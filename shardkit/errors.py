@@ -16,6 +16,9 @@ keeps working for code that does not know shardkit::
      +-- InvalidKeyError (TypeError)         a shard key of a type or value the ring refuses
      +-- RelationError (ValueError)          allow_relation refused a relation (cross-shard)
      +-- UnsavedObjectError (ValueError)     a related-manager call on an object not saved there
+     +-- ObjectDoesNotExist (LookupError)    get() found no row; each model's DoesNotExist derives from it
+     +-- MultipleObjectsReturned (LookupError) get() found several rows; each model has its own subclass
+     +-- FieldError (AttributeError)         a keyword lookup names a field or lookup the model lacks
      +-- CrossShardWriteError                a multi-shard commit refused by the strict setting
      +-- CommitError                         a commit over several shards did not end alike on all of them
      |    +-- PartialCommitError              "allow": some shards committed, the others did not
@@ -24,6 +27,7 @@ keeps working for code that does not know shardkit::
      +-- FanoutError                         a read across shards failed
      |    +-- UnsupportedQueryError           a statement shape that cannot be merged correctly
      |    +-- InvalidCursorError (TypeError)  a keyset cursor value that is not a plain value
+     |    +-- InvalidPageError (ValueError)   a keyset page size below 1
      |    +-- ShardQueryError                 one or more shards failed: ``.errors`` maps alias -> exception
      |    +-- FanoutTimeoutError (TimeoutError) the fan-out deadline passed
      +-- ReshardError                        a reshard that cannot start, continue or verify
@@ -49,9 +53,13 @@ __all__ = [
     "CrossShardWriteError",
     "FanoutError",
     "FanoutTimeoutError",
+    "FieldError",
     "InvalidCursorError",
     "InvalidKeyError",
+    "InvalidPageError",
     "InvalidRouteError",
+    "MultipleObjectsReturned",
+    "ObjectDoesNotExist",
     "PartialCommitError",
     "RelationError",
     "ReshardError",
@@ -143,6 +151,18 @@ class UnsavedObjectError(ShardkitError, ValueError):
     """A related-manager call needs an object saved on the database it works on (Django's ValueError)."""
 
 
+class ObjectDoesNotExist(ShardkitError, LookupError):
+    """``get()`` found no row. Each model has its own subclass, ``Model.DoesNotExist`` (Django's)."""
+
+
+class MultipleObjectsReturned(ShardkitError, LookupError):
+    """``get()`` found more than one row. Each model has its own subclass, ``Model.MultipleObjectsReturned``."""
+
+
+class FieldError(ShardkitError, AttributeError):
+    """A keyword lookup (``filter(name__startswith=...)``) names a field or a lookup the model does not have."""
+
+
 class CrossShardWriteError(ShardkitError):
     """A commit touching several shards was refused before anything was written."""
 
@@ -218,6 +238,10 @@ class InvalidCursorError(FanoutError, TypeError):
     ``position`` is its index in the cursor.  Cursor values are bound as parameters, never
     spliced into the SQL, so ``text("-1 OR TRUE")`` is refused rather than run.
     """
+
+
+class InvalidPageError(FanoutError, ValueError):
+    """A keyset page that cannot be read: ``page_size`` below 1 (``page_size`` is kept)."""
 
 
 class ShardQueryError(FanoutError):

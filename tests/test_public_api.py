@@ -35,3 +35,34 @@ def test_errors_keep_their_context() -> None:
     assert str(err) == "unknown database alias 'x'"
     failed = errors.ShardQueryError("shard s1 failed", errors={"s1": RuntimeError("boom")})
     assert list(failed.errors) == ["s1"]
+
+
+def test_the_tree_in_the_docstring_names_every_error() -> None:
+    tree = (errors.__doc__ or "").split("::", 1)[1].split("\n\n", 2)[1]
+    drawn = {line.split("+--")[-1].split()[0] for line in tree.splitlines() if line.strip()}
+    assert drawn == set(errors.__all__)
+
+
+def test_no_error_class_outside_the_tree() -> None:
+    """Every exception class of shardkit is defined in shardkit.errors (the one tree);
+    the model errors of ``_manager`` are re-exported there under their old names."""
+    import importlib
+    import pkgutil
+
+    from shardkit import _manager
+
+    assert _manager.ObjectDoesNotExist is shardkit.ObjectDoesNotExist is errors.ObjectDoesNotExist
+    assert _manager.FieldError is errors.FieldError
+    assert _manager.MultipleObjectsReturned is errors.MultipleObjectsReturned
+    outside = []
+    for info in pkgutil.walk_packages(shardkit.__path__, "shardkit."):
+        if info.name in ("shardkit.errors", "shardkit.__main__"):
+            continue
+        if info.name == "shardkit.reshard._errors":  # until the reshard work moves these into errors.py
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            defined_here = inspect.isclass(obj) and obj.__module__ == info.name
+            if defined_here and issubclass(obj, errors.ShardkitError):
+                outside.append(f"{info.name}.{name}")
+    assert outside == []
