@@ -31,6 +31,10 @@ from .errors import ConfigError, CrossShardWriteError, UnknownAliasError
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from ._async import ShardAsyncSession
+
 __all__ = ["Cluster", "get_active_cluster"]
 
 _active_global: Cluster | None = None
@@ -143,6 +147,9 @@ class Cluster:
         flush with :class:`~shardkit.errors.CrossShardWriteError` before anything is written;
         ``"twophase"`` commits atomically with PostgreSQL's two-phase commit (see
         :mod:`shardkit._twophase` and :meth:`recover_twophase`).
+    :param async_driver: the async driver of :meth:`async_session`'s engines, for every alias
+        (``"psycopg"``) or per alias or backend (``{"postgresql": "psycopg"}``); default: the
+        URL's own when async, else asyncpg, aiosqlite, aiomysql (see :mod:`shardkit._async`).
 
     >>> cluster = Cluster({"default": "sqlite://"})
     >>> cluster.aliases
@@ -158,6 +165,7 @@ class Cluster:
         deadline: float | None = None,
         partial: bool = False,
         cross_shard_writes: str = "allow",
+        async_driver: str | Mapping[str, str] | None = None,
     ) -> None:
         self._specs: dict[str, AliasSpec] = parse_databases(databases)
         self._engine_options = dict(engine_options or {})
@@ -177,6 +185,7 @@ class Cluster:
             )
         self.cross_shard_writes = cross_shard_writes
         self._autocommit = threading.local()
+        self.async_driver = async_driver  # see shardkit._async
 
     @classmethod
     def from_settings(cls, settings: str | os.PathLike[str] | ModuleType | None = None, **kwargs: Any) -> Cluster:
@@ -237,6 +246,18 @@ class Cluster:
         for engine in engines.values():
             engine.dispose()
 
+    def async_engine(self, alias: str = DEFAULT_DB_ALIAS) -> AsyncEngine:
+        """The :class:`~sqlalchemy.ext.asyncio.AsyncEngine` of ``alias``, created on first use."""
+        from ._async import async_engine
+
+        return async_engine(self, alias)
+
+    async def adispose(self) -> None:
+        """Close every pooled connection of every async engine created so far."""
+        from ._async import adispose
+
+        await adispose(self)
+
     def __repr__(self) -> str:
         inner = ", ".join(f"{a}={s.safe_url!r}" for a, s in self._specs.items())
         return f"Cluster({inner}, router={self.router!r})"
@@ -253,6 +274,14 @@ class Cluster:
         inside the block.
         """
         return ShardSession(self, using=using, **kwargs)
+
+    def async_session(self, *, using: str | None = None, **kwargs: Any) -> ShardAsyncSession:
+        """A new :class:`~sqlalchemy.ext.asyncio.AsyncSession` whose sync session is a
+        :class:`ShardSession` over this cluster's async engines (``async with
+        cluster.async_session() as s:``); same arguments as :meth:`session`."""
+        from ._async import async_session
+
+        return async_session(self, using=using, **kwargs)
 
     def autocommit_session(self) -> ShardSession:
         """The per-thread session the manager API uses outside any ``with session`` block.

@@ -38,6 +38,7 @@ from sqlalchemy.sql.lambdas import StatementLambdaElement
 
 from ..errors import ShardQueryError, UnsupportedQueryError, brief
 from ..typing import ShardTargets
+from ._aio import on_event_loop, run_on_loop
 from ._collation import effective, lookups, text_keys
 from ._connect import ConnectionTask
 from ._execute import pg_statement_timeout_sql, run_parallel
@@ -306,10 +307,12 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     rules: dict[int, str] | None = None
     if compared and not any(befores.values()):  # all known (the usual case): decide before running
         rules = effective(compared, {a: session.cluster.engine(a) for a in shard_statements})
+    # Under an AsyncSession: the shards run as coroutines on the event loop (fanout._aio)
+    on_loop = on_event_loop(session.cluster.engine(a) for a in shard_statements)
     for alias in shard_statements:
         engine = session.cluster.engine(alias)
         body = _runner(orm_context, alias, shard_statements[alias], base_bind_args, deadline, befores.get(alias))
-        if _held_connection(session, engine) is None and not thread_bound(engine):
+        if _held_connection(session, engine) is None and (on_loop or not thread_bound(engine)):
             tasks[alias] = ConnectionTask(alias, body, checkout=engine.connect, adopt=adopt)
             continue
         # Held already (no I/O), or a connection only the calling thread may use: as before.
@@ -331,7 +334,10 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
             aliases=tuple(unreachable),
         )
     executor = calling_thread_executor((session.cluster.engine(a) for a in tasks), deadline)
-    outcome = run_parallel(tasks, deadline=deadline, partial=partial, executor=executor)
+    if on_loop:
+        outcome = run_on_loop(tasks, deadline=deadline, partial=partial)
+    else:
+        outcome = run_parallel(tasks, deadline=deadline, partial=partial, executor=executor)
     outcome.errors.update(unreachable)
     answered = tuple(a for a in shard_statements if a in outcome.results)
     # An ordered merge with a LIMIT keeps only offset+limit rows of all the shards'
