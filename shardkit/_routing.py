@@ -22,11 +22,11 @@ not wrapped: it passes through unchanged, so callers can still catch it by its c
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
+from ._find import import_object
 from .errors import InvalidRouteError, RouterError, RouterImportError, ShardkitError
 from .typing import ShardTargets
 
@@ -36,24 +36,11 @@ _NO_DB: Callable[[Any], str | None] = lambda obj: None  # noqa: E731
 
 
 def import_string(path: str) -> Any:
-    """Import ``"package.module.Name"`` and return ``Name``.
+    """Import ``"package.module.Name"`` and return ``Name`` (see :func:`shardkit._find.import_object`).
 
     :raises RouterImportError: the module or the attribute does not exist.
     """
-    module_path, _, attr = path.rpartition(".")
-    if not module_path:
-        raise RouterImportError(f"{path!r} is not a dotted path to a router", path=path)
-    try:
-        module = importlib.import_module(module_path)
-    except ImportError as exc:
-        raise RouterImportError(f"router {path!r} does not import: {exc.__class__.__name__}: {exc}", path=path) from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise RouterImportError(
-            f"router {path!r} does not import: module {module_path!r} has no attribute {attr!r}",
-            path=path,
-        ) from None
+    return import_object(path, what="router", error=RouterImportError)
 
 
 def model_name(model: Any) -> str:
