@@ -15,6 +15,7 @@ every repr and message uses the URL rendered with its password hidden.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from .errors import ConfigError, UnknownEngineError
 
 __all__ = ["DEFAULT_DB_ALIAS", "AliasSpec", "parse_databases"]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DB_ALIAS = "default"
 
@@ -116,6 +119,7 @@ class AliasSpec:
                     alias=self.alias,
                     key=key,
                 )
+        logger.debug("alias %s: creating its engine for %s", self.alias, self.safe_url)
         try:
             return create_engine(self.url, **options)
         except (TypeError, ValueError, KeyError, AttributeError, ArgumentError) as exc:

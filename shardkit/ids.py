@@ -34,6 +34,7 @@ Instagram's sharded ids and Twitter's Snowflake)::
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -55,6 +56,8 @@ __all__ = [
     "next_id",
     "parse_id",
 ]
+
+logger = logging.getLogger(__name__)
 
 EPOCH_MS = 1_704_067_200_000
 """2024-01-01T00:00:00Z in Unix milliseconds: time zero of the id layout."""
@@ -121,7 +124,9 @@ def _derived_worker_id() -> tuple[int, bool]:
                 worker_id=env,
             ) from None
     host = _murmur3_32(socket.gethostname().encode("utf-8", "surrogatepass"), 0, False)
-    return (host ^ os.getpid()) & MAX_WORKER_ID, False
+    worker_id = (host ^ os.getpid()) & MAX_WORKER_ID
+    logger.debug("id worker id %d derived from host and pid %d (SHARDKIT_WORKER_ID not set)", worker_id, os.getpid())
+    return worker_id, False
 
 
 def _check_worker_id(worker_id: object) -> int:

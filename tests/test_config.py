@@ -124,6 +124,8 @@ def test_password_never_shown(caplog: pytest.LogCaptureFixture) -> None:
         pass
     assert SECRET not in str(info3.value)
     assert SECRET not in caplog.text
+    # the engine's creation is logged, under the module's own logger name, its URL without the password
+    assert any(r.name == "shardkit._config" and "mario:***@" in r.getMessage() for r in caplog.records)
     cluster.dispose()
 
 
