@@ -249,14 +249,14 @@ def test_the_cli_prints_one_line_without_the_password(tmp_path) -> None:  # type
 
 def test_from_settings_honours_the_ring_and_toml(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Cluster.from_settings is load_settings' cluster: SHARDKIT_RING and TOML files count too."""
-    (tmp_path / "ringsettings.py").write_text(
-        "DATABASES = {'default': 'sqlite://', 's0': 'sqlite://', 's1': 'sqlite://'}\n"
-        "SHARDKIT_RING = {'shards': ['s0', 's1'], 'vnodes': 8}\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    cluster = shardkit.Cluster.from_settings("ringsettings")
-    (router,) = cluster.router.routers
-    assert isinstance(router, shardkit.HashRingRouter) and router.ring == shardkit.HashRing(["s0", "s1"], vnodes=8)
+    ring = "{'shards': ['s0', 's1'], 'vnodes': 8}"
+    databases = "{'default': 'sqlite://', 's0': 'sqlite://', 's1': 'sqlite://'}"
+    (tmp_path / "ringsettings.py").write_text(f"DATABASES = {databases}\nSHARDKIT_RING = {ring}\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # a settings.py path puts its folder on sys.path
+    monkeypatch.setenv("SHARDKIT_SETTINGS", str(tmp_path / "ringsettings.py"))
+    for cluster in (shardkit.Cluster.from_settings(), shardkit.Cluster.from_settings("ringsettings")):
+        (router,) = cluster.router.routers
+        assert isinstance(router, shardkit.HashRingRouter) and router.ring == shardkit.HashRing(["s0", "s1"], vnodes=8)
     (tmp_path / "shardkit.toml").write_text(
         '[databases]\ndefault = "sqlite://"\ns0 = "sqlite://"\n[ring]\nshards = ["s0"]\nvnodes = 8\n'
     )
