@@ -87,3 +87,222 @@ def install() -> None:
 def returning_of(statement: Any) -> tuple[Any, ...]:
     """The RETURNING columns of an INSERT / UPDATE / DELETE (``()`` for anything else)."""
     return getattr(statement, "_returning", ()) or ()
+
+
+# -- a SELECT's parts, as the fan-out planner reads them ------------------------------------
+# ``Select`` keeps its clauses in private attributes; these are the only reads of them.
+
+
+def raw_columns(stmt: Any) -> tuple[Any, ...]:
+    """The columns clause of ``stmt`` as written (an ORM entity is one element)."""
+    return tuple(stmt._raw_columns)
+
+
+def where_criteria(stmt: Any) -> tuple[Any, ...]:
+    return tuple(stmt._where_criteria)
+
+
+def having_criteria(stmt: Any) -> tuple[Any, ...]:
+    return tuple(stmt._having_criteria)
+
+
+def order_by_clauses(stmt: Any) -> tuple[Any, ...]:
+    return tuple(stmt._order_by_clauses)
+
+
+def group_by_clauses(stmt: Any) -> tuple[Any, ...]:
+    return tuple(stmt._group_by_clauses)
+
+
+def from_objects(stmt: Any) -> tuple[Any, ...]:
+    """The explicit FROM list of ``stmt`` (``select_from()``), not the implied froms."""
+    return tuple(stmt._from_obj)
+
+
+def setup_joins(stmt: Any) -> tuple[Any, ...]:
+    """The ``join()`` / ``join_from()`` calls of ``stmt``."""
+    return tuple(stmt._setup_joins)
+
+
+def is_distinct(stmt: Any) -> bool:
+    return bool(stmt._distinct)
+
+
+def distinct_on(stmt: Any) -> tuple[Any, ...]:
+    """The DISTINCT ON expressions of ``stmt`` as SQLAlchemy 2.0 keeps them (2.1 keeps them as a
+    ``postgresql_distinct_on`` element of the columns clause as well: see :func:`raw_columns`)."""
+    return tuple(getattr(stmt, "_distinct_on", ()))
+
+
+def syntax_extensions(stmt: Any) -> list[Any]:
+    """The dialect syntax extensions of ``stmt`` (``ext=``: PostgreSQL's DISTINCT ON in 2.1 ...),
+    each one clause element; empty on SQLAlchemy 2.0."""
+    names = ("_pre_columns_clause", "_post_select_clause", "_post_criteria_clause", "_post_body_clause")
+    return [clause for clause in (getattr(stmt, name, None) for name in names) if clause is not None]
+
+
+def limit_clause(stmt: Any) -> Any:
+    return stmt._limit_clause
+
+
+def offset_clause(stmt: Any) -> Any:
+    return stmt._offset_clause
+
+
+def fetch_clause(stmt: Any) -> Any:
+    """FETCH FIRST (``Select.fetch()``), or ``None``."""
+    return stmt._fetch_clause
+
+
+def simple_limit(stmt: Any) -> int | None:
+    """The LIMIT as an integer (raises when it is an expression)."""
+    value: int | None = stmt._limit
+    return value
+
+
+def simple_offset(stmt: Any) -> int | None:
+    value: int | None = stmt._offset
+    return value
+
+
+def for_update(stmt: Any) -> Any:
+    """The FOR UPDATE clause of ``stmt``, or ``None``."""
+    return stmt._for_update_arg
+
+
+def is_orm_statement(stmt: Any) -> bool:
+    """Whether ``stmt`` is ORM-enabled (selects an entity or a mapped attribute)."""
+    return bool(stmt._propagate_attrs.get("compile_state_plugin") == "orm")
+
+
+def annotations_of(element: Any) -> Any:
+    """The annotations of a clause element (``parententity`` of an ORM attribute ...)."""
+    return getattr(element, "_annotations", {})
+
+
+def deannotate(element: Any) -> Any:
+    """``element`` without its ORM annotations (the plain table column)."""
+    return element._deannotate()
+
+
+def result_column_names(compiled: Any) -> tuple[str, ...]:
+    """The names of the result columns of a compiled SELECT, in order."""
+    return tuple(str(rc[0]) for rc in compiled._result_columns)
+
+
+def decimal_return_scale(type_: Any) -> int | None:
+    """The scale a ``Numeric`` result type gives its ``Decimal`` values."""
+    scale: int | None = type_._effective_decimal_return_scale
+    return scale
+
+
+def label_reference_classes() -> tuple[type[Any], type[Any]]:
+    """(ORDER BY / GROUP BY by label name, by textual name): ``order_by("name")``."""
+    from sqlalchemy.sql import elements
+
+    return elements._label_reference, elements._textual_label_reference
+
+
+def with_clauses_replaced(stmt: Any, **clauses: Any) -> Any:
+    """A copy of ``stmt`` with some of its clauses replaced, as the generative methods would
+    leave them but without their checks: ``having=()``, ``distinct=False``."""
+    names = {"having": "_having_criteria", "distinct": "_distinct"}
+    copy = stmt._generate()
+    for key, value in clauses.items():
+        setattr(copy, names[key], value)
+    return copy
+
+
+def lambda_statement(stmt: Any) -> Any:
+    """A ``lambda_stmt()``'s statement, with the bound values of this call."""
+    return stmt._resolved
+
+
+# -- an ORM execution and its results -------------------------------------------------------
+
+
+def load_options(orm_context: Any) -> Any:
+    """The ORM load options of an execution (SQLAlchemy gives them only for what it calls a
+    SELECT; a ``from_statement()`` over ``text()`` reads too)."""
+    if orm_context.is_select:
+        return orm_context.load_options
+    from sqlalchemy.orm.context import QueryContext
+
+    return orm_context.execution_options.get("_sa_orm_load_options", QueryContext.default_load_options)
+
+
+def wants_autoflush(orm_context: Any) -> bool:
+    """Whether the execution autoflushes first (``autoflush`` execution option, session default)."""
+    return bool(load_options(orm_context)._autoflush)
+
+
+def autoflush(session: Any) -> None:
+    """Flush as SQLAlchemy does before a query (no-op unless the session autoflushes)."""
+    session._autoflush()
+
+
+def only_return_tuples(orm_context: Any) -> bool:
+    """``Query.tuples()`` / ``only_return_tuples(True)``: rows, even for one entity."""
+    return bool(load_options(orm_context)._only_return_tuples)
+
+
+def result_attributes(result: Any) -> Any:
+    """What the ORM tells a legacy Query about a result (``is_single_entity``, ``filtered``)."""
+    return result._attributes
+
+
+def set_result_attributes(result: Any, attributes: Any) -> None:
+    result._attributes = attributes
+
+
+def needs_unique(result: Any) -> bool:
+    """Whether an ORM result must be uniqued (joined eager loads of collections)."""
+    return getattr(result, "_unique_filter_state", None) is not None
+
+
+def wrapped_result(result: Any) -> Any:
+    """The result a filtering wrapper (``ScalarResult``, ``MappingResult`` ...) reads from."""
+    return getattr(result, "_real_result", None)
+
+
+def held_connection(session: Any, engine: Any) -> Any:
+    """The connection the session's outermost transaction holds for ``engine``, or ``None``.
+
+    SQLAlchemy has no public way to ask without connecting (``session.connection()`` would
+    check one out): this reads the transaction's connection map.
+    """
+    trans = session.get_transaction()
+    while trans is not None and trans.parent is not None:
+        trans = trans.parent
+    entry = trans._connections.get(engine) if trans is not None else None
+    return None if entry is None else entry[0]
+
+
+# -- pools and DBAPI connections ------------------------------------------------------------
+
+
+def waits_for_checkout(pool: Any) -> bool:
+    """Whether ``pool`` is a thread ``QueuePool`` whose checkout waits ``pool_timeout`` seconds."""
+    from sqlalchemy.pool import QueuePool
+
+    return isinstance(pool, QueuePool) and not pool._is_asyncio and "_timeout" in vars(pool)
+
+
+def pool_with_checkout_wait(pool_class: type[Any], wait: Callable[[float], float]) -> type[Any]:
+    """A subclass of ``pool_class`` (a ``QueuePool``) whose checkout waits ``wait(pool_timeout)``
+    seconds for a free connection.  ``QueuePool._do_get`` reads ``self._timeout``: only that read
+    changes; the pool still stores ``pool_timeout``."""
+
+    def _get(self: Any) -> float:
+        return wait(self.__dict__["_timeout"])
+
+    def _set(self: Any, value: float) -> None:
+        self.__dict__["_timeout"] = value
+
+    namespace = {"__module__": pool_class.__module__, "__slots__": (), "_timeout": property(_get, _set)}
+    return type(pool_class.__name__, (pool_class,), namespace)
+
+
+def dbapi_connection(conn: Any) -> Any:
+    """The driver's connection under a SQLAlchemy ``Connection``."""
+    return conn.connection.dbapi_connection

@@ -15,8 +15,9 @@ from shardkit.fanout._execute import (
     pg_statement_timeout_sql,
     run_parallel,
 )
+from shardkit.fanout._keyset import cursor_of, keyset_page
 from shardkit.fanout._merge import MergePlan, SortKey, merge_rows
-from shardkit.fanout._plan import FanoutPlan, cursor_of, keyset_page, plan_select
+from shardkit.fanout._plan import FanoutPlan, plan_select
 
 __all__ = [
     "CallableTask",

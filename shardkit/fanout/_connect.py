@@ -59,7 +59,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
-from sqlalchemy.pool import QueuePool
+
+from .. import _sqla
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -95,33 +96,18 @@ STAGE_RUN = "running the statement"
 _current = threading.local()  # .task: the ConnectionTask whose checkout this thread is doing
 
 
-class _CheckoutWaitBound:
-    """Mixed into an engine's ``QueuePool`` class by :func:`bound_checkout_wait`.
-
-    ``QueuePool._do_get`` waits ``self._timeout`` seconds for a free connection; here that
-    is ``pool_timeout`` unless the calling thread is a fan-out task's checkout with less time
-    left.  Only the reading changes: the pool still stores ``pool_timeout``, and every other
-    checkout waits as long as it did.
-    """
-
-    __slots__ = ()
-
-    @property
-    def _timeout(self) -> float:
-        configured: float = self.__dict__["_timeout"]
-        task: ConnectionTask[Any] | None = getattr(_current, "task", None)
-        left = None if task is None else task.remaining()
-        if left is None or left + CHECKOUT_MARGIN >= configured:
-            return configured
-        # a little past the deadline: the fan-out, which stops waiting at the deadline, says so
-        return left + CHECKOUT_MARGIN
-
-    @_timeout.setter
-    def _timeout(self, value: float) -> None:
-        self.__dict__["_timeout"] = value
+def _checkout_wait(configured: float) -> float:
+    """How long a checkout in the calling thread waits for a free connection: ``pool_timeout``
+    (``configured``) unless the thread is a fan-out task's checkout with less time left."""
+    task: ConnectionTask[Any] | None = getattr(_current, "task", None)
+    left = None if task is None else task.remaining()
+    if left is None or left + CHECKOUT_MARGIN >= configured:
+        return configured
+    # a little past the deadline: the fan-out, which stops waiting at the deadline, says so
+    return left + CHECKOUT_MARGIN
 
 
-_bounded_classes: dict[type[QueuePool], type[QueuePool]] = {}
+_bounded_classes: dict[type[Any], type[Any]] = {}
 _bounded_lock = threading.Lock()
 
 
@@ -130,19 +116,20 @@ def bound_checkout_wait(engine: Engine) -> bool:
 
     Applies to a ``QueuePool`` (the default pool of PostgreSQL and MySQL engines, kept by
     ``engine.dispose()``): its class becomes a subclass whose wait reads the deadline of the
-    task checking out in the calling thread.  Other pools do not wait for a free connection.
+    task checking out in the calling thread (:func:`_checkout_wait`); every other checkout
+    waits as long as it did.  Other pools do not wait for a free connection.
     Returns whether the engine's checkouts are bounded.
     """
     pool = engine.pool
-    if not isinstance(pool, QueuePool) or pool._is_asyncio or "_timeout" not in vars(pool):
+    if not _sqla.waits_for_checkout(pool):
         return False
     cls = type(pool)
-    if issubclass(cls, _CheckoutWaitBound):
+    if cls in _bounded_classes.values():
         return True
     with _bounded_lock:
         bounded = _bounded_classes.get(cls)
         if bounded is None:
-            bounded = type(cls.__name__, (cls, _CheckoutWaitBound), {"__module__": cls.__module__, "__slots__": ()})
+            bounded = _sqla.pool_with_checkout_wait(cls, _checkout_wait)
             _bounded_classes[cls] = bounded
         if type(pool) is cls:
             pool.__class__ = bounded
@@ -258,7 +245,7 @@ class ConnectionTask(Generic[T]):
                     raise TimeoutError(f"shard {self.alias!r} was cancelled before its statement ran")
                 self.stage = STAGE_RUN
                 with contextlib.suppress(Exception):  # an invalidated connection: body says so
-                    self._interrupter = _Interrupter(conn.connection.dbapi_connection)
+                    self._interrupter = _Interrupter(_sqla.dbapi_connection(conn))
             try:
                 return self._body(conn, self.remaining())
             finally:

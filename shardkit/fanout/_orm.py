@@ -36,6 +36,7 @@ from sqlalchemy.sql import operators, selectable
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.lambdas import StatementLambdaElement
 
+from .. import _sqla
 from ..errors import ShardQueryError, UnsupportedQueryError, brief
 from ..typing import ShardTargets
 from ._aio import on_event_loop, run_on_loop
@@ -43,11 +44,11 @@ from ._collation import effective, lookups, text_keys
 from ._connect import ConnectionTask
 from ._execute import pg_statement_timeout_sql, run_parallel
 from ._merge import merge_rows, null_is_larger
-from ._plan import FanoutPlan, plan_from_statement, plan_select
+from ._plan import FanoutPlan, cached_plan_select, plan_from_statement, plan_select
 from ._threads import calling_thread_executor, thread_bound
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection, Engine, Result
+    from sqlalchemy.engine import Connection, Result
     from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 
     from .._session import ShardSession
@@ -114,26 +115,12 @@ def shards_of(result: Any) -> tuple[str, ...]:
             alias = getattr(context, "execution_options", {}).get("shardkit_alias")
             if alias is not None:
                 return (alias,)
-        result = getattr(result, "_real_result", None)
+        result = _sqla.wrapped_result(result)
         seen += 1
     return ()
 
 
 _ADOPTED = "shardkit.fanout.adopted"  # session.info key: connections a fan-out worker checked out
-
-
-def _held_connection(session: ShardSession, engine: Engine) -> Connection | None:
-    """The connection the session's outermost transaction holds for ``engine``, or ``None``.
-
-    SQLAlchemy has no public way to ask without connecting (``session.connection()`` would
-    check one out, in the caller's thread, outside the deadline): this reads the transaction's
-    connection map.
-    """
-    trans = session.get_transaction()
-    while trans is not None and trans.parent is not None:
-        trans = trans.parent
-    entry = trans._connections.get(engine) if trans is not None else None
-    return None if entry is None else entry[0]
 
 
 def _adopt(session: ShardSession, adopted: list[Connection], conn: Connection) -> Connection:
@@ -148,7 +135,9 @@ def _adopt(session: ShardSession, adopted: list[Connection], conn: Connection) -
         with contextlib.suppress(ValueError):
             adopted.remove(conn)  # the task closes it
         # Two aliases on one engine: the other alias's worker adopted its connection first.
-        held = _held_connection(session, conn.engine) if isinstance(exc, sa_exc.InvalidRequestError) else None
+        held: Connection | None = (
+            _sqla.held_connection(session, conn.engine) if isinstance(exc, sa_exc.InvalidRequestError) else None
+        )
         if held is None:
             raise
         conn.close()
@@ -254,7 +243,7 @@ def _pin_null_order(
     out: dict[str, Any] = {}
     for alias, stmt in statements.items():
         clauses = []
-        for clause in stmt._order_by_clauses:
+        for clause in _sqla.order_by_clauses(stmt):
             modifier = getattr(clause, "modifier", None)
             if modifier in (operators.nulls_first_op, operators.nulls_last_op):
                 clauses.append(clause)
@@ -274,7 +263,7 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
         shard_statements = {alias: plan.shard_statement for alias in targets.statements}
     else:
         statement = _resolved(statement)
-        plan = plan_select(statement, shard_key_columns=targets.shard_key_columns)
+        plan = cached_plan_select(statement, shard_key_columns=targets.shard_key_columns)
         shard_statements = {
             alias: plan.shard_statement
             if stmt is None or stmt is orm_context.statement or stmt is statement
@@ -289,8 +278,8 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     # The session is not thread-safe: anything that changes it happens here, in the calling
     # thread, before the workers start: the autoflush the shard executions would each do, and
     # taking each shard's connection from the session's transaction.
-    if _load_options(orm_context)._autoflush:
-        session._autoflush()
+    if _sqla.wants_autoflush(orm_context):
+        _sqla.autoflush(session)
     # Getting each shard's connection counts against the deadline: a shard the session holds
     # no connection for yet is checked out (and maybe connected) in its worker, and the
     # connection adopted into the session's transaction there; a shard that hangs in its
@@ -312,7 +301,7 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     for alias in shard_statements:
         engine = session.cluster.engine(alias)
         body = _runner(orm_context, alias, shard_statements[alias], base_bind_args, deadline, befores.get(alias))
-        if _held_connection(session, engine) is None and (on_loop or not thread_bound(engine)):
+        if _sqla.held_connection(session, engine) is None and (on_loop or not thread_bound(engine)):
             tasks[alias] = ConnectionTask(alias, body, checkout=engine.connect, adopt=adopt)
             continue
         # Held already (no I/O), or a connection only the calling thread may use: as before.
@@ -364,7 +353,7 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     streams = []
     for alias in answered:
         shard_result = outcome.results[alias]
-        if getattr(shard_result, "_unique_filter_state", None) is not None:
+        if _sqla.needs_unique(shard_result):
             shard_result = shard_result.unique()  # joined eager loads of collections
         elif lazy_chunk is not None and "yield_per" not in options:
             shard_result = shard_result.yield_per(lazy_chunk)
@@ -374,12 +363,12 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     if streams:
         # What the ORM told the legacy Query about these rows ("is_single_entity": apply
         # .scalars(); "filtered": apply .unique()) is the same for every shard's result.
-        attributes = streams[0]._attributes
+        attributes = _sqla.result_attributes(streams[0])
         if plan.merge.row_width != len(plan.merge.output_positions) and "is_single_entity" in attributes:
             # the shards also sent hidden sort columns: say what the statement itself selects
-            single = plan.single_entity and not _load_options(orm_context)._only_return_tuples
+            single = plan.single_entity and not _sqla.only_return_tuples(orm_context)
             attributes = attributes.union({"is_single_entity": single})
-        result._attributes = attributes
+        _sqla.set_result_attributes(result, attributes)
     result.shards = answered
     result.complete = outcome.complete
     result.errors = {a: outcome.errors[a] for a in shard_statements if a in outcome.errors}
@@ -387,19 +376,9 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     return result
 
 
-def _load_options(orm_context: ORMExecuteState) -> Any:
-    """The ORM load options (SQLAlchemy gives them only for what it calls a SELECT; a
-    from_statement() over text() reads too)."""
-    if orm_context.is_select:
-        return orm_context.load_options
-    from sqlalchemy.orm.context import QueryContext
-
-    return orm_context.execution_options.get("_sa_orm_load_options", QueryContext.default_load_options)
-
-
 def _resolved(statement: Any) -> Any:
     """A ``lambda_stmt()``'s statement, with the values of this call; any other statement as is."""
     if isinstance(statement, StatementLambdaElement):
-        return statement._resolved
+        return _sqla.lambda_statement(statement)
     return statement
 

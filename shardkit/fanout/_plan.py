@@ -35,15 +35,19 @@ neither grouped nor aggregated.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, select
 from sqlalchemy.sql import elements, functions, operators, selectable, sqltypes, visitors
 
-from shardkit.errors import InvalidCursorError, UnsupportedQueryError
+from shardkit import _sqla
+from shardkit.errors import UnsupportedQueryError
 from shardkit.fanout._merge import (
     AggregatePlan,
     AggregateSpec,
@@ -68,7 +72,7 @@ if TYPE_CHECKING:
     from sqlalchemy.sql import Select
     from sqlalchemy.sql.elements import ColumnElement
 
-__all__ = ["FanoutPlan", "cursor_of", "keyset_page", "plan_from_statement", "plan_select"]
+__all__ = ["FanoutPlan", "plan_from_statement", "plan_select"]
 
 SUPPORTED_AGGREGATES = frozenset({"count", "sum", "min", "max", "avg"})
 
@@ -115,10 +119,13 @@ def _refuse(construct: str, detail: str = "") -> UnsupportedQueryError:
 # --------------------------------------------------------------------------- helpers
 
 
+_LABEL_REFERENCE, _TEXTUAL_LABEL_REFERENCE = _sqla.label_reference_classes()
+
+
 def _unwrap(expr: Any) -> Any:
     """Strip labels, label references and parentheses."""
     while True:
-        if isinstance(expr, (elements._label_reference, elements.Label, elements.Grouping)):
+        if isinstance(expr, (_LABEL_REFERENCE, elements.Label, elements.Grouping)):
             expr = expr.element
         else:
             return expr
@@ -155,11 +162,11 @@ def _columns_in(expr: Any) -> list[Any]:
 
 
 def _simple_int(stmt: Select[Any], what: str) -> int | None:
-    clause = stmt._limit_clause if what == "limit" else stmt._offset_clause
+    clause = _sqla.limit_clause(stmt) if what == "limit" else _sqla.offset_clause(stmt)
     if clause is None:
         return None
     try:
-        value = stmt._limit if what == "limit" else stmt._offset
+        value = _sqla.simple_limit(stmt) if what == "limit" else _sqla.simple_offset(stmt)
     except sa_exc.CompileError as err:
         # a bound value SQLAlchemy does not mark as a simple LIMIT (a lambda_stmt()'s
         # closure variable): its value is the number
@@ -181,8 +188,8 @@ class _Element:
 
 def _row_elements(stmt: Select[Any]) -> list[_Element]:
     out: list[_Element] = []
-    for raw in stmt._raw_columns:
-        annotations = getattr(raw, "_annotations", {})
+    for raw in _sqla.raw_columns(stmt):
+        annotations = _sqla.annotations_of(raw)
         if isinstance(raw, selectable.FromClause):
             if "parententity" in annotations:
                 out.append(_Element(None, None, annotations["parententity"]))
@@ -203,14 +210,14 @@ def _row_elements(stmt: Select[Any]) -> list[_Element]:
 
 
 def _orm_enabled(stmt: Select[Any]) -> bool:
-    return stmt._propagate_attrs.get("compile_state_plugin") == "orm"
+    return _sqla.is_orm_statement(stmt)
 
 
 def _output_keys(stmt: Select[Any]) -> tuple[str, ...]:
     if _orm_enabled(stmt):
         return tuple(str(d["name"]) for d in stmt.column_descriptions)
     compiled = stmt.compile()
-    return tuple(str(rc[0]) for rc in compiled._result_columns)
+    return _sqla.result_column_names(compiled)
 
 
 # --------------------------------------------------------------------------- refusals
@@ -221,13 +228,13 @@ def _check_nested(sub: Any, where: str) -> None:
         raise _refuse("set operation (UNION / INTERSECT / EXCEPT)", f"in {where}")
     if not isinstance(sub, selectable.Select):
         return
-    if sub._limit_clause is not None or sub._offset_clause is not None or sub._fetch_clause is not None:
+    if any(c is not None for c in (_sqla.limit_clause(sub), _sqla.offset_clause(sub), _sqla.fetch_clause(sub))):
         raise _refuse("LIMIT/OFFSET in a subquery", f"in {where}")
-    if sub._group_by_clauses or sub._having_criteria:
+    if _sqla.group_by_clauses(sub) or _sqla.having_criteria(sub):
         raise _refuse("GROUP BY in a subquery", f"in {where}")
-    if sub._distinct:
+    if _sqla.is_distinct(sub):
         raise _refuse("DISTINCT in a subquery", f"in {where}")
-    for col in sub._raw_columns:
+    for col in _sqla.raw_columns(sub):
         if _contains_aggregate(col):
             raise _refuse("aggregate in a subquery", f"in {where}")
 
@@ -260,15 +267,12 @@ def _check_tree(stmt: Select[Any]) -> None:
 
 
 def _distinct_on(stmt: Select[Any]) -> tuple[Any, ...]:
-    exprs: tuple[Any, ...] = tuple(stmt._distinct_on)
-    for attr in ("_pre_columns_clause", "_post_select_clause", "_post_criteria_clause", "_post_body_clause"):
-        clause = getattr(stmt, attr, None)
-        if clause is None:
-            continue
+    exprs = _sqla.distinct_on(stmt)
+    for clause in _sqla.syntax_extensions(stmt):
         found = False
         for el in visitors.iterate(clause):
             if getattr(el, "__visit_name__", "") == "postgresql_distinct_on":
-                exprs += tuple(getattr(el, "_distinct_on", ()))
+                exprs += _sqla.distinct_on(el)
                 found = True
         if not found:
             raise _refuse("SELECT syntax extension", type(clause).__name__)
@@ -314,11 +318,11 @@ def _resolve_name(name: str, elems: Sequence[_Element], stmt: Select[Any]) -> tu
 
 def _resolve(expr: Any, elems: Sequence[_Element], stmt: Select[Any]) -> tuple[Any, int | None]:
     """Resolve an ORDER BY / GROUP BY item to (expression, selected position or None)."""
-    if isinstance(expr, elements._textual_label_reference):
+    if isinstance(expr, _TEXTUAL_LABEL_REFERENCE):
         return _resolve_name(expr.element, elems, stmt)
-    if isinstance(expr, elements._label_reference):
+    if isinstance(expr, _LABEL_REFERENCE):
         inner = expr.element
-        if isinstance(inner, elements._textual_label_reference):
+        if isinstance(inner, _TEXTUAL_LABEL_REFERENCE):
             return _resolve_name(inner.element, elems, stmt)
         expr = inner
     bare = _unwrap(expr)
@@ -339,13 +343,13 @@ def _resolve(expr: Any, elems: Sequence[_Element], stmt: Select[Any]) -> tuple[A
 
 def _parse_order(stmt: Select[Any], elems: Sequence[_Element]) -> list[_Order]:
     out: list[_Order] = []
-    for clause in _by_items(stmt._order_by_clauses):
+    for clause in _by_items(_sqla.order_by_clauses(stmt)):
         expr = clause
         descending = False
         nulls_first: bool | None = None
         while True:
-            if isinstance(expr, elements._label_reference) and not isinstance(
-                expr.element, elements._textual_label_reference
+            if isinstance(expr, _LABEL_REFERENCE) and not isinstance(
+                expr.element, _TEXTUAL_LABEL_REFERENCE
             ):
                 expr = expr.element
                 continue
@@ -426,6 +430,36 @@ def _render(stmt: Select[Any], dialect_or_name: Dialect | str | None) -> str:
         return str(stmt.compile(dialect=dialect))
 
 
+#: Plans of the statements planned last (a statement is immutable: its plan never changes).
+_PLANS: OrderedDict[int, tuple[weakref.ref[Any], tuple[Any, ...], FanoutPlan]] = OrderedDict()
+_PLANS_KEPT = 256
+
+
+def cached_plan_select(stmt: Select[Any], *, shard_key_columns: Collection[ColumnElement[Any]] = ()) -> FanoutPlan:
+    """:func:`plan_select`, remembered for the last :data:`_PLANS_KEPT` statement objects: a
+    statement run again (a module-level ``select()``, a cached query) is planned once.  A
+    refused statement is not remembered (it raises every time)."""
+    keys = tuple(shard_key_columns)
+    entry = _PLANS.get(id(stmt))
+    if (
+        entry is not None
+        and entry[0]() is stmt
+        and len(entry[1]) == len(keys)
+        and all(a is b for a, b in zip(entry[1], keys, strict=True))
+    ):
+        return entry[2]
+    plan = plan_select(stmt, shard_key_columns=keys)
+    try:
+        ref = weakref.ref(stmt)
+    except TypeError:  # pragma: no cover - every ClauseElement takes weak references
+        return plan
+    _PLANS[id(stmt)] = (ref, keys, plan)
+    while len(_PLANS) > _PLANS_KEPT:
+        with contextlib.suppress(KeyError):
+            _PLANS.popitem(last=False)
+    return plan
+
+
 def plan_select(stmt: Select[Any], *, shard_key_columns: Collection[ColumnElement[Any]] = ()) -> FanoutPlan:
     """Plan a SELECT for a fan-out over several shards.
 
@@ -446,15 +480,15 @@ def plan_select(stmt: Select[Any], *, shard_key_columns: Collection[ColumnElemen
         raise _refuse("set operation (UNION / INTERSECT / EXCEPT)")
     if not isinstance(stmt, selectable.Select):
         raise _refuse(f"statement of type {type(stmt).__name__}", "only SELECT fans out")
-    if stmt._for_update_arg is not None:
+    if _sqla.for_update(stmt) is not None:
         raise _refuse("FOR UPDATE", "locking rows on several shards")
-    if stmt._fetch_clause is not None:
+    if _sqla.fetch_clause(stmt) is not None:
         raise _refuse("FETCH FIRST", "use LIMIT")
-    if len(stmt._raw_columns) == 1:  # count(*) over a subquery, EXISTS: one row from every shard's one row
+    if len(_sqla.raw_columns(stmt)) == 1:  # count(*) over a subquery, EXISTS: one row from every shard's one row
         wrapped = _plan_wrapped(stmt, shard_key_columns)
         if wrapped is not None:
             return wrapped
-    if not (stmt._from_obj or stmt.columns_clause_froms or stmt._where_criteria):
+    if not (_sqla.from_objects(stmt) or stmt.columns_clause_froms or _sqla.where_criteria(stmt)):
         # (get_final_froms() would say the same, but compiles the statement to do it)
         raise _refuse("SELECT without FROM", "it would return one row per shard")
     _check_tree(stmt)
@@ -468,10 +502,10 @@ def plan_select(stmt: Select[Any], *, shard_key_columns: Collection[ColumnElemen
     if distinct_on and not any(_same(d, k) for d in distinct_on for k in shard_key_columns):
         raise _refuse("DISTINCT ON", "only when it includes a shard key column")
 
-    group_by = [_resolve(g, elems, stmt)[0] for g in _by_items(stmt._group_by_clauses)]
+    group_by = [_resolve(g, elems, stmt)[0] for g in _by_items(_sqla.group_by_clauses(stmt))]
     aggregated = (
         bool(group_by)
-        or bool(stmt._having_criteria)
+        or bool(_sqla.having_criteria(stmt))
         or any(e.expr is not None and _contains_aggregate(e.expr) for e in elems)
         or any(_contains_aggregate(o.expr) for o in orders)
     )
@@ -521,16 +555,16 @@ def plan_from_statement(stmt: Any, *, shard_key_columns: Collection[ColumnElemen
 def _bare_outer(stmt: Select[Any]) -> bool:
     """No WHERE, GROUP BY, HAVING, DISTINCT, LIMIT/OFFSET, join or extension around the one column."""
     return not (
-        stmt._where_criteria
-        or stmt._group_by_clauses
-        or stmt._having_criteria
-        or stmt._distinct
-        or stmt._limit_clause is not None
-        or stmt._offset_clause is not None
-        or stmt._fetch_clause is not None
-        or stmt._for_update_arg is not None
-        or stmt._setup_joins
-        or stmt._distinct_on
+        _sqla.where_criteria(stmt)
+        or _sqla.group_by_clauses(stmt)
+        or _sqla.having_criteria(stmt)
+        or _sqla.is_distinct(stmt)
+        or _sqla.limit_clause(stmt) is not None
+        or _sqla.offset_clause(stmt) is not None
+        or _sqla.fetch_clause(stmt) is not None
+        or _sqla.for_update(stmt) is not None
+        or _sqla.setup_joins(stmt)
+        or _sqla.distinct_on(stmt)
     )
 
 
@@ -559,7 +593,7 @@ def _subquery_select(frm: Any) -> Select[Any] | None:
 def _plan_wrapped(stmt: Select[Any], shard_key_columns: Collection[ColumnElement[Any]]) -> FanoutPlan | None:
     """``SELECT count(*) FROM (subquery)`` and ``SELECT [NOT] EXISTS (...)``, or ``None`` for any
     other statement.  Each shard answers for its rows; the merge folds the answers (Reduce)."""
-    column = _unwrap(stmt._raw_columns[0])
+    column = _unwrap(_sqla.raw_columns(stmt)[0])
     if not isinstance(column, (elements.UnaryExpression, functions.FunctionElement)) or not _bare_outer(stmt):
         return None  # (an entity, a column: the common case, answered at once)
     kind = None
@@ -572,14 +606,14 @@ def _plan_wrapped(stmt: Select[Any], shard_key_columns: Collection[ColumnElement
     ):
         kind = "all"
     if kind is not None:
-        if stmt._from_obj or stmt.columns_clause_froms:
+        if _sqla.from_objects(stmt) or stmt.columns_clause_froms:
             return None
         _check_tree(stmt)
         merge = MergePlan(row_width=1, output_positions=(0,), reduce=Reduce(kind))
         return FanoutPlan(stmt, merge, _output_keys(stmt), stmt, "exists")
-    if len(stmt._from_obj) != 1 or stmt.columns_clause_froms or not _is_count_star(column):
+    if len(_sqla.from_objects(stmt)) != 1 or stmt.columns_clause_froms or not _is_count_star(column):
         return None
-    inner = _subquery_select(stmt._from_obj[0])
+    inner = _subquery_select(_sqla.from_objects(stmt)[0])
     if inner is None:
         return None
     return _plan_count(stmt, inner, _output_keys(stmt), shard_key_columns)
@@ -592,7 +626,7 @@ def _plan_count(
     count: ``max(0, min(limit, total - offset))``.  A plain subquery is counted on each shard and
     the counts summed; a GROUP BY, aggregate or DISTINCT subquery is merged as a fan-out of its
     own (its groups / distinct rows, held in memory) and its merged rows counted."""
-    if inner._fetch_clause is not None:
+    if _sqla.fetch_clause(inner) is not None:
         raise _refuse("FETCH FIRST", "in a counted subquery: use LIMIT")
     if _distinct_on(inner):
         raise _refuse("DISTINCT ON in a counted subquery")
@@ -600,15 +634,15 @@ def _plan_count(
     offset = _simple_int(inner, "offset") or 0
     stripped = inner.order_by(None).limit(None).offset(None)
     elems = _row_elements(inner)
-    group_by = _by_items(inner._group_by_clauses)
+    group_by = _by_items(_sqla.group_by_clauses(inner))
     grouped = (
         bool(group_by)
-        or bool(inner._having_criteria)
+        or bool(_sqla.having_criteria(inner))
         or any(e.expr is not None and _contains_aggregate(e.expr) for e in elems)
     )
     reduce = Reduce("count", offset, limit)
     if grouped:
-        if inner._distinct:
+        if _sqla.is_distinct(inner):
             raise _refuse("DISTINCT with GROUP BY or aggregates in a counted subquery")
         if group_by:  # one row per group: only the group keys are needed
             group_keys = [_resolve(g, elems, inner)[0] for g in group_by]
@@ -616,9 +650,9 @@ def _plan_count(
                 *(_unwrap(g).label(f"_sk_k{i}") for i, g in enumerate(group_keys)), maintain_column_froms=True
             )
         inner_plan = plan_select(stripped, shard_key_columns=shard_key_columns)
-    elif inner._distinct:  # the distinct rows of every shard, deduplicated
-        plain = stripped._generate()
-        plain._distinct = False  # SELECT DISTINCT x FROM (SELECT x ...): the DISTINCT moves out
+    elif _sqla.is_distinct(inner):  # the distinct rows of every shard, deduplicated
+        # SELECT DISTINCT x FROM (SELECT x ...): the DISTINCT moves out
+        plain = _sqla.with_clauses_replaced(stripped, distinct=False)
         sub = plain.subquery()
         inner_plan = plan_select(select(*sub.c).distinct(), shard_key_columns=shard_key_columns)
     else:  # every shard counts its rows
@@ -654,7 +688,7 @@ def _plan_rows(
     width = len(elems)
     hidden: list[Any] = []
     sort_keys: list[SortKey] = []
-    distinct = bool(stmt._distinct) and not distinct_on
+    distinct = bool(_sqla.is_distinct(stmt)) and not distinct_on
     for o in orders:
         position = o.position
         attribute = None
@@ -699,7 +733,7 @@ def _plan_rows(
 def _entity_attribute(expr: Any, elems: Sequence[_Element]) -> tuple[int | None, str | None]:
     """(position, attribute) when ``expr`` is a loaded column of an ORM entity in the row."""
     column = _unwrap(expr)
-    entity = getattr(column, "_annotations", {}).get("parententity")
+    entity = _sqla.annotations_of(column).get("parententity")
     if entity is None or not isinstance(column, elements.ColumnClause):
         return None, None
     for position, elem in enumerate(elems):
@@ -845,7 +879,7 @@ class _AggCompiler:
 def _decimal_scale(expr: Any) -> int | None:
     t = getattr(expr, "type", None)
     if isinstance(t, sqltypes.Numeric) and not isinstance(t, sqltypes.Float) and t.asdecimal:
-        scale = t._effective_decimal_return_scale
+        scale = _sqla.decimal_return_scale(t)
         return int(scale) if scale is not None else 10
     return None
 
@@ -864,11 +898,11 @@ def _plan_aggregate(
     comp = _AggCompiler(group_by)
     outputs = [comp.compile(e.expr) for e in elems]
     having: PyExpr | None = None
-    if stmt._having_criteria:
-        parts = [comp.compile(h) for h in stmt._having_criteria]
+    if _sqla.having_criteria(stmt):
+        parts = [comp.compile(h) for h in _sqla.having_criteria(stmt)]
         having = parts[0] if len(parts) == 1 else BoolOp("AND", tuple(parts))
     sort_keys: list[SortKey] = []
-    distinct = bool(stmt._distinct)
+    distinct = bool(_sqla.is_distinct(stmt))
     for o in orders:
         if o.position is not None:
             position = o.position
@@ -919,9 +953,7 @@ def _plan_aggregate(
     if shard_group:
         shard = shard.group_by(*shard_group)
     shard = shard.order_by(None).limit(None).offset(None)
-    shard = shard._generate()
-    shard._having_criteria = ()
-    shard._distinct = False
+    shard = _sqla.with_clauses_replaced(shard, having=(), distinct=False)
 
     merge = MergePlan(
         row_width=len(cols),
@@ -950,149 +982,3 @@ def _plan_aggregate(
     if distinct:
         compared.extend(("equal", i, e.expr, e.name or "") for i, e in enumerate(elems))
     return FanoutPlan(shard, merge, keys, stmt, "re-aggregate", text_exprs=tuple(compared))
-
-
-# --------------------------------------------------------------------------- keyset pagination
-
-
-def _keyset_orders(stmt: Select[Any]) -> tuple[list[_Element], list[_Order]]:
-    elems = _row_elements(stmt)
-    orders = _parse_order(stmt, elems)
-    if not orders:
-        raise UnsupportedQueryError(
-            "keyset pagination needs an ORDER BY that ends with a unique key", construct="keyset without ORDER BY"
-        )
-    return elems, orders
-
-
-def _check_cursor_value(value: Any, position: int, depth: int = 0) -> None:
-    """Refuse a cursor value that SQLAlchemy would splice into the SQL instead of binding it:
-    a clause (``text("-1 OR TRUE")``, ``literal_column(...)``), or anything that turns into one
-    (an ORM attribute, any object with ``__clause_element__``), also inside a list or tuple."""
-    if isinstance(value, elements.ClauseElement) or hasattr(value, "__clause_element__"):
-        raise InvalidCursorError(
-            f"keyset cursor value at position {position} is a SQL expression ({type(value).__name__}), "
-            "not a plain value: a cursor holds the sort values of a row (see cursor_of())",
-            position=position,
-            value_type=type(value),
-        )
-    if isinstance(value, list | tuple | set | frozenset) and depth < 8:
-        for item in value:
-            _check_cursor_value(item, position, depth + 1)
-
-
-def keyset_page(stmt: Select[Any], *, after: Sequence[Any] | None, page_size: int) -> Select[Any]:
-    """The page of ``stmt`` that follows the cursor ``after``.
-
-    ``stmt`` must be ordered by expressions ending with a unique key
-    (``order_by(users.c.score.desc(), users.c.id)``).  The row-value
-    comparison "after the cursor" is written as an OR/AND chain, so it works
-    on SQLite, MySQL and PostgreSQL and respects each column's direction.
-    With a fan-out, each shard then reads only ``page_size`` rows whatever
-    the depth of the page.
-
-    :param stmt: the ordered SELECT (without LIMIT/OFFSET).
-    :param after: the cursor (the sort values of the last row of the previous
-        page, see :func:`cursor_of`), or ``None`` for the first page.
-    :param page_size: rows per page.
-    :raises UnsupportedQueryError: no ORDER BY, a last sort key that is not a
-        primary key or unique column, a nullable sort column, a NULL in the
-        cursor, or a cursor of the wrong length.
-    :raises InvalidCursorError: a cursor value that is a SQL expression
-        (``text(...)``, a column, anything with ``__clause_element__``): cursor
-        values are always bound as parameters, never spliced into the SQL.
-
-    Example::
-
-        page = keyset_page(stmt, after=None, page_size=50)
-        ...
-        nxt = keyset_page(stmt, after=cursor_of(stmt, rows[-1]), page_size=50)
-    """
-    from sqlalchemy import and_, or_
-
-    if page_size < 1:
-        raise ValueError("page_size must be at least 1")
-    if stmt._limit_clause is not None or stmt._offset_clause is not None:
-        raise UnsupportedQueryError(
-            "keyset_page() sets LIMIT itself; pass the statement without LIMIT/OFFSET",
-            construct="keyset with LIMIT/OFFSET",
-        )
-    _elems, orders = _keyset_orders(stmt)
-    last = _unwrap(orders[-1].expr)
-    if not (
-        isinstance(last, elements.ColumnClause)
-        and (getattr(last, "primary_key", False) or getattr(last, "unique", False))
-    ):
-        raise UnsupportedQueryError(
-            f"keyset pagination needs the last ORDER BY item to be a primary key or unique column, got {_short(last)}",
-            construct="keyset without a unique last key",
-        )
-    for o in orders:
-        col = _unwrap(o.expr)
-        if (
-            isinstance(col, elements.ColumnClause)
-            and getattr(col, "nullable", False)
-            and not getattr(col, "primary_key", False)
-        ):
-            raise UnsupportedQueryError(
-                f"keyset pagination over the nullable column {_short(col)}: NULLs would be skipped; "
-                "order by coalesce(col, <sentinel>) or a NOT NULL column",
-                construct="keyset over a nullable column",
-            )
-    page = stmt
-    if after is not None:
-        after = list(after)
-        if len(after) != len(orders):
-            raise UnsupportedQueryError(
-                f"the cursor has {len(after)} values, the ORDER BY {len(orders)}", construct="keyset cursor"
-            )
-        if any(v is None for v in after):
-            raise UnsupportedQueryError(
-                "a NULL in the keyset cursor: NULL sort keys cannot be paged with keyset pagination",
-                construct="NULL in keyset cursor",
-            )
-        for position, value in enumerate(after):
-            _check_cursor_value(value, position)
-        terms = []
-        for i, o in enumerate(orders):
-            eqs = [orders[j].expr == after[j] for j in range(i)]
-            step = o.expr < after[i] if o.descending else o.expr > after[i]
-            terms.append(and_(*eqs, step) if eqs else step)
-        page = page.where(or_(*terms))
-    return page.limit(page_size)
-
-
-def cursor_of(plan_or_stmt: FanoutPlan | Select[Any], row: Sequence[Any]) -> tuple[Any, ...]:
-    """The keyset cursor of ``row``: its values of the ORDER BY expressions.
-
-    :param plan_or_stmt: the statement (or its fan-out plan) ``row`` came from.
-    :param row: a result row of that statement (a ``Row`` or a tuple).
-    :raises UnsupportedQueryError: an ORDER BY expression that is not in the row
-        (neither selected nor an attribute of a selected ORM entity).
-    """
-    stmt = plan_or_stmt.statement if isinstance(plan_or_stmt, FanoutPlan) else plan_or_stmt
-    elems, orders = _keyset_orders(stmt)
-    values: list[Any] = []
-    for o in orders:
-        if o.position is not None:
-            values.append(row[o.position])
-            continue
-        col = _unwrap(o.expr)
-        found = False
-        for i, e in enumerate(elems):
-            if e.entity is None or not isinstance(col, elements.ColumnClause):
-                continue
-            mapper = inspect(e.entity).mapper
-            try:
-                prop = mapper.get_property_by_column(col._deannotate())
-            except Exception:
-                continue
-            values.append(getattr(row[i], prop.key))
-            found = True
-            break
-        if not found:
-            raise UnsupportedQueryError(
-                f"the ORDER BY expression {_short(col)} is not in the selected row; select it to page by it",
-                construct="keyset cursor",
-            )
-    return tuple(values)
