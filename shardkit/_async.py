@@ -111,6 +111,14 @@ def async_url(spec: AliasSpec, choice: str | Mapping[str, str] | None = None) ->
     return spec.url.set(drivername=f"{backend}+{driver}")
 
 
+_LIBPQ_QUERY = frozenset(
+    {
+        "connect_timeout", "application_name", "options", "sslmode",
+        "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout",
+    }
+)  # fmt: skip
+
+
 def _asyncpg_connect_args(args: Mapping[str, Any]) -> dict[str, Any]:
     """libpq-style ``OPTIONS`` -> asyncpg ``connect()`` arguments (what has an equivalent)."""
     out = dict(args)
@@ -149,8 +157,14 @@ def create_async_engine_for(
     connect_args = {**dict(options.pop("connect_args", None) or {}), **dict(spec.connect_args)}
     if spec.dialect_name == "sqlite":
         connect_args.pop("check_same_thread", None)  # aiosqlite's own thread runs every call
-    if url.get_driver_name() == "asyncpg" and connect_args:
-        connect_args = _asyncpg_connect_args(connect_args)
+    if url.get_driver_name() == "asyncpg":
+        # libpq words in the URL's query (?connect_timeout=2) are not asyncpg's: translated too
+        libpq = {k: v for k, v in url.query.items() if k in _LIBPQ_QUERY}
+        if libpq:
+            url = url.difference_update_query(libpq)
+            connect_args = {**libpq, **connect_args}
+        if connect_args:
+            connect_args = _asyncpg_connect_args(connect_args)
     if connect_args:
         options["connect_args"] = connect_args
     try:

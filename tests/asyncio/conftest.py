@@ -1,0 +1,156 @@
+"""One test body, both APIs: the sync session, and the async session on each async driver.
+
+A test body is a plain function of a :class:`~shardkit.ShardSession` ``s``.  The ``api``
+fixture runs it:
+
+* ``sync``: in ``with cluster.session() as s``;
+* ``asyncpg`` / ``psycopg`` / ``aiosqlite``: in ``async with cluster.async_session() as a``,
+  as ``await a.run_sync(body)`` -- the body's session is then the async session's own
+  ``sync_session``, in SQLAlchemy's greenlet, on async engines of that driver: every
+  statement is awaited on the loop, and a fan-out runs its shards as coroutines on it
+  (``shardkit.fanout._aio``).  While the body runs, a ticker task measures the longest
+  time the loop did not run it (:attr:`Api.max_stall`): nothing may block the loop.
+
+Each test gets its own event loop (``asyncio.Runner``); the async engines made on it are
+disposed (``await cluster.adispose()``) before it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+import shardkit
+
+from ..conftest import PG_URL, require_server
+
+T = TypeVar("T")
+
+#: async API name -> (backend, Cluster.async_driver)
+ASYNC_APIS: dict[str, tuple[str, str]] = {
+    "asyncpg": ("postgresql", "asyncpg"),
+    "psycopg": ("postgresql", "psycopg"),
+    "aiosqlite": ("sqlite", "aiosqlite"),
+}
+#: the longest the loop may go without running a ready task (a fan-out must never block it)
+MAX_STALL = 0.05
+
+
+class Api:
+    """Runs a session body through one API (see the module docstring)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.is_async = name != "sync"
+        self.driver = ASYNC_APIS[name][1] if self.is_async else None
+        self.runner: asyncio.Runner | None = asyncio.Runner() if self.is_async else None
+        self.max_stall = 0.0
+        self._unwatched = 0  # sections of test code that block on purpose (see unwatched())
+        self._clusters: list[shardkit.Cluster] = []
+
+    def __repr__(self) -> str:
+        return f"Api({self.name})"
+
+    def prepare(self, cluster: shardkit.Cluster) -> shardkit.Cluster:
+        """Make ``cluster``'s async engines use this API's driver (before any is made)."""
+        if self.is_async:
+            cluster.async_driver = self.driver
+            if cluster not in self._clusters:
+                self._clusters.append(cluster)
+        return cluster
+
+    def run(self, cluster: shardkit.Cluster, body: Callable[[shardkit.ShardSession], T], **kw: Any) -> T:
+        """``body(s)`` in a session of ``cluster`` through this API."""
+        if not self.is_async:
+            with cluster.session(**kw) as s:
+                return body(s)
+        self.prepare(cluster)
+
+        async def go() -> T:
+            async with cluster.async_session(**kw) as a:
+                return await a.run_sync(body)
+
+        return self.arun(go())
+
+    def arun(self, coro: Any) -> Any:
+        """Run a coroutine on this API's loop while a ticker measures the loop's stalls."""
+        assert self.runner is not None, "the sync API has no loop"
+
+        async def watched() -> Any:
+            stop = asyncio.Event()
+
+            async def tick() -> None:
+                last, seen = time.monotonic(), self._unwatched
+                while not stop.is_set():
+                    await asyncio.sleep(0.005)
+                    now = time.monotonic()
+                    if seen == self._unwatched:
+                        self.max_stall = max(self.max_stall, now - last - 0.005)
+                    last, seen = now, self._unwatched
+
+            ticker = asyncio.ensure_future(tick())
+            try:
+                return await coro
+            finally:
+                stop.set()
+                await ticker
+
+        return self.runner.run(watched())
+
+    @contextlib.contextmanager
+    def unwatched(self) -> Iterator[None]:
+        """Test code in a body that blocks on purpose (a sync engine setting a shard up):
+        not counted as a stall of the loop."""
+        self._unwatched += 1
+        try:
+            yield
+        finally:
+            self._unwatched += 1
+
+    def close(self) -> None:
+        if self.runner is not None:
+            for cluster in self._clusters:
+                self.runner.run(cluster.adispose())
+            self.runner.close()
+
+
+def make_api(name: str) -> Api:
+    if name in ASYNC_APIS and ASYNC_APIS[name][0] == "postgresql":
+        require_server(PG_URL, "pg")
+    return Api(name)
+
+
+@pytest.fixture
+def api_factory() -> Iterator[Callable[[str], Api]]:
+    made: list[Api] = []
+
+    def make(name: str) -> Api:
+        api = make_api(name)
+        made.append(api)
+        return api
+
+    yield make
+    for api in made:
+        api.close()
+
+
+@pytest.fixture(params=["sync", "asyncpg", "psycopg"])
+def pg_api(request: pytest.FixtureRequest, api_factory: Callable[[str], Api]) -> Api:
+    """The sync API and the async one on PostgreSQL's two async drivers."""
+    return api_factory(request.param)
+
+
+@pytest.fixture(params=["sync", "asyncpg", "psycopg", "aiosqlite"])
+def api(request: pytest.FixtureRequest, api_factory: Callable[[str], Api]) -> Api:
+    """Every API: sync, and async on asyncpg, psycopg (PostgreSQL) and aiosqlite (SQLite)."""
+    return api_factory(request.param)
+
+
+def backend_of(api: Api, default: str = "postgresql") -> str:
+    """The backend a test on ``api`` uses: SQLite for aiosqlite, else ``default``."""
+    return ASYNC_APIS[api.name][0] if api.is_async else default
