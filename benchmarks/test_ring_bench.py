@@ -10,6 +10,8 @@ at the end of the run ("shardkit ring figures").  Structural figures
 from __future__ import annotations
 
 import random
+import statistics
+import time
 from collections import Counter, deque
 from typing import Any
 
@@ -107,6 +109,68 @@ def test_get_many(benchmark: Any, ring_figures: dict[str, Any], shards: int, mod
     base = ring_figures.get(f"median get_many[{label}] peer mmh3.hash(str)")
     if base:
         ring_figures[f"ratio get_many[{label}] per key {who} / mmh3.hash (<=0.4)"] = per_key / base
+
+
+def _paired_medians(runs: dict[str, Any], rounds: int) -> dict[str, list[float]]:
+    """Time each callable once per round, rotating the order every round, so each ratio compares
+    passes made a few hundred microseconds apart: a noisy neighbour slows both sides of a pair.
+    Every timed call follows an untimed one of the same callable, so each peer is timed with its
+    own data in the caches, as in the groups above (the others' passes would otherwise evict it)."""
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs[name]()
+            start = time.perf_counter_ns()
+            runs[name]()
+            times[name].append(float(time.perf_counter_ns() - start))
+    return times
+
+
+def _median_ratio(num: list[float], den: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shards", SHARDS)
+def test_paired_ratios(benchmark: Any, ring_figures: dict[str, Any], shards: int, mode: str) -> None:
+    """The same ratios as above, each the median of per-round ratios of interleaved passes.
+
+    On a shared machine the separate groups above are timed seconds apart, and a neighbour's
+    load between them moves their ratio; here every round times each peer over the same 1000
+    keys back to back (10 passes each; uhashring one pass, scaled), in a rotating order."""
+    benchmark.group = "ring paired ratios (one round of every peer, interleaved)"
+    aliases = [f"s{i}" for i in range(shards)]
+    ring = HashRing(aliases, mode=mode)
+    peer = uhashring.HashRing(nodes=aliases).get_node
+    passes = 10
+
+    def repeat(fn: Any, keys: list[Any], times: int) -> Any:
+        one = _per_call(fn, keys)
+
+        def run() -> None:
+            for _ in range(times):
+                one()
+
+        return run
+
+    runs = {
+        "mmh3": repeat(mmh3.hash, GET_KEYS_STR, passes),
+        "get": repeat(ring.get, GET_KEYS_STR, passes),
+        "uhashring": repeat(peer, GET_KEYS_STR, 1),
+        "get_many strs": repeat(ring.get_many, [GET_KEYS_STR], passes),
+        "get_many ints": repeat(ring.get_many, [GET_KEYS_INT], passes),
+    }
+    times = benchmark.pedantic(_paired_medians, args=(runs, 31), rounds=1, iterations=1)
+    label = f"{mode} {shards}"
+    scaled_peer = [t * passes for t in times["uhashring"]]
+    ring_figures[f"paired get[{label}]: ring.get / mmh3.hash (<=0.8)"] = _median_ratio(times["get"], times["mmh3"])
+    ring_figures[f"paired get[{label}]: uhashring / ring.get (>=50)"] = _median_ratio(scaled_peer, times["get"])
+    for kind in ("strs", "ints"):
+        ring_figures[f"paired get_many[{label}] {kind} per key / mmh3.hash (<=0.4)"] = _median_ratio(
+            times[f"get_many {kind}"], times["mmh3"]
+        )
 
 
 @pytest.fixture(scope="module")
