@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from .._settings import Settings, import_object
 from ..errors import ConfigError
 from ..ring import IMPLEMENTATION, HashRing
+from ..ring._layout import bucket_ranges, exact_movement, exact_shares, ideal_shares, units
 from ._common import (
     CliError,
     echo_json,
@@ -37,7 +38,6 @@ from ._common import (
     unreachable,
     unreachable_error,
 )
-from ._ringstats import bucket_ranges, exact_movement, exact_shares, ideal_shares, units
 
 __all__ = ["ring"]
 

@@ -1,5 +1,5 @@
-"""The layout arithmetic ``shardkit ring`` prints: it lives in :mod:`shardkit.ring._layout`
-(shared with the resharder); these names stay importable from here."""
+"""The names the CLI's ring arithmetic had here, kept importable (tests/cli imports them): the
+arithmetic lives in :mod:`shardkit.ring._layout`, shared by ``shardkit ring`` and the resharder."""
 
 from __future__ import annotations
 
