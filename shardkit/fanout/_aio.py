@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from ._execute import ShardTask
 
-__all__ = ["RELEASE", "SETTLE", "in_greenlet", "on_event_loop", "run_on_loop"]
+__all__ = ["RELEASE", "SETTLE", "DollarCursor", "in_greenlet", "on_event_loop", "run_on_loop"]
 
 
 def in_greenlet() -> bool:
@@ -194,3 +194,20 @@ def run_on_loop(
     return FanoutOutcome(
         {a: results[a] for a in tasks if a in results}, {a: errors[a] for a in tasks if a in errors}, elapsed
     )
+
+
+class DollarCursor:
+    """A DBAPI cursor taking ``%s`` placeholders over one whose paramstyle is ``$1, $2 ...``
+    (SQLAlchemy's asyncpg adapter): for the few raw queries shardkit writes in ``%s`` style."""
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
+
+    def execute(self, operation: str, parameters: Any = None) -> Any:
+        if parameters:
+            parts = operation.split("%s")
+            operation = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
+        return self._cursor.execute(operation, parameters)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)

@@ -162,6 +162,10 @@ def lookups(engine: Engine, keys: Sequence[TextKey]) -> Callable[[Connection], N
 
     def read(conn: Connection) -> None:
         cursor = conn.connection.cursor()
+        if conn.dialect.paramstyle == "numeric_dollar":  # asyncpg: $1, not %s
+            from ._aio import DollarCursor
+
+            cursor = DollarCursor(cursor)
         try:
             for fact in missing:
                 facts[fact] = _read_fact(cursor, conn.dialect.name, fact, facts)
