@@ -22,16 +22,9 @@ from __future__ import annotations
 
 from ..errors import ReshardLockedError, ReshardVerifyError, ShardMovingError
 from ._fence import FencingRouter
-from ._resharder import (
-    Move,
-    ProgressEvent,
-    RangeCheck,
-    Resharder,
-    ReshardPlan,
-    ReshardResult,
-    VerifyReport,
-    reshard,
-)
+from ._progress import ProgressEvent
+from ._report import Move, RangeCheck, ReshardPlan, ReshardResult, VerifyReport
+from ._resharder import Resharder, reshard
 from ._state import load_current_ring
 from ._tables import MovingTable
 

@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REFUSED_SQLSTATE",
+    "barrier",
     "barrier_tables",
     "bypass",
     "fenced_arcs",
@@ -594,3 +595,19 @@ def instrument(engine: Engine) -> None:
     event.listen(engine, "handle_error", _on_error)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _on_sqlite_connect)
+
+
+def barrier(engine: Engine, tables: Sequence[Any], timeout: float = 120.0, *, alias: str = "") -> None:
+    """Wait until every transaction that is writing to ``tables`` on ``engine`` has ended.
+
+    PostgreSQL: ``LOCK TABLE t IN SHARE MODE`` (it waits for every holder of a write lock on
+    ``t``), released at once, one table per transaction, under a short ``lock_timeout``,
+    retried (see :func:`._dbfence.locked`): the barrier never holds one table while it waits
+    for another, so it cannot deadlock with a writer that holds one and wants the other.
+    SQLite: ``BEGIN IMMEDIATE`` (it waits for the one writer).  Other databases: nothing.
+
+    :raises ReshardError: the tables stayed busy for ``timeout`` seconds (run again).
+    """
+    if not supported(engine):
+        return  # no barrier on other backends (documented)
+    barrier_tables(engine, tables, "SHARE", timeout=timeout, alias=alias)

@@ -1,8 +1,9 @@
-"""The PostgreSQL fast path: raw psycopg2 ``COPY`` in both directions, parsed without a row object.
+"""The PostgreSQL back end: raw psycopg2 ``COPY`` in both directions, parsed without a row object.
 
-Used when every shard is PostgreSQL through psycopg2 and the table's primary key is one
-integer column and its shard key an integer column (:func:`fast_ok`); other tables take the
-portable path of :mod:`._copy`.
+Used when every shard is PostgreSQL through psycopg2 and every moving table's primary key is
+one integer column and its shard key an integer column (:func:`fast_ok`); else the portable
+back end (:mod:`._portable`) runs, and copies by ``COPY`` of primary keys when it can
+(:func:`copy_ids`).
 
 The unit of work is one table on one source shard, in primary-key batches (``WHERE pk >
 :last ORDER BY pk LIMIT :n``), on connections held for the whole task, so several tasks
@@ -31,10 +32,11 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from itertools import compress
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._backend import Backend, Digests, Step
 from ._tables import SOURCE_COLUMN, MovingTable
 
 if TYPE_CHECKING:
@@ -45,6 +47,9 @@ if TYPE_CHECKING:
 __all__ = [
     "ROWS_MAX_WIDTH",
     "Batch",
+    "PostgresBackend",
+    "copy_ids",
+    "copy_ids_ok",
     "copy_in_shadow",
     "copy_out_ids",
     "delete_ids",
@@ -71,14 +76,16 @@ def _is_int(col: Any) -> bool:
         return False
 
 
-def fast_ok(engines: dict[str, Engine], mt: MovingTable) -> bool:
-    """Every shard PostgreSQL through psycopg2, a one-column integer primary key, an integer shard key."""
-    return (
-        len(mt.pk) == 1
-        and _is_int(mt.pk[0])
-        and _is_int(mt.key)
-        and all(e.dialect.name == "postgresql" and e.dialect.driver == "psycopg2" for e in engines.values())
+def copy_ids_ok(engines: dict[str, Engine], mt: MovingTable) -> bool:
+    """Every shard PostgreSQL through psycopg2 and a one-column primary key (:func:`copy_ids`)."""
+    return len(mt.pk) == 1 and all(
+        e.dialect.name == "postgresql" and e.dialect.driver == "psycopg2" for e in engines.values()
     )
+
+
+def fast_ok(engines: dict[str, Engine], mt: MovingTable) -> bool:
+    """:func:`copy_ids_ok`, with an integer primary key and an integer shard key."""
+    return copy_ids_ok(engines, mt) and _is_int(mt.pk[0]) and _is_int(mt.key)
 
 
 def _q(engine: Engine, name: str) -> str:
@@ -169,8 +176,7 @@ def scan(
         every = ", ".join(_q(engine, c) for c in cols)
         data = _copy_out(cur, f"COPY (SELECT {every} FROM {name} {where}{order}) TO STDOUT")
         raw.commit()
-        lines = data.split(b"\n")
-        lines.pop()  # after the last newline
+        lines = _lines(data)
         # tabs and newlines inside values are escaped (\t, \n): raw ones only separate fields
         cells = data.replace(b"\n", b"\t").split(b"\t")
         cells.pop()  # after the last newline
@@ -191,15 +197,42 @@ def scan(
     return Batch(pks, keys, fields[width - 1 :: width] if digests else None)
 
 
-def copy_out_ids(engine: Engine, raw: Any, mt: MovingTable, ids: Sequence[int]) -> bytes:
+def copy_out_ids(engine: Engine, raw: Any, mt: MovingTable, ids: Sequence[Any]) -> bytes:
     """COPY text lines of the rows of ``mt.table`` with these primary keys (in key order)."""
     cols = ", ".join(_q(engine, c.name) for c in mt.table.columns)
     pk = _q(engine, mt.pk[0].name)
-    where = f"{pk} = ANY('{int_array(ids)}'::bigint[])"
+    params: tuple[Any, ...] = ()
+    if _is_int(mt.pk[0]):
+        where = f"{pk} = ANY('{int_array(ids)}'::bigint[])"
+    else:
+        where = f"{pk} = ANY(%s::{mt.pk[0].type.compile(dialect=engine.dialect)}[])"
+        params = ([p if isinstance(p, int) else str(p) for p in ids],)
     sql = f"COPY (SELECT {cols} FROM {_t(engine, mt.table)} WHERE {where} ORDER BY {pk}) TO STDOUT"
-    data = _copy_out(raw.cursor(), sql)
+    data = _copy_out(raw.cursor(), sql, params)
     raw.commit()
     return data
+
+
+def _lines(data: bytes) -> list[bytes]:
+    """COPY text output as its lines (without the newlines)."""
+    lines = data.split(b"\n")
+    lines.pop()  # after the last newline
+    return lines
+
+
+def copy_ids(source_engine: Engine, target_engine: Engine, mt: MovingTable, ids: Sequence[Any], source: str) -> None:
+    """Copy the rows of ``mt`` with these primary keys from ``source_engine`` into the shadow
+    table on ``target_engine``: ``COPY ... TO STDOUT``, then :func:`copy_in_shadow`."""
+    raw = source_engine.raw_connection()
+    try:
+        lines = _lines(copy_out_ids(source_engine, raw, mt, ids))
+    finally:
+        raw.close()
+    raw = target_engine.raw_connection()
+    try:
+        copy_in_shadow(target_engine, raw, mt, shadow_lines(lines, source))
+    finally:
+        raw.close()
 
 
 def shadow_lines(lines: Sequence[bytes], source: str) -> bytes:
@@ -268,8 +301,7 @@ def shadow_rows(
         )  # fmt: skip
         raw.commit()
         if mode == "rows":
-            lines = data.split(b"\n")
-            lines.pop()
+            lines = _lines(data)
             pks = _ints([ln.split(b"\t", pk_at + 1)[pk_at] for ln in lines])
             extra = lines
         else:
@@ -297,3 +329,103 @@ def delete_ids(engine: Engine, raw: Any, table: Table, pk: str, ids: Sequence[in
     n = int(cur.rowcount)
     raw.commit()
     return n
+
+
+def count_rows(engine: Engine, raw: Any, table: Table) -> int:
+    """``SELECT count(*)`` of ``table``, committed."""
+    cur = raw.cursor()
+    cur.execute(f"SELECT count(*) FROM {_t(engine, table)}")
+    n = int(cur.fetchone()[0])
+    raw.commit()
+    return n
+
+
+class PostgresBackend(Backend):
+    """Copy, compare and delete by raw ``COPY``, on connections held for a whole table/source
+    task; the tasks run in parallel (psycopg2 releases the GIL while it waits)."""
+
+    parallel = True
+
+    def copy(self, mt: MovingTable, source: str, new: HashRing, last: Sequence[Any] | None) -> Iterator[Step]:
+        after = int(last[0]) if last is not None else None
+        engine = self.engines[source]
+        src = engine.raw_connection()
+        targets: dict[str, Any] = {}
+        try:
+            total = count_rows(engine, src, mt.table)
+            mode = scan_mode(engine, src, mt, total)
+            while True:
+                batch = scan(engine, src, mt, after, self.batch_size, mode)
+                n = 0
+                for target, mask in batch.moving(new, source).items():
+                    if batch.extra is not None:  # "rows": the lines are here
+                        lines = pick(batch.extra, mask)
+                    else:
+                        lines = _lines(copy_out_ids(engine, src, mt, pick(batch.pks, mask)))
+                    if target not in targets:
+                        targets[target] = self.engines[target].raw_connection()
+                    copy_in_shadow(self.engines[target], targets[target], mt, shadow_lines(lines, source))
+                    n += len(lines)
+                done = batch.size < self.batch_size
+                after = batch.last if batch.last is not None else after
+                yield Step(batch.size, n, None if after is None else [after], done, total)
+                if done:
+                    return
+        finally:
+            src.close()
+            for raw in targets.values():
+                raw.close()
+
+    def delete(self, mt: MovingTable, source: str, new: HashRing, last: Sequence[Any] | None) -> Iterator[Step]:
+        after = int(last[0]) if last is not None else None
+        engine = self.engines[source]
+        raw = engine.raw_connection()
+        try:
+            while True:
+                batch = scan(engine, raw, mt, after, self.batch_size, "keys")
+                gone = sorted(pk for mask in batch.moving(new, source).values() for pk in pick(batch.pks, mask))
+                delete_ids(engine, raw, mt.table, mt.pk[0].name, gone)
+                done = batch.size < self.batch_size
+                after = batch.last if batch.last is not None else after
+                yield Step(batch.size, len(gone), None if after is None else [after], done)
+                if done:
+                    return
+        finally:
+            raw.close()
+
+    def read_digests(
+        self, mt: MovingTable, source: str, new: HashRing, targets: Sequence[str], shadowed: Collection[str]
+    ) -> tuple[Digests, Digests]:
+        """Moving rows as COPY lines ("rows" mode) or the server's md5 of each ("keys"), on both sides."""
+        engine = self.engines[source]
+        src: dict[str, dict[Any, bytes]] = {t: {} for t in targets}
+        raw = engine.raw_connection()
+        try:
+            mode = scan_mode(engine, raw, mt, count_rows(engine, raw, mt.table))
+            after: int | None = None
+            while True:
+                batch = scan(engine, raw, mt, after, self.batch_size, mode, digests=True)
+                assert batch.extra is not None
+                for target, mask in batch.moving(new, source).items():
+                    if target in src:
+                        src[target].update(zip(pick(batch.pks, mask), pick(batch.extra, mask), strict=True))
+                after = batch.last if batch.last is not None else after
+                if batch.size < self.batch_size:
+                    break
+        finally:
+            raw.close()
+        tgt: dict[str, dict[Any, bytes]] = {t: {} for t in targets}
+        for target in targets:
+            if target not in shadowed:
+                continue
+            raw = self.engines[target].raw_connection()
+            try:
+                for pks, values in shadow_rows(self.engines[target], raw, mt, source, mode, self.batch_size):
+                    tgt[target].update(zip(pks, values, strict=True))
+            finally:
+                raw.close()
+
+        def hex_by_key(rows: dict[Any, bytes]) -> dict[tuple[Any, ...], str]:
+            return {(pk,): line_digest(v, mode) for pk, v in rows.items()}
+
+        return {t: hex_by_key(d) for t, d in src.items()}, {t: hex_by_key(d) for t, d in tgt.items()}

@@ -1,28 +1,23 @@
-"""Moving rows: keyset scans, the copy into shadow tables, digests, repair, merge and delete.
+"""Rows of a moving table through SQLAlchemy Core: keyset batches, whole rows by primary key,
+the shadow-table insert that skips rows already there, row digests and deletes by key.
 
 Everything here works on one table and one source shard at a time, in primary-key order
 (keyset batches: ``WHERE pk > :last ORDER BY pk LIMIT :n``), so a batch is a bounded amount
-of work and "where was I" is one primary key.
-
-Which rows move is decided in Python: the shard key column is read and hashed with the new
-ring's ``get_many`` (one C call per batch); a row moves when the new ring names another shard
-than the one it is on.  On PostgreSQL the rows themselves travel by ``COPY ... TO STDOUT``
-from the source into a temporary table on the target, then ``INSERT ... SELECT ... ON
-CONFLICT DO NOTHING`` into the shadow table; elsewhere by batched INSERT with the dialect's
-"ignore duplicates".  Either way copying a batch twice is harmless.
+of work and "where was I" is one primary key (:func:`pk_to_json` / :func:`pk_from_json`).
+Inserting into a shadow table ignores rows whose primary key is there already, so copying a
+batch twice is harmless.  The portable back end (:mod:`._portable`) is built on these; the
+repair and the merge of every back end too (:class:`._backend.Backend`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, insert, literal, select, text, tuple_
 
-from ._dbfence import barrier_tables
 from ._tables import SOURCE_COLUMN, MovingTable
 
 if TYPE_CHECKING:
@@ -30,13 +25,14 @@ if TYPE_CHECKING:
     from sqlalchemy.sql.elements import ColumnElement
 
 __all__ = [
-    "barrier",
-    "copy_batch",
+    "can_scan_raw",
     "delete_keys",
     "digests",
     "fetch_rows",
     "insert_ignore",
+    "insert_shadow",
     "keyset",
+    "keyset_raw",
     "pk_from_json",
     "pk_to_json",
 ]
@@ -156,83 +152,6 @@ def insert_shadow(conn: Connection, mt: MovingTable, rows: Sequence[Any], source
     conn.execute(insert_ignore(mt.shadow, conn.dialect.name), params)
 
 
-def _pg_type(mt: MovingTable, engine: Engine) -> str:
-    return str(mt.pk[0].type.compile(dialect=engine.dialect))
-
-
-def copy_batch_pg(
-    source_engine: Engine, target_engine: Engine, mt: MovingTable, pks: Sequence[Any], source: str
-) -> None:
-    """PostgreSQL -> PostgreSQL: ``COPY (SELECT ..., source WHERE pk = ANY(...)) TO STDOUT``, then
-    ``COPY shadow FROM STDIN`` in a savepoint; if some rows are already there (a batch run
-    again after a crash), through a temporary table and ``INSERT ... ON CONFLICT DO NOTHING``."""
-    import psycopg2.errors  # type: ignore[import-untyped]
-
-    prep = source_engine.dialect.identifier_preparer
-    cols = ", ".join(prep.quote(c.name) for c in mt.table.columns)
-    all_cols = f"{cols}, {prep.quote(SOURCE_COLUMN)}"
-    pk = prep.quote(mt.pk[0].name)
-    ids = [p if isinstance(p, int) else str(p) for p in pks]
-    buf = io.BytesIO()
-    raw = source_engine.raw_connection()
-    try:
-        cur = raw.cursor()
-        table, pk_type = prep.format_table(mt.table), _pg_type(mt, source_engine)
-        query = cur.mogrify(
-            f"COPY (SELECT {cols}, %s FROM {table} WHERE {pk} = ANY(%s::{pk_type}[])) TO STDOUT",
-            (source, ids),
-        )
-        cur.copy_expert(query, buf)
-        raw.commit()
-    finally:
-        raw.close()
-    shadow = prep.format_table(mt.shadow)
-    raw = target_engine.raw_connection()
-    try:
-        cur = raw.cursor()
-        cur.execute("SAVEPOINT shardkit_copy")
-        try:
-            buf.seek(0)
-            cur.copy_expert(f"COPY {shadow} ({all_cols}) FROM STDIN", buf)
-        except psycopg2.errors.UniqueViolation:
-            cur.execute("ROLLBACK TO SAVEPOINT shardkit_copy")
-            stage = prep.quote("shardkit_reshard_stage__" + mt.table.name)
-            cur.execute(
-                f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {shadow} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-            )
-            buf.seek(0)
-            cur.copy_expert(f"COPY {stage} ({all_cols}) FROM STDIN", buf)
-            cur.execute(f"INSERT INTO {shadow} ({all_cols}) SELECT {all_cols} FROM {stage} ON CONFLICT DO NOTHING")
-        raw.commit()
-    except BaseException:
-        raw.rollback()
-        raise
-    finally:
-        raw.close()
-
-
-def copy_batch(
-    engines: dict[str, Engine], mt: MovingTable, source: str, moving: dict[str, list[Any]], full_rows: bool
-) -> None:
-    """Copy one batch: ``moving`` is target alias -> rows (whole rows when ``full_rows``, else
-    primary keys of a single-column key, copied with COPY on PostgreSQL)."""
-    for target, items in moving.items():
-        if not items:
-            continue
-        if full_rows:
-            with engines[target].begin() as conn:
-                insert_shadow(conn, mt, items, source)
-        else:
-            copy_batch_pg(engines[source], engines[target], mt, items, source)
-
-
-def use_copy(engines: dict[str, Engine], mt: MovingTable) -> bool:
-    """True when every shard is PostgreSQL (psycopg2) and the primary key is one column."""
-    return len(mt.pk) == 1 and all(
-        e.dialect.name == "postgresql" and e.dialect.driver == "psycopg2" for e in engines.values()
-    )
-
-
 def _py_digest(row: Sequence[Any]) -> str:
     return hashlib.blake2b(repr(tuple(row)).encode(), digest_size=16).hexdigest()
 
@@ -287,19 +206,3 @@ def delete_keys(
     for i in range(0, len(pks), chunk):
         n += conn.execute(delete(table).where(_pk_in(mt, table, pks[i : i + chunk]))).rowcount
     return n
-
-
-def barrier(engine: Engine, tables: Sequence[Table], timeout: float = 120.0, *, alias: str = "") -> None:
-    """Wait until every transaction that is writing to ``tables`` on ``engine`` has ended.
-
-    PostgreSQL: ``LOCK TABLE t IN SHARE MODE`` (it waits for every holder of a write lock on
-    ``t``), released at once, one table per transaction, under a short ``lock_timeout``,
-    retried (see :func:`._dbfence.locked`): the barrier never holds one table while it waits
-    for another, so it cannot deadlock with a writer that holds one and wants the other.
-    SQLite: ``BEGIN IMMEDIATE`` (it waits for the one writer).  Other databases: nothing.
-
-    :raises ReshardError: the tables stayed busy for ``timeout`` seconds (run again).
-    """
-    if engine.dialect.name not in ("postgresql", "sqlite"):
-        return  # no barrier on other backends (documented)
-    barrier_tables(engine, tables, "SHARE", timeout=timeout, alias=alias)

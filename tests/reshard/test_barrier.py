@@ -16,8 +16,7 @@ from collections.abc import Callable
 
 from sqlalchemy import Engine, text
 
-from shardkit.reshard._copy import barrier
-from shardkit.reshard._dbfence import fenced_arcs, install, remove
+from shardkit.reshard._dbfence import barrier, fenced_arcs, install, remove
 from shardkit.reshard._tables import discover
 
 from .helpers import build, load

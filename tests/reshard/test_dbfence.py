@@ -162,10 +162,10 @@ def test_resumed_in_merging_fences_and_catches_up_again(databases: DatabaseFacto
     class Crashing(Resharder):
         """Dies (as far as the stored state goes) after merging s4, before merging s5."""
 
-        def _merge(self, engine: Any) -> None:
-            if engine is cluster.engine("s5"):
+        def _merge(self, backend: Any, target: str) -> None:
+            if target == "s5":
                 raise RuntimeError("crash in the merge")
-            super()._merge(engine)
+            super()._merge(backend, target)
 
     with pytest.raises(RuntimeError, match="crash in the merge"):
         Crashing(cluster, router, new, models=[User], batch_size=300, fence_grace=0.05).run()
