@@ -43,6 +43,7 @@ from sqlalchemy.orm.session import _sessions
 from sqlalchemy.sql.elements import ClauseElement
 
 from . import _events
+from ._amanager import AsyncManagerMixin, AsyncModelMixin, AsyncQuerySetMixin
 from ._cluster import Cluster, get_active_cluster
 from ._relations import django_lead, relation_error
 from ._session import _DB, _USING, ShardSession, current_session, db_of, link_opinion
@@ -347,7 +348,7 @@ def _write_db(model: Any, instance: Any) -> str:
 # -- QuerySet ------------------------------------------------------------------------------------
 
 
-class QuerySet(Generic[M]):
+class QuerySet(AsyncQuerySetMixin[M], Generic[M]):
     """A lazy, chainable query of one model, in Django's style.
 
     Nothing runs until the queryset is iterated, sliced with an index, or asked
@@ -884,7 +885,7 @@ class RawQuerySet(Generic[M]):
 # -- Manager ---------------------------------------------------------------------------------
 
 
-class Manager(Generic[M]):
+class Manager(AsyncManagerMixin[M], Generic[M]):
     """Django's model manager: the entry point of queries, ``Model.objects``.
 
     Subclass it to add methods (``create_user()`` ...); they work through
@@ -1583,7 +1584,7 @@ class _ModelState:
         return instance_state(self._obj).key is None
 
 
-class ModelMixin:
+class ModelMixin(AsyncModelMixin):
     """Gives a declarative model Django's ``objects``, ``save()``, ``delete()``, ``pk``,
     ``refresh_from_db()`` and related managers.
 
