@@ -27,6 +27,7 @@ keeps working for code that does not know shardkit::
      +-- FanoutError                         a read across shards failed
      |    +-- UnsupportedQueryError           a statement shape that cannot be merged correctly
      |    +-- InvalidCursorError (TypeError)  a keyset cursor value that is not a plain value
+     |    +-- InvalidPageError (ValueError)   a keyset page size below 1
      |    +-- ShardQueryError                 one or more shards failed: ``.errors`` maps alias -> exception
      |    +-- FanoutTimeoutError (TimeoutError) the fan-out deadline passed
      +-- ReshardError                        a reshard that cannot start, continue or verify
@@ -55,6 +56,7 @@ __all__ = [
     "FieldError",
     "InvalidCursorError",
     "InvalidKeyError",
+    "InvalidPageError",
     "InvalidRouteError",
     "MultipleObjectsReturned",
     "ObjectDoesNotExist",
@@ -236,6 +238,10 @@ class InvalidCursorError(FanoutError, TypeError):
     ``position`` is its index in the cursor.  Cursor values are bound as parameters, never
     spliced into the SQL, so ``text("-1 OR TRUE")`` is refused rather than run.
     """
+
+
+class InvalidPageError(FanoutError, ValueError):
+    """A keyset page that cannot be read: ``page_size`` below 1 (``page_size`` is kept)."""
 
 
 class ShardQueryError(FanoutError):
