@@ -5,6 +5,9 @@ Peers in the same groups: a bare ``mmh3.hash(str)`` call and uhashring's
 ``HashRing.get_node``.  The medians and their ratios are printed as one table
 at the end of the run ("shardkit ring figures").  Structural figures
 (balance, movement, memory) are exact and asserted; speed ratios are printed.
+On a shared machine read the "paired" ratios (``test_paired_ratios``: every peer timed back to
+back in each round, median of the per-round ratios); the separate groups are timed seconds
+apart and a neighbour's load between them moves their ratios.
 """
 
 from __future__ import annotations
