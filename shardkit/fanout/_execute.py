@@ -261,6 +261,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
 
 
+def run_in_background(fn: Callable[[], T]) -> Future[T]:
+    """Run ``fn`` in one of the fan-out's worker threads (an idle one, or a new one); its
+    result or exception goes to the returned future.  Used for work that overlaps the
+    caller's, such as reading a shard's next batch of a stream while the merge runs."""
+    return _workers.submit(("background", fn), fn).future
+
+
 def _lane(alias: str, task: ShardTask[Any]) -> Hashable:
     lane = getattr(task, "lane", None)
     return alias if lane is None else lane

@@ -38,8 +38,10 @@ Limits worth knowing
 
 from __future__ import annotations
 
-import heapq
+import bisect
+import contextlib
 import itertools
+import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -695,6 +697,203 @@ def _checked_one(stream: Iterable[Sequence[Any]], width: int) -> Iterator[Sequen
         return
 
 
+# --------------------------------------------------------------------------- ordered merge
+
+
+#: Rows a shard stream is read in by the ordered merge at most (its batches start smaller
+#: when the plan needs only a few rows, and double up to this).
+MERGE_BATCH = 1000
+_NUMBERS = frozenset({int, float, Decimal, bool})
+
+
+class _BatchKeys:
+    """The sort keys of a batch of rows, computed a batch at a time.
+
+    The fast form is computed with C-level getters: the values themselves (one ORDER BY
+    item) or a tuple of them, descending numbers negated.  It is only valid while no NULL
+    and no descending non-number has been met; the first batch with one switches the merge
+    to the general form of :func:`_sort_key_function` (``switched`` says so, and the keys
+    already computed must be computed again).  Both forms order rows alike; they are never
+    compared with each other.
+    """
+
+    def __init__(self, sort_keys: Sequence[SortKey], dialect_name: str) -> None:
+        self._slow = _sort_key_function(sort_keys, dialect_name)
+        self.fast = all(k.text_rule is None for k in sort_keys)
+        self._getters: list[tuple[Callable[[Any], Any], bool]] = []
+        self.switched = False
+        for k in sort_keys:
+            get = operator.itemgetter(k.position) if k.attribute is None else _composed(k.position, k.attribute)
+            self._getters.append((get, k.descending))
+
+    def __call__(self, rows: list[Any]) -> list[Any]:
+        """The keys of ``rows``; may switch to the general form (then ``switched`` is True)."""
+        self.switched = False
+        if self.fast:
+            keys = self._fast(rows)
+            if keys is not None:
+                return keys
+            self.fast = False
+            self.switched = True
+        return list(map(self._slow, rows))
+
+    def _fast(self, rows: list[Any]) -> list[Any] | None:
+        columns = []
+        for get, descending in self._getters:
+            values = list(map(get, rows))
+            if None in values:
+                return None
+            if descending:
+                if not set(map(type, values)) <= _NUMBERS:
+                    return None
+                values = list(map(operator.neg, values))
+            columns.append(values)
+        if len(columns) == 1:
+            return columns[0]
+        return list(zip(*columns, strict=True))
+
+
+def _composed(position: int, attribute: str) -> Callable[[Any], Any]:
+    item, attr = operator.itemgetter(position), operator.attrgetter(attribute)
+
+    def get(row: Any) -> Any:
+        return attr(item(row))
+
+    return get
+
+
+class _Source:
+    """One shard stream in the ordered merge: its current batch, its keys, where it is."""
+
+    __slots__ = ("cap", "fetch", "keys", "rows", "size", "start")
+
+    def __init__(self, fetch: Callable[[int], list[Any]], size: int, cap: int) -> None:
+        self.fetch = fetch
+        self.size = size  # rows of the next fetch: doubles up to ``cap``
+        self.cap = cap
+        self.rows: list[Any] = []
+        self.keys: list[Any] = []
+        self.start = 0
+
+
+def _fetcher(stream: Iterable[Sequence[Any]]) -> Callable[[int], list[Any]]:
+    """``fetch(n)``: the next at most ``n`` rows of ``stream`` as a list (empty at its end);
+    a SQLAlchemy ``Result`` is read with ``fetchmany`` (one call per batch)."""
+    fetchmany = getattr(stream, "fetchmany", None)
+    if callable(fetchmany):
+        return lambda n: list(fetchmany(n))
+    it = iter(stream)
+    return lambda n: list(itertools.islice(it, n))
+
+
+def _ordered_merge(
+    streams: Sequence[Iterable[Sequence[Any]]],
+    sort_keys: Sequence[SortKey],
+    dialect_name: str,
+    width: int,
+    first_batch: int,
+    batch: int,
+) -> Iterator[Sequence[Any]]:
+    """A stable k-way merge of sorted streams (ties: the lower stream index first), a batch
+    at a time: the keys of a batch are computed at once, and every round emits, sorted by
+    one C-level ``sorted``, all the rows that can no longer be preceded by an unread row.
+
+    With ``bound`` the smallest last key of the current batches (every unread row is at
+    least ``bound``) and ``j`` the first stream whose batch ends at ``bound``: the streams
+    up to ``j`` emit their rows ``<= bound``, the others their rows ``< bound``.  Stream
+    ``j`` empties its batch, so every round makes progress.
+
+    When the merge ends -- every row read, or the caller stopped (a LIMIT reached, the result
+    closed) -- each stream with a ``close()`` is closed: a streamed shard's server-side cursor
+    is released at once.
+    """
+    try:
+        yield from _ordered_batches(streams, sort_keys, dialect_name, width, first_batch, batch)
+    finally:
+        for stream in streams:
+            close = getattr(stream, "close", None)
+            if callable(close):
+                with contextlib.suppress(Exception):
+                    close()
+
+
+def _ordered_batches(
+    streams: Sequence[Iterable[Sequence[Any]]],
+    sort_keys: Sequence[SortKey],
+    dialect_name: str,
+    width: int,
+    first_batch: int,
+    batch: int,
+) -> Iterator[Sequence[Any]]:
+    keyer = _BatchKeys(sort_keys, dialect_name)
+    live: list[_Source] = []
+    for stream in streams:
+        source = _Source(_fetcher(stream), first_batch, batch)
+        if _refill(source, keyer, live, width):
+            live.append(source)
+    while live:
+        if len(live) == 1:
+            source = live[0]
+            while True:
+                yield from source.rows[source.start :] if source.start else source.rows
+                source.rows, source.start = source.fetch(source.size), 0
+                source.size = min(source.cap, source.size * 2)
+                if not source.rows:
+                    return
+        bound = min(source.keys[-1] for source in live)
+        rows: list[Any] = []
+        keys: list[Any] = []
+        through = True  # up to the first stream whose batch ends at the bound: rows <= bound
+        parts = 0
+        for source in live:
+            if through:
+                end = bisect.bisect_right(source.keys, bound, source.start)
+                if not bound < source.keys[-1]:  # this batch ends at the bound
+                    through = False
+            else:
+                end = bisect.bisect_left(source.keys, bound, source.start)
+            if end > source.start:
+                rows.extend(source.rows[source.start : end])
+                keys.extend(source.keys[source.start : end])
+                source.start = end
+                parts += 1
+        if parts > 1:
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            yield from map(rows.__getitem__, order)
+        else:
+            yield from rows
+        emptied = [source for source in live if source.start >= len(source.rows)]
+        for source in emptied:
+            if not _refill(source, keyer, live, width):
+                live.remove(source)
+
+
+def _refill(source: _Source, keyer: _BatchKeys, live: list[_Source], width: int) -> bool:
+    rows = source.fetch(source.size)
+    source.size = min(source.cap, source.size * 2)
+    if not rows:
+        source.rows, source.keys, source.start = [], [], 0
+        return False
+    _check_width(rows[0], width)
+    source.rows, source.start = rows, 0
+    source.keys = keyer(rows)
+    if keyer.switched:  # a NULL (or a descending non-number): every batch in the general form
+        for other in live:
+            if other is not source and other.rows:
+                other.keys = keyer(other.rows)
+    return True
+
+
+def _check_width(row: Sequence[Any], width: int) -> None:
+    if len(row) != width:
+        raise FanoutError(
+            f"a shard row has {len(row)} elements, the merge plan expects {width}; "
+            "execute ORM statements through a Session (an entity is one element) "
+            "and Core statements through a Connection",
+            construct="row width",
+        )
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -703,6 +902,7 @@ def merge_rows(
     streams: Sequence[Iterable[Sequence[Any]]],
     *,
     dialect_name: str,
+    batch: int | None = None,
 ) -> Iterator[tuple[Any, ...]]:
     """Merge the shard row streams into the rows of the original statement.
 
@@ -710,6 +910,8 @@ def merge_rows(
     :param streams: one iterable of rows per shard, each in the order its
         shard returned them; in a fixed order (ties are broken by stream index).
     :param dialect_name: the dialect of the shards (NULL ordering, AVG type).
+    :param batch: rows an ordered merge reads from a stream at a time, at most
+        (default :data:`MERGE_BATCH`; a ``yield_per``, so a stream's batch is one fetch).
     :returns: an iterator of tuples holding only the original columns.
 
     Example::
@@ -724,13 +926,26 @@ def merge_rows(
         if plan.sort_keys:
             rows = iter(sorted(rows, key=_sort_key_function(plan.sort_keys, dialect_name)))
     elif plan.sort_keys:
-        key = _sort_key_function(plan.sort_keys, dialect_name)
-        rows = heapq.merge(*(_checked_one(s, width) for s in streams), key=key)
+        size = max(1, batch or MERGE_BATCH)
+        first = size
+        if plan.limit is not None and not plan.distinct and streams:
+            # only offset+limit rows are kept: read little at first (a LIMIT 10 reads 10 rows
+            # of the shards, not 1000 of each), then double
+            first = max(1, min(size, -(-(plan.offset + plan.limit) // len(streams))))
+        rows = _ordered_merge(streams, plan.sort_keys, dialect_name, width, first, size)
     else:
         rows = _checked(streams, width)
 
     out = plan.output_positions
-    projected: Iterator[tuple[Any, ...]] = (tuple(r[p] for p in out) for r in rows)
+    projected: Iterator[tuple[Any, ...]]
+    if out == tuple(range(width)):
+        projected = map(tuple, rows)
+    elif len(out) == 1:
+        projected = zip(map(operator.itemgetter(out[0]), rows))
+    elif out:
+        projected = map(operator.itemgetter(*out), rows)
+    else:
+        projected = (() for _ in rows)
     if plan.distinct:
         projected = _dedupe(projected)
     if plan.offset or plan.limit is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -45,6 +46,7 @@ from ._connect import ConnectionTask
 from ._execute import pg_statement_timeout_sql, run_parallel
 from ._merge import merge_rows, null_is_larger
 from ._plan import FanoutPlan, cached_plan_select, plan_from_statement, plan_select
+from ._prefetch import prefetch
 from ._threads import calling_thread_executor, thread_bound
 
 if TYPE_CHECKING:
@@ -54,6 +56,8 @@ if TYPE_CHECKING:
     from .._session import ShardSession
 
 __all__ = ["ShardedResult", "execute_fanout", "reads_rows", "shards_of"]
+
+logger = logging.getLogger(__name__)
 
 #: First words of a textual statement that only reads (comments and parentheses skipped).
 _READING_WORDS = frozenset({"select", "values", "table", "show", "explain", "describe", "pragma"})
@@ -329,6 +333,13 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
         outcome = run_parallel(tasks, deadline=deadline, partial=partial, executor=executor)
     outcome.errors.update(unreachable)
     answered = tuple(a for a in shard_statements if a in outcome.results)
+    if outcome.errors:
+        logger.warning(
+            "partial fan-out: %d of %d shards answered; no rows from %s",
+            len(answered),
+            len(shard_statements),
+            "; ".join(f"{a!r} ({brief(e)})" for a, e in outcome.errors.items()),
+        )
     # An ordered merge with a LIMIT keeps only offset+limit rows of all the shards'
     # offset+limit each: build ORM objects in small chunks, as the merge pulls rows,
     # so the rows it throws away are never turned into objects.
@@ -351,14 +362,18 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
         8 if merge.sort_keys and merge.limit is not None and merge.aggregate is None and not merge.distinct else None
     )
     streams = []
+    yield_per = options.get("yield_per")
     for alias in answered:
         shard_result = outcome.results[alias]
+        if yield_per and len(answered) > 1:
+            # streamed: each shard's next batch is read while the merge works on this one
+            prefetch(shard_result, int(yield_per))
         if _sqla.needs_unique(shard_result):
             shard_result = shard_result.unique()  # joined eager loads of collections
         elif lazy_chunk is not None and "yield_per" not in options:
             shard_result = shard_result.yield_per(lazy_chunk)
         streams.append(shard_result)
-    rows = merge_rows(merge, streams, dialect_name=dialect_name)
+    rows = merge_rows(merge, streams, dialect_name=dialect_name, batch=yield_per)
     result = ShardedResult(SimpleResultMetaData(plan.output_keys), rows)
     if streams:
         # What the ORM told the legacy Query about these rows ("is_single_entity": apply
@@ -381,4 +396,3 @@ def _resolved(statement: Any) -> Any:
     if isinstance(statement, StatementLambdaElement):
         return _sqla.lambda_statement(statement)
     return statement
-

@@ -348,9 +348,7 @@ def _parse_order(stmt: Select[Any], elems: Sequence[_Element]) -> list[_Order]:
         descending = False
         nulls_first: bool | None = None
         while True:
-            if isinstance(expr, _LABEL_REFERENCE) and not isinstance(
-                expr.element, _TEXTUAL_LABEL_REFERENCE
-            ):
+            if isinstance(expr, _LABEL_REFERENCE) and not isinstance(expr.element, _TEXTUAL_LABEL_REFERENCE):
                 expr = expr.element
                 continue
             if not (
