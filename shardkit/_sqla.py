@@ -306,3 +306,33 @@ def pool_with_checkout_wait(pool_class: type[Any], wait: Callable[[float], float
 def dbapi_connection(conn: Any) -> Any:
     """The driver's connection under a SQLAlchemy ``Connection``."""
     return conn.connection.dbapi_connection
+
+
+# -- streamed results -----------------------------------------------------------------------
+
+
+def cursor_result_of(result: Any) -> Any:
+    """The ``CursorResult`` a result reads from: itself, or the one under an ORM result
+    (``raw``); ``None`` when there is none."""
+    from sqlalchemy.engine import CursorResult
+
+    for candidate in (result, getattr(result, "raw", None)):
+        if isinstance(candidate, CursorResult):
+            return candidate
+    return None
+
+
+def is_server_side(cursor_result: Any) -> bool:
+    """Whether ``cursor_result`` streams from a server-side cursor (``stream_results`` /
+    ``yield_per``) and is still open."""
+    return bool(cursor_result.context._is_server_side) and not cursor_result._soft_closed
+
+
+def wrap_dbapi_cursor(cursor_result: Any, wrap: Callable[[Any], Any]) -> bool:
+    """Put ``wrap(driver cursor)`` in place of the driver cursor ``cursor_result`` fetches from
+    (and closes).  SQLAlchemy reads ``CursorResult.cursor`` on every fetch."""
+    cursor = cursor_result.cursor
+    if cursor is None:
+        return False
+    cursor_result.cursor = wrap(cursor)
+    return True
