@@ -19,8 +19,11 @@ them from the caller's greenlet (``await_only``), under the one deadline:
   as above.
 
 A cancelled task that has not ended :data:`RELEASE` seconds later (a server that never
-answers: the driver's close waits for it) is left to end on the loop by itself; the caller
-is answered at most ``deadline + SETTLE + RELEASE`` seconds after it started.  Nothing here
+answers, a link that crawls: the driver's cancel waits for the server, psycopg up to 5 s,
+asyncpg's close up to 2 s) is left to end on the loop by itself, and is never cancelled a
+second time (psycopg would close its connection under the session); the caller is answered
+at most ``deadline + SETTLE + RELEASE`` seconds after it started.  Its connection stays
+the session's until it ends: the session's ``rollback()`` or ``close()`` waits for it.  Nothing here
 blocks the loop: the waits are the loop's own.
 
 Engines whose connections cannot be used by two shards at a time (an in-memory SQLite,
@@ -147,12 +150,13 @@ async def _gather(
                 errors[alias] = TimeoutError(f"shard {alias!r} did not answer within {deadline}s{stages[alias]}")
         # else: another shard failed and these were cancelled; the failure is what is reported
         return results, errors, late if timed_out else [], stages
-    finally:
+    except BaseException:
         # the caller itself was cancelled (its own timeout, a client gone): so are its shards
         for fut in running:
             if not fut.done():
                 fut.cancel()
                 fut.add_done_callback(_retrieve)
+        raise
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

@@ -154,3 +154,72 @@ def api(request: pytest.FixtureRequest, api_factory: Callable[[str], Api]) -> Ap
 def backend_of(api: Api, default: str = "postgresql") -> str:
     """The backend a test on ``api`` uses: SQLite for aiosqlite, else ``default``."""
     return ASYNC_APIS[api.name][0] if api.is_async else default
+
+
+# ---------------------------------------------------------------- a sync test, on the async stack
+
+
+class AsyncStack:
+    """Runs an existing sync test function unchanged on the async stack.
+
+    While the test runs, ``Cluster.session()`` gives the ``sync_session`` of
+    ``cluster.async_session()`` -- the very session an ``AsyncSession`` drives, over the
+    cluster's async engines -- and the test runs inside SQLAlchemy's greenlet on an event
+    loop (``greenlet_spawn``), so each of its statements is awaited on the loop and its
+    fan-outs run as coroutines, as under ``await async_session.execute(...)``.  SQL the test
+    itself sends on ``cluster.engine(alias)`` (its checks) stays on the sync engines.
+
+    :param driver: the PostgreSQL async driver; SQLite aliases get aiosqlite.
+    """
+
+    def __init__(self, driver: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.driver = driver
+        self.runner = asyncio.Runner()
+        self.clusters: list[shardkit.Cluster] = []
+        stack = self
+
+        def session(cluster: shardkit.Cluster, **kw: Any) -> shardkit.ShardSession:
+            base = getattr(cluster, "cluster", cluster)  # a view's own session(): its cluster's
+            if base not in stack.clusters:
+                base.async_driver = {"postgresql": stack.driver}
+                stack.clusters.append(base)
+            made = base.async_session(**kw).sync_session
+            stack.sessions.append(made)
+            return made
+
+        monkeypatch.setattr(shardkit.Cluster, "session", session)
+        self.sessions: list[shardkit.ShardSession] = []
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        from sqlalchemy.util import greenlet_spawn
+
+        def run() -> T:
+            try:
+                return fn(*args, **kwargs)
+            finally:  # a session the test left open: its connections back to their pools here
+                while self.sessions:
+                    self.sessions.pop().close()
+
+        try:
+            return self.runner.run(greenlet_spawn(run))
+        finally:
+            for cluster in self.clusters:  # engines of this loop: gone with it
+                self.runner.run(cluster.adispose())
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+@pytest.fixture(params=["asyncpg", "psycopg"])
+def async_stack(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[AsyncStack]:
+    stack = AsyncStack(request.param, monkeypatch)
+    yield stack
+    stack.close()
+
+
+def run_unchanged(stack: AsyncStack, request: pytest.FixtureRequest, test: Callable[..., Any]) -> None:
+    """Call ``test`` (a sync test function) with its fixtures, on ``stack``."""
+    import inspect
+
+    kwargs = {name: request.getfixturevalue(name) for name in inspect.signature(test).parameters}
+    stack.call(test, **kwargs)
