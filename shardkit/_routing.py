@@ -240,11 +240,14 @@ class RouterChain:
         :param fallback: where to go when every router passes and the instance has no db
             (``"default"`` if not given); it is not passed to the routers.
         """
-        target = self.read_opinion(model, **hints)
+        target = self._read_opinion(model, hints)
         return target if target is not None else self._fallback(hints, fallback)
 
     def read_opinion(self, model: Any, **hints: Any) -> str | ShardTargets | None:
         """What the routers say about a read of ``model``; ``None`` if every router passes."""
+        return self._read_opinion(model, hints)
+
+    def _read_opinion(self, model: Any, hints: dict[str, Any]) -> str | ShardTargets | None:
         for router, method in self._read:
             try:
                 target = method(model, **hints)
@@ -253,6 +256,8 @@ class RouterChain:
             except Exception as exc:
                 raise router_error(exc, router, "db_for_read", model) from exc
             if target is not None:
+                if type(target) is str and target in self.aliases:  # the usual answer, checked at once
+                    return target
                 return self._check_target(target, router, model, "db_for_read")
         return None
 

@@ -19,6 +19,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import Delete, Select, Update
 from sqlalchemy.orm import configure_mappers, dependency
 from sqlalchemy.orm.base import INCLUDE_PENDING_MUTATIONS, PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.relationships import RelationshipProperty
@@ -308,6 +309,63 @@ def dbapi_connection(conn: Any) -> Any:
     return conn.connection.dbapi_connection
 
 
+# -- routing: where a statement's shard key sits ----------------------------------------------
+
+#: Statement classes whose WHERE is ``_where_criteria`` (a lambda statement is not one of them).
+WHERE_STATEMENTS: frozenset[type[Any]] = frozenset({Select, Update, Delete})
+
+
+def cache_key(statement: Any) -> tuple[Any, list[Any]] | None:
+    """``(shape, bound parameters)`` of a statement: SQLAlchemy's cache key, which it memoizes on
+    the statement and uses for its compiled cache, so asking first costs nothing more; ``None``
+    when the statement cannot be cached.  Statements of one shape list their parameters in the
+    same order."""
+    found = statement._generate_cache_key()
+    return None if found is None else (found.key, found.bindparams)
+
+
+def where_of(statement: Any) -> tuple[Any, ...]:
+    """The top-level WHERE conditions of a SELECT / UPDATE / DELETE (``()`` for anything else)."""
+    return getattr(statement, "_where_criteria", ()) or ()
+
+
+def with_where_criteria(statement: Any, criteria: tuple[Any, ...]) -> Any:
+    """A copy of ``statement`` whose WHERE conditions are ``criteria``."""
+    new = statement._generate()
+    new._where_criteria = criteria
+    return new
+
+
+def bind_with_value(bind: Any, value: Any) -> Any:
+    """A copy of a bound parameter holding ``value``, under the same key."""
+    return bind._with_value(value, maintain_key=True)
+
+
+def orm_options(orm_context: Any) -> tuple[Any, ...]:
+    """The ORM options of an execution that do not take part in compiling (``using()`` is one)."""
+    return orm_context._non_compile_orm_options  # type: ignore[no-any-return]
+
+
+def statement_options(statement: Any) -> tuple[Any, ...]:
+    """The ``.options()`` of a statement (``()`` for one without)."""
+    return getattr(statement, "_with_options", ()) or ()
+
+
+def statement_execution_options(statement: Any) -> Any:
+    """The execution options set on a statement itself (``.execution_options()``)."""
+    return getattr(statement, "_execution_options", None) or {}
+
+
+def refresh_identity_token(orm_context: Any) -> Any:
+    """The identity token of the one object a refresh / expired-attribute load is for, or ``None``."""
+    return orm_context.load_options._identity_token
+
+
+def top_level_orm_context(orm_context: Any) -> Any:
+    """The load whose rows a selectin / subquery load runs for (``None`` for a top-level one)."""
+    return orm_context.load_options._sa_top_level_orm_context
+
+
 # -- streamed results -----------------------------------------------------------------------
 
 
@@ -336,3 +394,8 @@ def wrap_dbapi_cursor(cursor_result: Any, wrap: Callable[[Any], Any]) -> bool:
         return False
     cursor_result.cursor = wrap(cursor)
     return True
+
+
+def ensure_configured(mapper: Any) -> None:
+    """Configure the mappers if ``mapper`` is not configured yet (cheap when it is)."""
+    mapper._check_configure()

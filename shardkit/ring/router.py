@@ -50,6 +50,7 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList, Grouping
 from sqlalchemy.sql.visitors import replacement_traverse
 
+from .. import _sqla
 from ..errors import ConfigError, InvalidKeyError, RoutingError
 from ..typing import ShardTargets
 from ._coerce import coercer_for
@@ -121,6 +122,10 @@ class _Constraint:
         self.bind = bind  # the expanding IN parameter, to rewrite per shard
 
 
+_UNSEEN: Any = object()
+_SHAPES_KEPT = 2048  # statement shapes remembered per router (forgotten all at once beyond)
+
+
 def _changed(old: Any, new: Any) -> bool:
     """Whether converting a key changed it (an equal value of the same type is left in place)."""
     return new is not old and (type(new) is not type(old) or bool(new != old))
@@ -160,7 +165,8 @@ class HashRingRouter:
         self.ring = ring
         self._reference: set[Any] = set(reference_tables)
         self._reference_cache: dict[Any, bool] = {}
-        self._param_key_cache: dict[int, tuple[Any, str | None]] = {}
+        # (spec, statement shape) -> where its shard-key conditions' parameters sit (see _constraints)
+        self._shapes: dict[tuple[_Spec, Any], tuple[tuple[bool, int], ...] | None] = {}
         self._model_keys: dict[type[Any], str] = {}
         self._table_keys: dict[str, str] = {}
         for target, attr in (shard_keys or {}).items():
@@ -513,19 +519,11 @@ class HashRingRouter:
     def _route_statement(self, spec: _Spec, statement: Any, params: Any = None) -> str | ShardTargets:
         if statement is None or spec.column is None:
             return self._every_shard("no shard key in WHERE", spec)
-        params = params if isinstance(params, Mapping) else None
-        fast = self._single_param_key(statement, spec) if params is not None else None
-        if fast is not None and fast in params:  # `key == :param`, value given at execution
-            value = params[fast]
-            if value is not None and not isinstance(value, list | tuple | set):
-                if type(value) is not spec.exact and spec.convert is not None:
-                    value = spec.convert(value)
-                return self.ring.get(value)
-        constraints: list[_Constraint] = []
-        for criterion in getattr(statement, "_where_criteria", ()):
-            self._collect(criterion, spec.column, constraints, params)
+        constraints = self._constraints(spec, statement, params if isinstance(params, Mapping) else None)
         if not constraints:
             return self._every_shard("no shard key in WHERE", spec)
+        if len(constraints) == 1 and len(constraints[0].values) == 1:  # `key == value`: one shard
+            return self.ring.get(spec.key(constraints[0].values[0]))
         ring_get = self.ring.get
         owners: list[dict[str, list[Any]]] = []
         for constraint in constraints:
@@ -552,7 +550,7 @@ class HashRingRouter:
             for constraint, by_alias in zip(constraints, owners, strict=True):
                 bind: Any = constraint.bind
                 if bind is not None:
-                    replace[id(bind)] = bind._with_value(by_alias.get(alias, []), maintain_key=True)
+                    replace[id(bind)] = _sqla.bind_with_value(bind, by_alias.get(alias, []))
             statements[alias] = self._rewrite(statement, replace) if replace else None
         label = f"{spec.label}.{spec.attr}"
         return ShardTargets(
@@ -561,55 +559,90 @@ class HashRingRouter:
             shard_key_columns=self._key_columns(spec),
         )
 
-    def _single_param_key(self, statement: Any, spec: _Spec) -> str | None:
-        """For a statement whose whole WHERE is ``shard_key == :param`` (a bind with no value of its
-        own), the parameter's name; cached per statement, so repeated lookups (the foreign-key checks
-        of a flush, selectin loads) skip walking the clause."""
-        cached = self._param_key_cache.get(id(statement))
-        if cached is not None and cached[0] is statement:
-            return cached[1]
-        key: str | None = None
-        criteria: tuple[Any, ...] = tuple(getattr(statement, "_where_criteria", ()))
-        if len(criteria) == 1 and isinstance(criteria[0], BinaryExpression):
-            clause = criteria[0]
-            left, right = clause.left, clause.right
-            if isinstance(left, BindParameter):
-                left, right = right, left
-            if (
-                clause.operator is operators.eq
-                and isinstance(right, BindParameter)
-                and right.value is None
-                and right.callable is None
-                and self._is_column(left, spec.column)
-            ):
-                key = right.key
-        if len(self._param_key_cache) > 512:
-            self._param_key_cache.clear()
-        self._param_key_cache[id(statement)] = (statement, key)
-        return key
-
     @staticmethod
     def _rewrite(statement: Any, replace: Mapping[int, BindParameter[Any]]) -> Any:
         def swap(element: Any, **kw: Any) -> Any:
             return replace.get(id(element))
 
-        new = statement._generate()
-        new._where_criteria = tuple(
-            replacement_traverse(criterion, {}, swap) for criterion in statement._where_criteria
+        return _sqla.with_where_criteria(
+            statement,
+            tuple(replacement_traverse(criterion, {}, swap) for criterion in _sqla.where_of(statement)),
         )
-        return new
 
-    def _collect(
-        self, clause: Any, column: Any, out: list[_Constraint], params: Mapping[str, Any] | None = None
-    ) -> None:
+    def _constraints(self, spec: _Spec, statement: Any, params: Mapping[str, Any] | None) -> list[_Constraint]:
+        """The shard-key conditions of ``statement``'s WHERE with this execution's values.
+
+        Where the conditions sit depends only on the statement's shape, so it is worked out
+        once per shape (SQLAlchemy's cache key, which it computes for its compiled cache
+        anyway and keeps on the statement) and kept as positions in the key's list of bound
+        parameters; each execution then only reads its own values from those parameters.
+        A statement without a cache key (or a lambda) is walked every time.
+        """
+        found = _sqla.cache_key(statement) if type(statement) in _sqla.WHERE_STATEMENTS else None
+        if found is None:
+            conditions: Iterable[tuple[bool, BindParameter[Any]]] = self._conditions(statement, spec.column)
+        else:
+            shape_key, binds = found
+            cache_key = (spec, shape_key)
+            shape = self._shapes.get(cache_key, _UNSEEN)
+            if shape is _UNSEEN:
+                shape = self._shape(statement, spec.column, binds)
+                if len(self._shapes) >= _SHAPES_KEPT:
+                    self._shapes.clear()
+                self._shapes[cache_key] = shape
+            if shape is None:
+                conditions = self._conditions(statement, spec.column)
+            else:
+                conditions = [(is_in, binds[index]) for is_in, index in shape]
+        out: list[_Constraint] = []
+        for is_in, bind in conditions:
+            constraint = self._constraint(is_in, bind, params)
+            if constraint is not None:
+                out.append(constraint)
+        return out
+
+    def _shape(self, statement: Any, column: Any, binds: list[Any]) -> tuple[tuple[bool, int], ...] | None:
+        """Where the shard-key conditions' parameters sit in ``binds`` (a cache key's list),
+        or ``None`` when one of them is not there (then the statement is walked each time)."""
+        index = {id(bind): i for i, bind in enumerate(binds)}
+        shape: list[tuple[bool, int]] = []
+        for is_in, bind in self._conditions(statement, column):
+            position = index.get(id(bind))
+            if position is None:
+                return None
+            shape.append((is_in, position))
+        return tuple(shape)
+
+    def _conditions(self, statement: Any, column: Any) -> list[tuple[bool, BindParameter[Any]]]:
+        """``(is IN, parameter)`` of each shard-key condition in the top-level AND chain of the WHERE."""
+        out: list[tuple[bool, BindParameter[Any]]] = []
+        for criterion in _sqla.where_of(statement):
+            self._collect(criterion, column, out)
+        return out
+
+    def _constraint(
+        self, is_in: bool, bind: BindParameter[Any], params: Mapping[str, Any] | None
+    ) -> _Constraint | None:
+        """The values one condition allows in this execution; ``None`` when its value is unknown."""
+        value = self._bound_value(bind, params)
+        if value is None:
+            return None
+        if not is_in:
+            return _Constraint([value], None)
+        if not isinstance(value, Iterable) or isinstance(value, str | bytes):
+            value = [value]
+        kept = [v for v in value if v is not None]  # NULL never matches IN
+        return _Constraint(kept, bind if bind.expanding else None)
+
+    def _collect(self, clause: Any, column: Any, out: list[tuple[bool, BindParameter[Any]]]) -> None:
         """Append the shard-key conditions of a top-level AND chain to ``out``."""
         if isinstance(clause, BooleanClauseList):
             if clause.operator is operators.and_:
                 for sub in clause.clauses:
-                    self._collect(sub, column, out, params)
+                    self._collect(sub, column, out)
             return  # OR: no key
         if isinstance(clause, Grouping):
-            self._collect(clause.element, column, out, params)
+            self._collect(clause.element, column, out)
             return
         if not isinstance(clause, BinaryExpression):
             return
@@ -618,19 +651,10 @@ class HashRingRouter:
         if op is operators.eq:
             if self._is_column(right, column) and isinstance(left, BindParameter):
                 left, right = right, left
-            if not (self._is_column(left, column) and isinstance(right, BindParameter)):
-                return
-            value = self._bound_value(right, params)
-            if value is not None:
-                out.append(_Constraint([value], None))
+            if self._is_column(left, column) and isinstance(right, BindParameter):
+                out.append((False, right))
         elif op is operators.in_op and self._is_column(left, column) and isinstance(right, BindParameter):
-            values = self._bound_value(right, params)
-            if values is None:
-                return
-            if not isinstance(values, Iterable) or isinstance(values, str | bytes):
-                values = [values]
-            kept = [v for v in values if v is not None]  # NULL never matches IN
-            out.append(_Constraint(kept, right if right.expanding else None))
+            out.append((True, right))
 
     @staticmethod
     def _is_column(element: ColumnElement[Any] | Any, column: Any) -> bool:
