@@ -23,8 +23,8 @@ from sqlalchemy import Engine, MetaData, Table
 from sqlalchemy.orm import DeclarativeBase, registry
 
 from ._config import DEFAULT_DB_ALIAS, AliasSpec, parse_databases
-from ._relations import check_flush_relations
-from ._session import ShardSession, _db_of_or_none
+from ._placement import db_of_or_none
+from ._session import ShardSession
 from ._twophase import InDoubt, check_twophase_aliases, recover
 from .errors import ConfigError, CrossShardWriteError, UnknownAliasError
 
@@ -174,7 +174,7 @@ class Cluster:
         from .reshard._fence import attach_fencing, ensure_fencing  # here: shardkit.reshard imports this module
 
         # a chain with a ring router is asked a FencingRouter first: every process follows reshards
-        self.router = ensure_fencing(routers or (), self._specs, db_of=_db_of_or_none, default=DEFAULT_DB_ALIAS)
+        self.router = ensure_fencing(routers or (), self._specs, db_of=db_of_or_none, default=DEFAULT_DB_ALIAS)
         attach_fencing(self)
         self.deadline = deadline
         self.partial = partial
@@ -371,14 +371,9 @@ class Cluster:
 
         return reshard(self, new_ring, **kwargs)
 
-    # -- hooks the session calls ---------------------------------------------------
+    # -- the cross-shard write setting, asked by the session before it writes -------------
 
-    def _check_flush(self, session: ShardSession) -> None:
-        """Checks made on a flush before anything is written: relations, then cross-shard writes."""
-        check_flush_relations(session)
-        self._check_write_aliases(session._tx_write_aliases | set(session._flush_aliases.values()))
-
-    def _check_write_aliases(self, aliases: set[str]) -> None:
+    def check_write_aliases(self, aliases: set[str]) -> None:
         """Refuse, before anything is written, a transaction the cross-shard setting forbids."""
         if self.cross_shard_writes == "twophase":
             check_twophase_aliases(self, aliases)
@@ -388,3 +383,5 @@ class Cluster:
                 "and the cluster refuses cross-shard writes (cross_shard_writes='refuse'); nothing was written",
                 aliases=sorted(aliases),
             )
+
+    _check_write_aliases = check_write_aliases  # the earlier name

@@ -26,6 +26,7 @@ from sqlalchemy.orm.attributes import get_state_history, instance_state
 from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.interfaces import MANYTOONE
 
+from ._placement import db_of_or_none, many_to_ones, placed_alias, set_db, stand_in
 from .errors import RelationError, ShardkitError
 
 if TYPE_CHECKING:
@@ -74,27 +75,22 @@ def _db(session: ShardSession, obj: Any) -> str | None:
 
 def _own_db(session: ShardSession | None, obj: Any) -> str | None:
     """The database ``obj`` lives on or was placed on, asking no router (Django's ``_state.db``)."""
-    from ._session import _DB, _USING, _db_of_or_none, _info_get
-
     state = instance_state(obj)
     if session is not None:
-        alias = session._flush_aliases.get(state)
+        alias = session.flush_aliases.get(state)
         if alias is not None:
             return alias
         if session.pinned is not None:
             return session.pinned
     if state.key is None:
-        placed = _info_get(state, _USING) or _info_get(state, _DB)
-        return None if placed is None else str(placed)
-    return _db_of_or_none(obj)
+        return placed_alias(state)
+    return db_of_or_none(obj)
 
 
 def _adopt(cluster: Any, obj: Any, other: Any, other_db: str) -> str | None:
     """Django's rule for a new object related to one that has a database: it takes
     ``db_for_write(type(obj), instance=other)``, else the other object's database.  Models a
     router shards by key are left to the flush, which places them by their key."""
-    from ._session import _DB
-
     router = cluster.router
     if any(getattr(r, "is_sharded", None) is not None and r.is_sharded(type(obj)) for r in router.routers):
         return None
@@ -103,7 +99,7 @@ def _adopt(cluster: Any, obj: Any, other: Any, other_db: str) -> str | None:
     except ShardkitError:
         return None
     alias = target if isinstance(target, str) else other_db
-    instance_state(obj).info[_DB] = alias
+    set_db(instance_state(obj), alias)
     return alias
 
 
@@ -190,7 +186,6 @@ def _check_event(target: Any, value: Any, prop: RelationshipProperty[Any], initi
     _check_pair(target, value, prop)
 
 
-_M2O: dict[Mapper[Any], tuple[RelationshipProperty[Any], ...]] = {}
 _COLLECTIONS: dict[Mapper[Any], tuple[RelationshipProperty[Any], ...]] = {}
 
 
@@ -199,14 +194,6 @@ def _collections(mapper: Mapper[Any]) -> tuple[RelationshipProperty[Any], ...]:
     if rels is None:
         rels = tuple(r for r in mapper.relationships if r.direction is not MANYTOONE and not r.viewonly)
         _COLLECTIONS[mapper] = rels
-    return rels
-
-
-def _many_to_ones(mapper: Mapper[Any]) -> tuple[RelationshipProperty[Any], ...]:
-    rels = _M2O.get(mapper)
-    if rels is None:
-        rels = tuple(r for r in mapper.relationships if r.direction is MANYTOONE)
-        _M2O[mapper] = rels
     return rels
 
 
@@ -241,11 +228,13 @@ def _local_attrs(mapper: Mapper[Any], prop: RelationshipProperty[Any]) -> tuple[
 def _stand_in(prop: RelationshipProperty[Any], values: tuple[Any, ...]) -> Any:
     """A transient parent carrying only the key the foreign key names (for the routers to look at)."""
     target = prop.mapper
-    stand_in = target.class_manager.new_instance()
-    stand_in_dict = instance_state(stand_in).dict
-    for (_local, remote), value in zip(prop.local_remote_pairs or (), values, strict=True):
-        stand_in_dict[target.get_property_by_column(remote).key] = value
-    return stand_in
+    return stand_in(
+        target,
+        {
+            target.get_property_by_column(remote).key: value
+            for (_local, remote), value in zip(prop.local_remote_pairs or (), values, strict=True)
+        },
+    )
 
 
 def _parent_aliases_by_fk(
@@ -285,17 +274,17 @@ def check_flush_relations(session: ShardSession) -> None:
     router = session.cluster.router
     deleted = {instance_state(obj) for obj in session.deleted}
     by_fk: dict[RelationshipProperty[Any], list[tuple[InstanceState[Any], str, tuple[Any, ...]]]] = {}
-    for state, alias in session._flush_aliases.items():
+    for state, alias in session.flush_aliases.items():
         if state.obj() is None or state in deleted:
             continue
-        for prop in _many_to_ones(state.mapper):
+        for prop in many_to_ones(state.mapper):
             parent = state.dict.get(prop.key)
             if parent is None:  # named only by its foreign key: checked below, in batches
                 values = tuple(state.dict.get(attr) for attr in _local_attrs(state.mapper, prop))
                 if values and None not in values:
                     by_fk.setdefault(prop, []).append((state, alias, values))
                 continue
-            parent_alias = session._flush_aliases.get(instance_state(parent)) or _db(session, parent)
+            parent_alias = session.flush_aliases.get(instance_state(parent)) or _db(session, parent)
             if parent_alias is None:
                 continue
             _check(router, state.obj(), alias, parent, parent_alias, state, prop)
@@ -303,7 +292,7 @@ def check_flush_relations(session: ShardSession) -> None:
     memo: dict[tuple[Any, ...], bool] | None = {} if router.relation_depends_on_dbs_only else None
     # One-to-many (one-to-one too) and many-to-many members added since the last flush (a
     # one-to-many without a back-reference, or a many-to-many, has no many-to-one side above).
-    for state, alias in list(session._flush_aliases.items()):
+    for state, alias in list(session.flush_aliases.items()):
         if state in deleted:
             continue
         for prop in _collections(state.mapper):
@@ -311,7 +300,7 @@ def check_flush_relations(session: ShardSession) -> None:
                 continue  # never loaded: nothing was added
             added = get_state_history(state, prop.key, PASSIVE_NO_INITIALIZE).added
             for member in added or ():
-                member_alias = session._flush_aliases.get(instance_state(member)) or _db(session, member)
+                member_alias = session.flush_aliases.get(instance_state(member)) or _db(session, member)
                 if member_alias is None:
                     continue
                 _check(router, state.obj(), alias, member, member_alias, state, prop)
@@ -324,8 +313,8 @@ def check_flush_relations(session: ShardSession) -> None:
             pair = (state.class_, prop.mapper.class_, alias, parent_alias, prop.key)
             if memo is not None and memo.get(pair) is True:
                 continue
-            stand_in = _stand_in(prop, values)
-            instance_state(stand_in).info["shardkit.db"] = parent_alias  # the row it stands for is there
-            _check(router, state.obj(), alias, stand_in, parent_alias, state, prop)
+            parent = _stand_in(prop, values)
+            set_db(instance_state(parent), parent_alias)  # the row it stands for is there
+            _check(router, state.obj(), alias, parent, parent_alias, state, prop)
             if memo is not None:
                 memo[pair] = True

@@ -158,6 +158,16 @@ class RouterChain:
             elif (method := getattr(router, "allow_syncdb", None)) is not None:
                 self._migrate.append((router, method, False))
 
+    @property
+    def write_rows_complete(self) -> bool:
+        """Whether every router that places writes can also place a batch of rows at once."""
+        return self._write_rows_complete
+
+    @property
+    def write_instances_complete(self) -> bool:
+        """Whether every router that places writes can also place many new instances at once."""
+        return self._write_instances_complete
+
     @staticmethod
     def _load(entry: Any) -> Any:
         if isinstance(entry, str):

@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from sqlalchemy import BindParameter, Engine, Identity, Join, Select, Table, TextClause, and_, event, select
+from sqlalchemy import Engine, Identity, Join, Select, Table, TextClause, and_, event, select
 from sqlalchemy.orm import (
     Mapper,
     Query,
@@ -44,10 +44,14 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.orm.attributes import flag_modified, get_state_history, instance_state, set_committed_value
 from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
-from sqlalchemy.orm.exc import NO_STATE
 from sqlalchemy.orm.interfaces import MANYTOONE, ORMOption
 
 from . import _events, _sqla, _writes
+from ._placement import DB, USING, db_of, many_to_ones
+from ._placement import db_of_or_none as _db_of_or_none
+from ._placement import info_get as _info_get
+from ._placement import set_db as _set_db
+from ._relations import check_flush_relations
 from ._twophase import CommitOrder
 from .errors import InvalidRouteError, RoutingError, ShardkitError
 from .fanout._orm import execute_fanout, reads_rows
@@ -64,9 +68,9 @@ __all__ = ["ShardQuery", "ShardSession", "current_session", "db_of", "using"]
 
 _T = TypeVar("_T")
 
-# keys in InstanceState.info
-_DB = "shardkit.db"  # the alias the object was loaded from / saved to
-_USING = "shardkit.using"  # save(using=...) asked for this alias at the next flush
+# the keys in InstanceState.info (kept under these names for the modules that import them)
+_DB = DB
+_USING = USING
 
 _current_session: contextvars.ContextVar[ShardSession | None] = contextvars.ContextVar(
     "shardkit_current_session", default=None
@@ -120,43 +124,6 @@ class ShardQuery(Query[_T]):
     set_shard = using
 
 
-def db_of(obj: Any) -> str | None:
-    """The alias ``obj`` was loaded from or saved to; ``None`` for a new object.
-
-    >>> user = s.scalars(select(User).options(using("credentials"))).one()  # doctest: +SKIP
-    >>> db_of(user)  # doctest: +SKIP
-    'credentials'
-    """
-    try:
-        state = instance_state(obj)
-    except NO_STATE:
-        raise ShardkitError(f"{type(obj).__name__} is not a mapped object", model=type(obj)) from None
-    db = _info_get(state, _DB)
-    if db is not None:
-        return str(db)
-    if state.key is not None and state.key[2] is not None:
-        return str(state.key[2])
-    token = state.identity_token
-    return str(token) if token is not None else None
-
-
-def _info_get(state: InstanceState[Any], key: str) -> Any:
-    """``state.info.get(key)`` without creating ``info`` (a dict per object) when it is unset."""
-    info = state.__dict__.get("info")
-    return None if info is None else info.get(key)
-
-
-def _db_of_or_none(obj: Any) -> str | None:
-    try:
-        return db_of(obj)
-    except ShardkitError:
-        return None
-
-
-def _set_db(state: InstanceState[Any], alias: str) -> None:
-    state.info[_DB] = alias
-
-
 def _statement_model(orm_context: ORMExecuteState) -> type[Any] | None:
     """The model a statement reads or writes: its ORM entity; for a Core statement, the class
     that maps its (first mapped) table; for any statement, ``shardkit_model`` if given."""
@@ -176,7 +143,7 @@ def _core_statement_model(statement: Any) -> type[Any] | None:
         return _table_model(table)
     if not isinstance(statement, Select):
         return None
-    for frm in (*statement._from_obj, *statement.columns_clause_froms):
+    for frm in (*_sqla.from_objects(statement), *statement.columns_clause_froms):
         while isinstance(frm, Join):
             frm = frm.left
         if isinstance(frm, Table):
@@ -238,6 +205,7 @@ class ShardSession(Session):
         self._collection_parents: dict[InstanceState[Any], InstanceState[Any]] = {}  # new member -> owner
         self._flush_writes: set[str] = set()  # aliases this flush writes to
         self._context_tokens: list[contextvars.Token[ShardSession | None]] = []
+        self._bind_lock = threading.RLock()
 
     # -- context manager: makes the session "current" for the manager API --
 
@@ -312,7 +280,7 @@ class ShardSession(Session):
     def _connection_for_bind(self, engine: Any, execution_options: Any = None, **kw: Any) -> Connection:
         # A fan-out's workers look up (and adopt) their shards' connections at the same time, and
         # SessionTransaction's state bookkeeping is not thread-safe: one at a time.
-        with self.__dict__.setdefault("_shardkit_bind_lock", threading.RLock()):
+        with self._bind_lock:
             return super()._connection_for_bind(engine, execution_options, **kw)
 
     @property
@@ -341,6 +309,11 @@ class ShardSession(Session):
             conn = self._flush_conns[alias] = trans.connection(mapper, shard_id=alias)
         return conn
 
+    @property
+    def flush_aliases(self) -> Mapping[InstanceState[Any], str]:
+        """The alias of each object of the flush being prepared (decided in ``before_flush``)."""
+        return self._flush_aliases
+
     def _decide_write_alias(self, state: InstanceState[Any]) -> str:
         explicit = _info_get(state, _USING)
         if explicit is not None:
@@ -358,8 +331,8 @@ class ShardSession(Session):
 
     def _parent_alias(self, state: InstanceState[Any], _seen: frozenset[int] = frozenset()) -> str | None:
         """The db of the first many-to-one parent of a new object (recursively, for new parents)."""
-        for key in _many_to_one_keys(state.mapper):
-            parent = state.dict.get(key)
+        for prop in many_to_ones(state.mapper):
+            parent = state.dict.get(prop.key)
             if parent is None:
                 continue
             pstate = instance_state(parent)
@@ -487,7 +460,7 @@ class ShardSession(Session):
     def _route_new_in_batches(self) -> None:
         """Route the new objects of each class with one router question (when the routers can);
         objects placed explicitly (``save(using=)``, a pinned session) keep their placement."""
-        if self.pinned is not None or not self.cluster.router._write_instances_complete:
+        if self.pinned is not None or not self.cluster.router.write_instances_complete:
             return
         by_class: dict[type[Any], list[InstanceState[Any]]] = {}
         for obj in self.new:
@@ -534,16 +507,21 @@ class ShardSession(Session):
                 return super()._identity_lookup(
                     mapper, primary_key_identity, identity_token=parent_db, lazy_loaded_from=lazy_loaded_from, **kw
                 )
-        found: list[tuple[str, Any]] = []
+        # Any alias may hold an object with this key: the first (in DATABASES order) that does.
+        # Only aliases the identity map has the key for are looked up SQLAlchemy's way.
+        identity_map = self.identity_map
+        if not identity_map:
+            return None
+        cls, ident, _token = mapper.identity_key_from_primary_key(primary_key_identity)
         for alias in self.cluster.aliases:
+            if (cls, ident, alias) not in identity_map:
+                continue
             obj = super()._identity_lookup(
                 mapper, primary_key_identity, identity_token=alias, lazy_loaded_from=lazy_loaded_from, **kw
             )
             if obj is not None:
-                found.append((alias, obj))
-        if not found:
-            return None
-        return found[0][1]
+                return obj
+        return None
 
     # -- the Django-style write API ----------------------------------------------
 
@@ -683,38 +661,59 @@ class ShardSession(Session):
 
     # -- statement routing -------------------------------------------------------
 
-    def _route(self, orm_context: ORMExecuteState) -> str | ShardTargets:
-        router = self.cluster.router
+    def _named(
+        self, options: Iterable[Any], execution_options: Mapping[str, Any], shard_id: Any
+    ) -> str | ShardTargets | None:
+        """The shard a statement names itself, in order of precedence: a :class:`using` option
+        (the last one wins, like Django's chained ``using()``), the ``shardkit_using`` execution
+        option, the ``shard_id`` bind argument, a pinned session; ``None`` when none does.
+        The one statement of this order, for execution and for :meth:`route` alike."""
         chosen: str | None = None
-        for opt in orm_context._non_compile_orm_options:
+        for opt in options:
             if isinstance(opt, using):
-                chosen = opt.alias  # the last using() wins, like Django's chained using()
+                chosen = opt.alias
         if chosen is not None:
             return self.cluster.check_alias(chosen)
-        opts = orm_context.execution_options
-        if (alias := opts.get("shardkit_using")) is not None:
+        if (alias := execution_options.get("shardkit_using")) is not None:
             return self._using_targets(alias)
-        if (alias := orm_context.bind_arguments.get("shard_id")) is not None:
-            return self.cluster.check_alias(alias)
-        if self.pinned is not None:
-            return self.pinned
-        if orm_context.is_select:
-            token = orm_context.load_options._identity_token
+        if shard_id is not None:
+            return self.cluster.check_alias(shard_id)
+        return self.pinned
+
+    def _named_by(self, orm_context: ORMExecuteState) -> str | ShardTargets | None:
+        """:meth:`_named` for an execution."""
+        return self._named(
+            _sqla.orm_options(orm_context), orm_context.execution_options, orm_context.bind_arguments.get("shard_id")
+        )
+
+    def _route(self, orm_context: ORMExecuteState) -> str | ShardTargets:
+        """Where an execution runs: the shard the statement names (:meth:`_named`), else the
+        object a refresh or lazy load comes from, else the routers."""
+        named = self._named_by(orm_context)
+        return named if named is not None else self._route_unnamed(orm_context)
+
+    def _route_unnamed(self, orm_context: ORMExecuteState) -> str | ShardTargets:
+        """Where an execution that names no shard runs: the object a refresh or lazy load comes
+        from, else what the routers say."""
+        router = self.cluster.router
+        is_select = orm_context.is_select
+        if is_select:
+            token = _sqla.refresh_identity_token(orm_context)
             if token is not None:  # a refresh / expired-attribute load of one object
                 return self.cluster.check_alias(token)
         model = _statement_model(orm_context)
         if model is None:
             return router.default
         statement = orm_context.statement
-        parent_state = orm_context.lazy_loaded_from if orm_context.is_select else None
         params = orm_context.parameters
         hints: dict[str, Any] = {"statement": statement, "session": self}
-        if isinstance(params, Mapping) and params:
+        if params and isinstance(params, Mapping):
             hints["parameters"] = params  # values bound only at execution (selectin loads)
-        if parent_state is not None:
-            return router.db_for_read(model, instance=parent_state.obj(), **hints)
-        if orm_context.is_select:
-            top = orm_context.load_options._sa_top_level_orm_context
+        if is_select:
+            parent_state = orm_context.lazy_loaded_from
+            if parent_state is not None:
+                return router.db_for_read(model, instance=parent_state.obj(), **hints)
+            top = _sqla.top_level_orm_context(orm_context)
             if top is not None:  # a selectin / subquery load of the objects read from one alias
                 return self._route_post_load(orm_context, model, top, hints)
             return router.db_for_read(model, **hints)
@@ -773,30 +772,38 @@ class ShardSession(Session):
         return self.identity_map.get(key)
 
     def _execute_routed(self, orm_context: ORMExecuteState) -> Result[Any] | None:
-        if orm_context.is_insert and not self._placed(orm_context):
-            model = _statement_model(orm_context)
-            if model is not None:
-                return self._routed_insert(orm_context, model)
-        if orm_context.is_update and _is_bulk_update_by_pk(orm_context) and not self._placed(orm_context):
-            model = _statement_model(orm_context)
-            if model is not None:
-                return self._bulk_update(orm_context, model)
-        target = self._route(orm_context)
-        if isinstance(target, str):
-            if orm_context.is_select:
+        """Route one execution.  A SELECT on one alias goes on as SQLAlchemy's own execution (the
+        alias in its bind arguments); a read of several aliases is a fan-out
+        (:mod:`shardkit.fanout`); a write runs through :mod:`shardkit._writes`."""
+        if orm_context.is_select:
+            target = self._route(orm_context)
+            if isinstance(target, str):
                 # One alias for a SELECT: name it in the bind arguments and let SQLAlchemy go
                 # on with this same execution (no second pass through Session.execute); the
                 # alias is kept in the execution options for the identity key and shards_of().
                 orm_context.bind_arguments["shard_id"] = target
                 orm_context.update_execution_options(identity_token=target, shardkit_alias=target)
                 return None
+            return self._fanout(orm_context, target)
+        named = self._named_by(orm_context)
+        if named is None:  # an INSERT, or a bulk UPDATE by primary key: placed row by row
+            if orm_context.is_insert:
+                model = _statement_model(orm_context)
+                if model is not None:
+                    return _writes.routed_insert(self, orm_context, model)
+            elif orm_context.is_update and _writes.is_bulk_update_by_pk(orm_context):
+                model = _statement_model(orm_context)
+                if model is not None:
+                    return _writes.bulk_update(self, orm_context, model)
+        target = named if named is not None else self._route_unnamed(orm_context)
+        if isinstance(target, str):
             return _writes.invoke_on(self, orm_context, target)
         return self._fanout(orm_context, target)
 
     def check_writes(self, aliases: Iterable[str]) -> None:
         """A statement is about to write on each of ``aliases``: check the cross-shard setting for
         all of them before the first is written."""
-        self.cluster._check_write_aliases(self._tx_write_aliases | set(aliases))
+        self.cluster.check_write_aliases(self._tx_write_aliases | set(aliases))
 
     def note_writes(self, aliases: Iterable[str]) -> None:
         """A write statement is about to run on each of ``aliases``: apply the cross-shard write
@@ -805,7 +812,7 @@ class ShardSession(Session):
         new = [a for a in aliases if a not in written]
         if not new:
             return
-        self.cluster._check_write_aliases(written | set(new))
+        self.cluster.check_write_aliases(written | set(new))
         written.update(new)
 
     def _note_statement_write(self, alias: str) -> None:
@@ -822,219 +829,6 @@ class ShardSession(Session):
         finally:
             self._bulk_alias = previous
 
-    def _placed(self, orm_context: ORMExecuteState) -> bool:
-        return (
-            self.pinned is not None
-            or "shardkit_using" in orm_context.execution_options
-            or "shard_id" in orm_context.bind_arguments
-            or any(isinstance(opt, using) for opt in orm_context._non_compile_orm_options)
-        )
-
-    def _routed_insert(self, orm_context: ORMExecuteState, model: type[Any]) -> Result[Any]:
-        """An INSERT statement: to where the routers send the statement, else row by row."""
-        opinion = self.cluster.router.write_opinion(model, statement=orm_context.statement, session=self)
-        if isinstance(opinion, str):
-            return _writes.invoke_on(self, orm_context, opinion)
-        params = orm_context.parameters
-        if isinstance(opinion, ShardTargets):  # e.g. a reference table: the same rows on every alias
-            return self._broadcast(orm_context, opinion)
-        if isinstance(params, list):
-            return self._bulk_insert(orm_context, model, params)
-        multi = getattr(orm_context.statement, "_multi_values", ())
-        if multi and not params:  # insert(User).values([{...}, {...}]): each row to its own shard
-            return self._multi_values_insert(orm_context, model, [ps for group in multi for ps in group])
-        single: dict[str, Any] = dict(params or {})  # type: ignore[arg-type]
-        row = dict(single)
-        for col, bind in (getattr(orm_context.statement, "_values", None) or {}).items():
-            key = getattr(col, "key", col)
-            row.setdefault(str(key), getattr(bind, "value", bind))
-        alias, filled = self._route_row(model, row)
-        extra = {k: v for k, v in filled.items() if row.get(k) is None}  # a key the routers generated
-        if extra:
-            return self._invoke_on_with_params(orm_context, alias, {**single, **extra}, extra)
-        return _writes.invoke_on(self, orm_context, alias)
-
-    def _invoke_on_with_params(
-        self, orm_context: ORMExecuteState, alias: str, params: dict[str, Any], extra: dict[str, Any]
-    ) -> Result[Any]:
-        """Run a one-row INSERT on ``alias`` with the key a router filled in (``extra``)."""
-        self._note_statement_write(alias)
-        bind_arguments = {**orm_context.bind_arguments, "shard_id": alias}
-        previous, self._bulk_alias = self._bulk_alias, alias
-        try:
-            if orm_context.parameters is None:  # insert(...).values(...): add the key to the VALUES
-                statement = orm_context.statement.values(**extra)  # type: ignore[attr-defined]
-                result = orm_context.invoke_statement(statement=statement, bind_arguments=bind_arguments)
-            else:
-                result = orm_context.invoke_statement(params=params, bind_arguments=bind_arguments)
-        finally:
-            self._bulk_alias = previous
-        return result
-
-    def _broadcast(self, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
-        returning = bool(getattr(orm_context.statement, "_returning", ()))
-        first: Result[Any] | None = None
-        for alias in targets.statements:
-            part = _writes.invoke_on(self, orm_context, alias)
-            if returning and first is None:
-                first = part  # the same rows went to every shard: return them once
-            else:
-                part.close()
-        return _writes.merged([first] if first is not None else [], tuple(targets.statements))
-
-    def _route_row(self, model: type[Any], row: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """The alias of one row to write, shown to the routers as a stand-in instance; the row is
-        returned with any key a router filled in (a generated id) or converted (``"5"`` -> ``5``)."""
-        mapper = _mapper_of(model)
-        mapper._check_configure()  # a stand-in's attributes work only once the mappers are configured
-        keys = _column_attr_keys(mapper)
-        stand_in = mapper.class_manager.new_instance()
-        st = instance_state(stand_in)
-        st.dict.update({keys.get(k, k): v for k, v in row.items()})
-        alias = self.cluster.router.db_for_write(model, instance=stand_in)
-        if not isinstance(alias, str):  # pragma: no cover - RouterChain refuses this
-            raise RoutingError(f"db_for_write gave several aliases for one {model.__name__} row")
-        for col_key, attr in keys.items():
-            value = st.dict.get(attr)
-            name = attr if attr in row and col_key not in row else col_key  # as the row names it
-            if value is not None and _changed_value(row.get(name), value):
-                row = {**row, name: value}  # a key the routers filled in (or converted: "5" -> 5)
-        return alias, row
-
-    def _bulk_insert(self, orm_context: ORMExecuteState, model: type[Any], rows: list[Any]) -> Result[Any]:
-        """``session.execute(insert(User), rows)``: each row routed as its object would be, one batch per alias.
-
-        Each row is shown to the routers as a stand-in instance (so a ring router reads its shard
-        key, and may assign an id); rows are grouped per alias and each alias gets one executemany.
-        """
-        groups: dict[str, list[Any]] = {}
-        batch_rows = list(rows)  # a router may replace a row with a copy holding a generated key
-        aliases = self.cluster.router.db_for_write_rows(model, batch_rows, session=self)
-        if aliases is not None:  # every router answered for the whole batch at once
-            for alias, row in zip(aliases, batch_rows, strict=True):
-                groups.setdefault(alias, []).append(row)
-        else:
-            for row in rows:
-                alias, filled = self._route_row(model, row)
-                groups.setdefault(alias, []).append(filled)
-        self.check_writes(groups)  # a batch the cross-shard setting refuses writes nothing
-        total = 0
-        returning = bool(getattr(orm_context.statement, "_returning", ()))
-        parts: list[Result[Any]] = []
-        core_table = _plain_core_table(orm_context, model, rows)
-        for alias, batch in groups.items():
-            if core_table is not None:  # the same INSERT, without the ORM's per-row bookkeeping
-                self._note_statement_write(alias)
-                conn = self.connection(bind_arguments={"shard_id": alias})
-                conn.execute(core_table.insert(), batch).close()
-                total += len(batch)
-                continue
-            previous, self._bulk_alias = self._bulk_alias, alias
-            try:
-                part = self.execute(
-                    orm_context.statement,
-                    batch,
-                    execution_options=orm_context.local_execution_options,
-                    bind_arguments={**orm_context.bind_arguments, "shard_id": alias},
-                )
-            finally:
-                self._bulk_alias = previous
-            if returning:
-                parts.append(part)
-            else:
-                part.close()
-            total += len(batch)  # every row was sent, or execute() raised
-        return _writes.merged(parts, tuple(groups), total)  # INSERT ... RETURNING: shard after shard
-
-    def _route_rows(self, model: type[Any], rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
-        """Each row's alias, and the row as routed (with any key a router filled in or converted)."""
-        routed = list(rows)  # a router may replace a row with a copy holding its (new) key
-        aliases = self.cluster.router.db_for_write_rows(model, routed, session=self)
-        if aliases is not None:  # every router answered for the whole batch at once
-            return list(zip(aliases, routed, strict=True))
-        return [self._route_row(model, row) for row in rows]
-
-
-    def _multi_values_insert(self, orm_context: ORMExecuteState, model: type[Any], rows: list[Any]) -> Result[Any]:
-        """``insert(User).values([{...}, {...}])``: the rows grouped per alias as the routers place
-        each one, and one multi-row INSERT per alias (its RETURNING rows shard after shard)."""
-        statement = orm_context.statement
-        table = statement.table  # type: ignore[attr-defined]
-        plain = [_values_row(table, ps) for ps in rows]
-        groups: dict[str, list[Any]] = {}
-        for ps, row, (alias, routed) in zip(rows, plain, self._route_rows(model, plain), strict=True):
-            changed = {k: v for k, v in routed.items() if k not in row or _changed_value(row[k], v)}
-            groups.setdefault(alias, []).append(_with_values(table, ps, changed) if changed else ps)
-        self.check_writes(groups)
-        returning = bool(getattr(statement, "_returning", ()))
-        parts: list[Result[Any]] = []
-        total = 0
-        for alias, group in groups.items():
-            part_statement = statement._generate()  # type: ignore[attr-defined]
-            part_statement._multi_values = (group,)
-            part = _writes.invoke_on(self, orm_context, alias, part_statement)
-            if returning:
-                parts.append(part)
-            else:
-                total += max(getattr(part, "rowcount", 0) or 0, 0)
-                part.close()
-        return _writes.merged(parts, tuple(groups), total)
-
-    def _bulk_update(self, orm_context: ORMExecuteState, model: type[Any]) -> Result[Any]:
-        """``session.execute(update(User), rows)``, SQLAlchemy's bulk UPDATE by primary key.
-
-        Where the routers place the statement as a whole on one alias, it runs there.  Where they
-        would spread it over several (a sharded model), each row goes to the shard its own key
-        names, one executemany per shard: a row must name its shard key (a router cannot fill
-        one in for a row that already exists) or nothing is written.  A model whose rows are on
-        every target (a reference table) still gets the whole batch on every one.
-        """
-        router = self.cluster.router
-        statement = orm_context.statement
-        opinion = router.write_opinion(model, statement=statement, session=self)
-        if opinion is None:
-            opinion = router.db_for_write(model, statement=statement, session=self)
-        if isinstance(opinion, str):
-            return _writes.invoke_on(self, orm_context, opinion)
-        rows: list[dict[str, Any]] = list(orm_context.parameters)  # type: ignore[arg-type]
-        routed_rows = list(rows)  # a router may replace a row with a copy holding its converted key
-        aliases = router.db_for_write_rows(model, routed_rows, session=self)
-        if aliases is not None:
-            placed = list(zip(aliases, routed_rows, strict=True))
-        elif router._write_rows_complete:  # no router places rows of this model (a reference table)
-            return self._fanout(orm_context, opinion)
-        else:
-            placed = [self._route_row(model, row) for row in rows]
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for i, (row, (alias, routed)) in enumerate(zip(rows, placed, strict=True)):
-            filled = sorted(k for k, v in routed.items() if row.get(k) is None and v is not None)
-            if filled:
-                raise RoutingError(
-                    f"cannot route row {i} of a bulk UPDATE of {model.__name__}: it does not give its shard key "
-                    f"({', '.join(filled)}); give the key in every row, or update with a WHERE clause; "
-                    "nothing was written",
-                    model=model,
-                    attribute=filled[0],
-                )
-            groups.setdefault(alias, []).append(routed)
-        self.check_writes(groups)
-        total = 0
-        for alias, batch in groups.items():
-            previous, self._bulk_alias = self._bulk_alias, alias
-            try:
-                part = self.execute(
-                    statement,
-                    batch,
-                    execution_options=orm_context.local_execution_options,
-                    bind_arguments={**orm_context.bind_arguments, "shard_id": alias},
-                )
-            finally:
-                self._bulk_alias = previous
-            count = getattr(part, "rowcount", None)
-            total += count if isinstance(count, int) and count >= 0 else len(batch)
-            part.close()
-        return _writes.merged([], tuple(groups), total)
-
     def _fanout(self, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
         if _writes.is_write(orm_context):
             return _writes.run_on_targets(self, orm_context, targets)
@@ -1042,16 +836,15 @@ class ShardSession(Session):
 
     def route(self, statement: Any) -> str | ShardTargets:
         """Where ``statement`` would run: one alias, or the :class:`ShardTargets` of a fan-out."""
-        chosen = [opt.alias for opt in getattr(statement, "_with_options", ()) if isinstance(opt, using)]
-        if chosen:  # the last using() wins, as at execution
-            return self.cluster.check_alias(chosen[-1])
-        alias = statement._execution_options.get("shardkit_using") or self.pinned
-        if alias is not None:
-            return self._using_targets(alias)
+        named = self._named(_sqla.statement_options(statement), _sqla.statement_execution_options(statement), None)
+        if named is not None:
+            return named
         descriptions = getattr(statement, "column_descriptions", None) or [{}]
         model = descriptions[0].get("entity") if descriptions else None
         if model is None:
-            model = statement._execution_options.get("shardkit_model") or _core_statement_model(statement)
+            model = _sqla.statement_execution_options(statement).get("shardkit_model") or _core_statement_model(
+                statement
+            )
         if model is None:
             return self.cluster.router.default
         return self.cluster.router.db_for_read(model, statement=statement, session=self)
@@ -1082,17 +875,6 @@ class ShardSession(Session):
             lines.append(f"  {alias}:\n    {sql}")
         lines.append(base.merge.describe())
         return "\n".join(lines)
-
-
-_M2O_CACHE: dict[Mapper[Any], tuple[str, ...]] = {}
-
-
-def _many_to_one_keys(mapper: Mapper[Any]) -> tuple[str, ...]:
-    keys = _M2O_CACHE.get(mapper)
-    if keys is None:
-        keys = tuple(r.key for r in mapper.relationships if r.direction is MANYTOONE)
-        _M2O_CACHE[mapper] = keys
-    return keys
 
 
 _COLLECTION_CACHE: dict[Mapper[Any], tuple[str, ...]] = {}
@@ -1210,108 +992,6 @@ def _fill_new_row(obj: Any, mapper: Mapper[Any], connection: Connection) -> set[
     return written
 
 
-def _mapper_of(model: type[Any]) -> Mapper[Any]:
-    from sqlalchemy import inspect
-
-    return inspect(model)  # type: ignore[no-any-return]
-
-
-def _plain_core_table(orm_context: ORMExecuteState, model: type[Any], rows: list[Any]) -> Any:
-    """The table, when an ORM bulk INSERT of ``rows`` is exactly a Core executemany on it.
-
-    That is: one table (no inheritance), attribute names equal to column names, a bare
-    ``insert(Model)`` (no ``values()``, no RETURNING, no extra options) and rows that all
-    name the same columns.  The ORM path stays for everything else.
-    """
-    stmt = orm_context.statement
-    if (
-        getattr(stmt, "_returning", ())
-        or getattr(stmt, "_values", None)
-        or getattr(stmt, "_multi_values", ())
-        or getattr(stmt, "_post_values_clause", None) is not None
-        or getattr(stmt, "_with_options", ())
-        or {k for k in orm_context.local_execution_options if not k.startswith("_")} - {"shardkit_using"}
-        or not rows
-    ):
-        return None
-    mapper = _mapper_of(model)
-    if len(mapper.tables) != 1 or mapper.inherits is not None or mapper.polymorphic_on is not None:
-        return None
-    keys = _column_attr_keys(mapper)
-    if any(col_key != attr for col_key, attr in keys.items()):
-        return None
-    first = rows[0].keys()
-    if not first <= keys.keys() or any(row.keys() != first for row in rows):
-        return None
-    return mapper.local_table
-
-
-def _is_bulk_update_by_pk(orm_context: ORMExecuteState) -> bool:
-    """Whether an UPDATE is SQLAlchemy's ORM bulk UPDATE by primary key: an ``update(Model)`` with
-    no WHERE of its own, run with a list of parameter rows (each row's primary key picks its row,
-    and SQLAlchemy checks that each one matched)."""
-    statement = orm_context.statement
-    table = getattr(statement, "table", None)
-    return (
-        isinstance(orm_context.parameters, list)
-        and not getattr(statement, "_where_criteria", ())
-        and "parententity" in getattr(table, "_annotations", {})
-        and orm_context.execution_options.get("dml_strategy", "auto") in ("auto", "bulk")
-    )
-
-
-def _changed_value(old: Any, new: Any) -> bool:
-    """Whether a router changed a row's value (filled it in, or converted it: ``"5"`` -> ``5``)."""
-    if new is old:
-        return False
-    try:
-        return type(new) is not type(old) or bool(new != old)
-    except Exception:  # a value that does not compare (an SQL expression): it was replaced
-        return True
-
-
-def _plain_value(value: Any) -> Any:
-    """A VALUES entry as the routers should see it: a bound parameter's own value."""
-    if isinstance(value, BindParameter) and value.callable is None:
-        return value.value
-    return value
-
-
-def _values_row(table: Any, parameter_set: Any) -> dict[str, Any]:
-    """One row of a multi-row VALUES (a dict keyed by column or name, or a tuple in column order)
-    as ``{column key: value}``."""
-    if isinstance(parameter_set, Mapping):
-        return {str(getattr(k, "key", k)): _plain_value(v) for k, v in parameter_set.items()}
-    return {c.key: _plain_value(v) for c, v in zip(table.c, parameter_set, strict=False)}
-
-
-def _with_values(table: Any, parameter_set: Any, changed: Mapping[str, Any]) -> dict[Any, Any]:
-    """``parameter_set`` (a VALUES row) with the values of ``changed`` (column key -> value) set."""
-    if isinstance(parameter_set, Mapping):
-        out: dict[Any, Any] = dict(parameter_set)
-    else:
-        out = dict(zip(table.c, parameter_set, strict=False))
-    by_key = {str(getattr(k, "key", k)): k for k in out}
-    for col_key, value in changed.items():
-        key = by_key.get(col_key)
-        if key is None:
-            key = table.c.get(col_key, col_key)
-        out[key] = value
-    return out
-
-
-_ATTR_KEYS: dict[Mapper[Any], dict[str, str]] = {}
-
-
-def _column_attr_keys(mapper: Mapper[Any]) -> dict[str, str]:
-    """column key -> attribute key, for the mapper's columns."""
-    keys = _ATTR_KEYS.get(mapper)
-    if keys is None:
-        keys = {c.key: mapper.get_property_by_column(c).key for c in mapper.columns if c.key is not None}
-        _ATTR_KEYS[mapper] = keys
-    return keys
-
-
 def _mapper_class(mapper: Any) -> type[Any] | None:
     if mapper is None:
         return None
@@ -1361,7 +1041,9 @@ def _before_flush(session: Session, flush_context: Any, instances: Iterable[Any]
     for state in kept:
         session._flush_aliases[state] = _db_of_or_none(state.obj()) or session._decide_write_alias(state)
     session._route_links()
-    session.cluster._check_flush(session)
+    # the checks made before anything is written: relations, then the cross-shard write setting
+    check_flush_relations(session)
+    session.cluster.check_write_aliases(session._tx_write_aliases | set(session._flush_aliases.values()))
     if _events.active():  # Django's pre_save / pre_delete, with the alias of each write
         aliases = session._flush_aliases
         sent: list[tuple[str, Any, str, bool]] = []

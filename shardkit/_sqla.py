@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import Delete, Select, Update
@@ -399,3 +399,28 @@ def wrap_dbapi_cursor(cursor_result: Any, wrap: Callable[[Any], Any]) -> bool:
 def ensure_configured(mapper: Any) -> None:
     """Configure the mappers if ``mapper`` is not configured yet (cheap when it is)."""
     mapper._check_configure()
+
+
+# -- an INSERT's VALUES ----------------------------------------------------------------------
+
+
+def insert_values(statement: Any) -> Mapping[Any, Any]:
+    """The single-row ``values(...)`` of an INSERT (column -> value or bound parameter), or ``{}``."""
+    return getattr(statement, "_values", None) or {}
+
+
+def multi_values(statement: Any) -> tuple[Any, ...]:
+    """The groups of rows of a multi-row ``values([...])``, or ``()``."""
+    return getattr(statement, "_multi_values", ()) or ()
+
+
+def with_multi_values(statement: Any, rows: list[Any]) -> Any:
+    """A copy of a multi-row INSERT whose VALUES are ``rows``."""
+    new = statement._generate()
+    new._multi_values = (rows,)
+    return new
+
+
+def post_values_clause(statement: Any) -> Any:
+    """What follows an INSERT's VALUES (``ON CONFLICT ...``, ``ON DUPLICATE KEY ...``), or ``None``."""
+    return getattr(statement, "_post_values_clause", None)
