@@ -193,7 +193,8 @@ def _runner(
                 before(conn)
             result = orm_context.invoke_statement(
                 statement=statement,
-                execution_options={"identity_token": alias, "autoflush": False},  # flushed by the caller
+                execution_options={"identity_token": alias, "autoflush": False, "prebuffer_rows": False},
+                # flushed by the caller; an AsyncSession's prebuffer is done on the merged rows (below)
                 bind_arguments={**base_bind_args, "shard_id": alias},
             )
             if remaining is not None and pg:
@@ -374,6 +375,8 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
             shard_result = shard_result.yield_per(lazy_chunk)
         streams.append(shard_result)
     rows = merge_rows(merge, streams, dialect_name=dialect_name, batch=yield_per)
+    if options.get("prebuffer_rows"):  # AsyncSession.execute(): the merged rows, read in its greenlet
+        rows = iter(list(rows))
     result = ShardedResult(SimpleResultMetaData(plan.output_keys), rows)
     if streams:
         # What the ORM told the legacy Query about these rows ("is_single_entity": apply
