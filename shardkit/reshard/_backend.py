@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 from sqlalchemy import inspect, select
 
 from . import _dbfence
-from ._report import VerifyReport, differences
+from ._report import RowDigests, VerifyReport, differences
 from ._rows import delete_keys, fetch_rows, insert_shadow
 
 if TYPE_CHECKING:
@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Backend", "Digests", "Step"]
 
-Digests = dict[str, dict[tuple[Any, ...], str]]
-"""target alias -> primary key -> hex digest of the row."""
+Digests = dict[str, RowDigests]
+"""target alias -> primary key -> digest of the row (:data:`._report.Digest`)."""
 
 
 class Step(NamedTuple):
@@ -124,8 +124,8 @@ class Backend(ABC):
         return report, repaired
 
     def repair(
-        self, mt: MovingTable, source: str, target: str, src: dict[tuple[Any, ...], str],
-        tgt: dict[tuple[Any, ...], str],
+        self, mt: MovingTable, source: str, target: str, src: RowDigests,
+        tgt: RowDigests,
     ) -> int:  # fmt: skip
         """Make the copies on ``target`` equal the moving rows of ``source`` (digests ``src``
         against ``tgt``); the number of rows repaired."""

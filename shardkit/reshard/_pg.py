@@ -30,7 +30,6 @@ text lines (``"rows"``: equal lines, equal rows) or as the server's ``md5(ROW(..
 
 from __future__ import annotations
 
-import hashlib
 import io
 from collections.abc import Collection, Iterator, Sequence
 from itertools import compress
@@ -314,9 +313,9 @@ def shadow_rows(
             return
 
 
-def line_digest(value: bytes, mode: str) -> str:
-    """The hex digest of a compared value: ``"keys"`` mode, the server's md5; ``"rows"``, md5 of the COPY line."""
-    return value.decode() if mode == "keys" else hashlib.md5(value).hexdigest()
+def line_digest(value: bytes, mode: str) -> str | bytes:
+    """What a row is compared by: ``"keys"`` mode, the server's md5 (hex); ``"rows"``, its COPY line."""
+    return value.decode() if mode == "keys" else value
 
 
 def delete_ids(engine: Engine, raw: Any, table: Table, pk: str, ids: Sequence[int]) -> int:
@@ -425,7 +424,7 @@ class PostgresBackend(Backend):
             finally:
                 raw.close()
 
-        def hex_by_key(rows: dict[Any, bytes]) -> dict[tuple[Any, ...], str]:
+        def by_key(rows: dict[Any, bytes]) -> dict[tuple[Any, ...], str | bytes]:
             return {(pk,): line_digest(v, mode) for pk, v in rows.items()}
 
-        return {t: hex_by_key(d) for t, d in src.items()}, {t: hex_by_key(d) for t, d in tgt.items()}
+        return {t: by_key(d) for t, d in src.items()}, {t: by_key(d) for t, d in tgt.items()}

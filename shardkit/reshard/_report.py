@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
@@ -12,11 +13,19 @@ if TYPE_CHECKING:
     from ..ring import HashRing
     from ._tables import MovingTable
 
+Digest = str | bytes
+"""What rows are compared by: a hex digest of the row, or the row's own bytes (a COPY text line)."""
+
+RowDigests = dict[tuple[Any, ...], Digest]
+"""primary key -> digest of the row."""
+
 __all__ = [
+    "Digest",
     "Move",
     "RangeCheck",
     "ReshardPlan",
     "ReshardResult",
+    "RowDigests",
     "VerifyReport",
     "describe_ring",
     "differences",
@@ -127,7 +136,7 @@ class VerifyReport:
         return sorted({(t, pk) for t, _, _, pk in [*self.missing, *self.extra, *self.different]}, key=repr)
 
     def add(
-        self, table: str, source: str, target: str, src: dict[tuple[Any, ...], str], tgt: dict[tuple[Any, ...], str],
+        self, table: str, source: str, target: str, src: RowDigests, tgt: RowDigests,
         size: int,
     ) -> None:  # fmt: skip
         """Add the comparison of the moving rows of ``table`` on ``source`` (primary key -> hex
@@ -179,7 +188,12 @@ class ReshardResult:
         return sum(self.copied.values()) / secs if secs > 0 else 0.0
 
 
-def differences(src: dict[Any, str], tgt: dict[Any, str]) -> tuple[list[Any], list[Any], list[Any]]:
+def _checksum(digest: str | bytes) -> int:
+    """64 bits of a row's digest: a hex digest, or the bytes of a row (a COPY text line), by md5."""
+    return int((hashlib.md5(digest).hexdigest() if isinstance(digest, bytes) else digest)[:16], 16)
+
+
+def differences(src: dict[Any, Digest], tgt: dict[Any, Digest]) -> tuple[list[Any], list[Any], list[Any]]:
     """The primary keys (of primary key -> digest maps) missing on the target, extra on the
     target, and on both with different digests."""
     missing = [pk for pk in src if pk not in tgt]
@@ -197,7 +211,12 @@ def sum_by_source(moves: Sequence[Move], table: str) -> list[Move]:
 
 
 def range_checks(
-    table: str, source: str, target: str, src: dict[tuple[Any, ...], str], tgt: dict[tuple[Any, ...], str], size: int
+    table: str,
+    source: str,
+    target: str,
+    src: RowDigests,
+    tgt: RowDigests,
+    size: int,
 ) -> list[RangeCheck]:
     """Counts and checksums per range of ``size`` source primary keys (target rows by the same bounds)."""
     spks = sorted(src)
@@ -215,8 +234,8 @@ def range_checks(
             RangeCheck(
                 table, source, target, low or None, high,
                 len(s_part), len(t_part),
-                sum(int(src[k][:16], 16) for k in s_part) % (1 << 64),
-                sum(int(tgt[k][:16], 16) for k in t_part) % (1 << 64),
+                sum(_checksum(src[k]) for k in s_part) % (1 << 64),
+                sum(_checksum(tgt[k]) for k in t_part) % (1 << 64),
             )
         )  # fmt: skip
     return out

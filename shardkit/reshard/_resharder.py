@@ -381,7 +381,7 @@ class Resharder:
             self._batches_job("copy", backend.copy, mt, source, new, state, result.copied)
             for mt in self.tables
             for source in old
-            if not self.store.progress(state, "copy", mt.name, source).done and backend.has_table(source, mt.table.name)
+            if self._pending(backend, state, "copy", mt, source)
         ]
         self._run_jobs(backend, jobs, lease)
 
@@ -393,14 +393,16 @@ class Resharder:
         def per_source(source: str) -> Job:
             def job(emit: Emit) -> None:
                 for mt in reversed(self.tables):
-                    if not self.store.progress(state, "delete", mt.name, source).done and backend.has_table(
-                        source, mt.table.name
-                    ):
+                    if self._pending(backend, state, "delete", mt, source):
                         self._batches_job("delete", backend.delete, mt, source, new, state, result.deleted)(emit)
 
             return job
 
         self._run_jobs(backend, [per_source(source) for source in old], lease)
+
+    def _pending(self, backend: Backend, state: ReshardState, step: str, mt: MovingTable, source: str) -> bool:
+        """True when ``step`` of ``mt`` on ``source`` is not done yet and the table is there."""
+        return not self.store.progress(state, step, mt.name, source).done and backend.has_table(source, mt.table.name)
 
     def _batches_job(
         self, step: str, batches: Callable[[MovingTable, str, HashRing, Sequence[Any] | None], Iterator[Step]],
