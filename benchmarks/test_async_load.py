@@ -8,14 +8,25 @@ through the async manager (``User.objects.aget`` / ``acreate``):
 * routed point reads by shard key (``session.get`` and ``User.objects.aget(id=k)``);
 * routed writes: inserts of new users (``session.add`` + ``commit``, and ``acreate``) and
   updates of the task's own users (``UPDATE ... WHERE id = k``);
-* one fan-out per 20 operations (``ORDER BY score DESC LIMIT 100`` over the 4 shards,
-  under a deadline).
+* one fan-out per 20 operations (``ORDER BY score DESC LIMIT 100`` over the 4 shards), each
+  task at its own phase (``SHARDKIT_LOAD_FANOUT_EVERY``, default 20; 0 for none).
 
 Pools: ``pool_size`` 10 per shard, no overflow, ``pool_timeout`` ``SHARDKIT_LOAD_POOL_TIMEOUT``
-(default 10 s); a fan-out's deadline is ``SHARDKIT_LOAD_DEADLINE`` (default 10 s).  With 500
-tasks on 40 connections the tasks queue for connections: that is the point.  The only errors
-allowed are those pool timeouts (SQLAlchemy's ``TimeoutError``, or a fan-out's
+(default 10 s); a fan-out has no deadline unless ``SHARDKIT_LOAD_DEADLINE`` gives one (a
+deadline measures the loop's backlog too: under this load a statement's answer may wait
+seconds for the loop to read it).  With 500 tasks on 40 connections the tasks queue for
+connections: that is the point.  The only errors allowed are those pool timeouts
+(SQLAlchemy's ``TimeoutError``, alone or as the cause of a fan-out's error, or a fan-out's
 ``FanoutTimeoutError`` while waiting for a pooled connection); anything else fails the run.
+A ticker task measures the loop's lag (how late a 10 ms sleep wakes up): under CPU
+saturation it, not the databases, sets the latencies.
+
+Two cases, side by side in one run: ``uncapped`` (every task runs its fan-out when its turn
+comes) and ``capped`` (at most ``SHARDKIT_LOAD_FANOUT_LIMIT``, default 4, fan-outs at a time,
+an ``asyncio.Semaphore`` in the app).  A fan-out keeps each shard's connection (its session's
+transaction) until every shard has answered, so while it waits for a connection of a busy shard
+it holds one of each other shard: with many at once they take most of the pools from each other
+and from the point operations.  The closing line gives the capped / uncapped throughput ratio.
 
 Afterwards every shard is read back with psycopg2: every acknowledged insert is present exactly
 once, on its ring shard, with the score of its last acknowledged update; a row nobody
@@ -31,6 +42,7 @@ latencies is printed; a quick run::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import statistics
@@ -47,7 +59,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import shardkit
 from benchmarks.test_fanout_bench import COUNTRIES, DDL, SHARDS, _copy
-from shardkit.errors import FanoutTimeoutError
+from shardkit.errors import FanoutTimeoutError, ShardQueryError
 from tests.conftest import DatabaseFactory
 
 TASKS = int(os.environ.get("SHARDKIT_LOAD_TASKS", "500"))
@@ -55,10 +67,14 @@ SECONDS = float(os.environ.get("SHARDKIT_LOAD_SECONDS", "30"))
 USERS = int(os.environ.get("SHARDKIT_LOAD_USERS", "10000"))
 POOL_SIZE = 10
 POOL_TIMEOUT = float(os.environ.get("SHARDKIT_LOAD_POOL_TIMEOUT", "10"))
-DEADLINE = float(os.environ.get("SHARDKIT_LOAD_DEADLINE", "10"))
+DEADLINE = float(os.environ.get("SHARDKIT_LOAD_DEADLINE", "0")) or None  # a fan-out's deadline; 0: none
 DRIVER = os.environ.get("SHARDKIT_LOAD_DRIVER", "asyncpg")
-FANOUT_EVERY = 20
-FIRST_NEW_ID = 100_000_000  # ids of the inserts: task t writes FIRST_NEW_ID + t * 1_000_000 + n (int32 column)
+FANOUT_EVERY = int(os.environ.get("SHARDKIT_LOAD_FANOUT_EVERY", "20"))  # 0: no fan-out
+# the "capped" case: at most this many fan-outs at a time (an asyncio.Semaphore); see the module docstring
+FANOUT_LIMIT = int(os.environ.get("SHARDKIT_LOAD_FANOUT_LIMIT", "4"))
+CASES = {"uncapped": 0, "capped": FANOUT_LIMIT}
+ID_SPAN = 600_000_000  # a case's inserts: task t writes base + t * 1_000_000 + n (an int32 column)
+FIRST_NEW_ID = 100_000_000
 
 
 class LoadBase(shardkit.ModelMixin, DeclarativeBase):
@@ -85,6 +101,8 @@ class Stats:
     acked: dict[int, int] = field(default_factory=dict)  # id -> score of its last acknowledged write
     failed_writes: set[int] = field(default_factory=set)  # ids whose insert or update raised
     fanout_rows: Counter[int] = field(default_factory=Counter)
+    loop_lag: list[float] = field(default_factory=list)
+    cpu: float = 0.0  # CPU seconds of this process during the load
 
 
 @dataclass
@@ -136,22 +154,36 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         factory.drop_all()
 
 
-def _is_pool_timeout(error: BaseException) -> bool:
-    if isinstance(error, exc.TimeoutError):  # QueuePool limit ... reached, connection timed out
+def _is_pool_timeout(error: BaseException | None) -> bool:
+    """SQLAlchemy's pool ``TimeoutError`` (QueuePool limit ... reached): itself, as a cause, or as
+    every failed shard's error of a fan-out; or a fan-out deadline that passed while waiting for
+    a pooled connection."""
+    if error is None:
+        return False
+    if isinstance(error, exc.TimeoutError):
         return True
-    return isinstance(error, FanoutTimeoutError) and "waiting for a pooled connection" in str(error)
+    if isinstance(error, FanoutTimeoutError) and "waiting for a pooled connection" in str(error):
+        return True
+    if isinstance(error, ShardQueryError):
+        errors = getattr(error, "errors", None) or {}
+        if errors and all(_is_pool_timeout(e) for e in errors.values()):
+            return True
+    return _is_pool_timeout(error.__cause__)
 
 
-async def _task(number: int, world: World, stats: Stats, stop: float) -> None:
+async def _task(
+    number: int, world: World, stats: Stats, stop: float, gate: asyncio.Semaphore | None, base: int
+) -> None:
     cluster = world.cluster
     rnd = random.Random(number)
     own: list[int] = []  # this task's acknowledged inserts
-    next_id = FIRST_NEW_ID + number * 1_000_000
+    next_id = base + number * 1_000_000
     ops = 0
+    phase = rnd.randrange(FANOUT_EVERY) if FANOUT_EVERY else 0  # tasks do their fan-outs at different ops
     while time.monotonic() < stop:
         ops += 1
         roll = rnd.random()
-        if ops % FANOUT_EVERY == 0:
+        if FANOUT_EVERY and ops % FANOUT_EVERY == phase:
             kind = "fan-out top 100"
         elif roll < 0.6:
             kind = "read (session.get)" if roll < 0.3 else "read (objects.aget)"
@@ -165,7 +197,7 @@ async def _task(number: int, world: World, stats: Stats, stop: float) -> None:
         try:
             if kind == "fan-out top 100":
                 stmt = select(LoadUser).order_by(LoadUser.score.desc(), LoadUser.id).limit(100)
-                async with cluster.async_session() as s:
+                async with gate or contextlib.nullcontext(), cluster.async_session() as s:
                     result = await s.execute(stmt.execution_options(shardkit_deadline=DEADLINE))
                     stats.fanout_rows[len(result.scalars().all())] += 1
             elif kind.startswith("read"):
@@ -210,17 +242,26 @@ async def _task(number: int, world: World, stats: Stats, stop: float) -> None:
         stats.latencies[kind].append(time.perf_counter() - started)
 
 
-async def _load(world: World, stats: Stats) -> float:
+async def _ticker(stats: Stats, stop: float) -> None:
+    while time.monotonic() < stop:
+        started = time.perf_counter()
+        await asyncio.sleep(0.01)
+        stats.loop_lag.append(time.perf_counter() - started - 0.01)
+
+
+async def _load(world: World, stats: Stats, limit: int, base: int) -> float:
     stop = time.monotonic() + SECONDS
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     try:
-        await asyncio.gather(*(_task(n, world, stats, stop) for n in range(TASKS)))
+        gate = asyncio.Semaphore(limit) if limit else None
+        await asyncio.gather(_ticker(stats, stop), *(_task(n, world, stats, stop, gate, base) for n in range(TASKS)))
     finally:
         await world.cluster.adispose()
+    stats.cpu = time.process_time() - cpu
     return time.perf_counter() - started
 
 
-def _read_back(world: World) -> dict[int, list[tuple[str, int]]]:
+def _read_back(world: World, base: int) -> dict[int, list[tuple[str, int]]]:
     """id -> [(shard, score)] of every row written by the load, read with psycopg2."""
     import psycopg2
 
@@ -229,7 +270,7 @@ def _read_back(world: World) -> dict[int, list[tuple[str, int]]]:
         conn = psycopg2.connect(world.dsns[alias])
         try:
             with conn.cursor() as cur:
-                cur.execute("SELECT id, score FROM bench_users WHERE id >= %s", (FIRST_NEW_ID,))
+                cur.execute("SELECT id, score FROM bench_users WHERE id >= %s AND id < %s", (base, base + ID_SPAN))
                 for key, score in cur.fetchall():
                     found[key].append((alias, score))
         finally:
@@ -242,10 +283,11 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _table(stats: Stats, elapsed: float) -> str:
+def _table(stats: Stats, elapsed: float, limit: int) -> str:
     lines = [
         f"async load: {TASKS} tasks, {SECONDS:g} s, 4 PostgreSQL shards ({DRIVER}), pool_size {POOL_SIZE}/shard "
-        f"(no overflow, pool_timeout {POOL_TIMEOUT:g} s), fan-out every {FANOUT_EVERY} ops, {USERS} users/shard",
+        f"(no overflow, pool_timeout {POOL_TIMEOUT:g} s), fan-out every {FANOUT_EVERY} ops "
+        f"(deadline {DEADLINE or 'none'}, at most {limit or 'any number'} at a time), {USERS} users/shard",
         f"{'operation':<26}{'done':>9}{'per s':>10}{'p50 ms':>10}{'p99 ms':>10}{'pool t/o':>10}",
     ]
     total = 0
@@ -262,22 +304,41 @@ def _table(stats: Stats, elapsed: float) -> str:
         f"{'all':<26}{total:>9}{total / elapsed:>10.1f}{'':>20}{sum(stats.pool_timeouts.values()):>10}"
         f"   errors: {len(stats.errors)}; elapsed {elapsed:.1f} s"
     )
+    if stats.loop_lag:
+        lag = stats.loop_lag
+        lines.append(
+            f"event loop lag (a 10 ms sleep woke up late by): p50 {statistics.median(lag) * 1e3:.1f} ms, "
+            f"p99 {_percentile(lag, 0.99) * 1e3:.1f} ms, max {max(lag) * 1e3:.1f} ms; "
+            f"acknowledged writes {len(stats.acked)}; this process used {stats.cpu:.1f} s of CPU "
+            f"({stats.cpu / elapsed:.0%} of one core); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        )
     return "\n".join(lines)
 
 
-def test_async_load(benchmark: Any, world: World, capsys: pytest.CaptureFixture[str]) -> None:
+_THROUGHPUT: dict[str, tuple[float, int, int]] = {}  # case -> (operations per second, operations, pool timeouts)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_async_load(case: str, benchmark: Any, world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    limit = CASES[case]
+    base = FIRST_NEW_ID + list(CASES).index(case) * ID_SPAN
     stats = Stats()
-    elapsed: float = benchmark.pedantic(lambda: asyncio.run(_load(world, stats)), rounds=1, iterations=1)
-    table = _table(stats, elapsed)
+    elapsed: float = benchmark.pedantic(lambda: asyncio.run(_load(world, stats, limit, base)), rounds=1, iterations=1)
+    table = f"[{case}] " + _table(stats, elapsed, limit)
+    done = sum(len(v) for v in stats.latencies.values())
+    _THROUGHPUT[case] = (done / elapsed, done, sum(stats.pool_timeouts.values()))
+    if len(_THROUGHPUT) == len(CASES):
+        (a, (ra, _, ta)), (b, (rb, _, tb)) = list(_THROUGHPUT.items())[:2]
+        table += f"\nthroughput {b} / {a}: {rb / ra:.2f}x ({rb:.1f} vs {ra:.1f} ops/s; pool timeouts {tb} vs {ta})"
     benchmark.extra_info["table"] = table
     with capsys.disabled():
         print("\n" + table)
 
     assert not stats.errors, f"{len(stats.errors)} errors, first: {stats.errors[:5]}"
-    assert sum(len(v) for v in stats.latencies.values()) > 0
+    assert done > 0
     assert set(stats.fanout_rows) <= {100}, f"fan-outs that did not give 100 rows: {stats.fanout_rows}"
 
-    found = _read_back(world)
+    found = _read_back(world, base)
     for key, score in stats.acked.items():
         rows = found.get(key, [])
         assert len(rows) == 1, f"acknowledged write {key} is present {len(rows)} times: {rows}"
