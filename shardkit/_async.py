@@ -37,14 +37,15 @@ import functools
 import shlex
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import URL
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
 
 from ._config import DEFAULT_DB_ALIAS, AliasSpec
-from ._session import ShardSession
+from ._session import ShardSession, _current_session
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -205,10 +206,13 @@ def async_engine(cluster: Cluster, alias: str = DEFAULT_DB_ALIAS) -> AsyncEngine
     with state.lock:
         engine = state.engines.get(alias)
         if engine is None:
-            if spec.engine is not None:  # DATABASES gave an Engine: the same URL, async
-                spec = AliasSpec(spec.alias, spec.engine.url)
-            choice = getattr(cluster, "async_driver", None)
-            engine = create_async_engine_for(spec, getattr(cluster, "_engine_options", {}), choice)
+            if spec.engine is not None and spec.engine.dialect.is_async:  # an async engine's sync_engine
+                engine = AsyncEngine(spec.engine)
+            else:
+                if spec.engine is not None:  # DATABASES gave a sync Engine: the same URL, async
+                    spec = AliasSpec(spec.alias, spec.engine.url)
+                choice = getattr(cluster, "async_driver", None)
+                engine = create_async_engine_for(spec, getattr(cluster, "_engine_options", {}), choice)
             instrument(engine.sync_engine)  # a reshard's database-side fence refusal -> ShardMovingError
             state.engines[alias] = engine
     return engine
@@ -298,8 +302,24 @@ class ShardAsyncSession(AsyncSession):
     sync_session: ShardSession
 
     def __init__(self, cluster: Cluster, *, using: str | None = None, **kw: Any) -> None:
-        view = cluster_view(cluster)
-        super().__init__(sync_session_class=functools.partial(ShardSession, view, using=using), **kw)
+        view = cast("Cluster", cluster_view(cluster))  # a Cluster subclass at run time
+        sync_class = cast("type[Session]", functools.partial(ShardSession, view, using=using))
+        super().__init__(sync_session_class=sync_class, **kw)
+
+    async def __aenter__(self) -> ShardAsyncSession:
+        # the task's current session, as ``with cluster.session()`` makes it the thread's (the
+        # manager API's a-methods use it); a greenlet SQLAlchemy spawns sees the task's context
+        self.__dict__.setdefault("_shardkit_tokens", []).append(_current_session.set(self.sync_session))
+        await super().__aenter__()
+        return self
+
+    async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
+        try:
+            await super().__aexit__(type_, value, traceback)
+        finally:
+            tokens = self.__dict__.get("_shardkit_tokens")
+            if tokens:
+                _current_session.reset(tokens.pop())
 
     @property
     def cluster(self) -> Cluster:
@@ -312,11 +332,11 @@ class ShardAsyncSession(AsyncSession):
 
     async def save(self, obj: Any, *, using: str | None = None, force_insert: bool = False) -> None:
         """:meth:`ShardSession.save`, awaited."""
-        await self.run_sync(lambda s: s.save(obj, using=using, force_insert=force_insert))
+        await self.run_sync(lambda s: cast(ShardSession, s).save(obj, using=using, force_insert=force_insert))
 
     async def delete_from(self, obj: Any, using: str) -> None:
         """:meth:`ShardSession.delete_from`, awaited."""
-        await self.run_sync(lambda s: s.delete_from(obj, using))
+        await self.run_sync(lambda s: cast(ShardSession, s).delete_from(obj, using))
 
     def route(self, statement: Any) -> Any:
         """:meth:`ShardSession.route` (no I/O)."""

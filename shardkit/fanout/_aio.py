@@ -56,7 +56,7 @@ def in_greenlet() -> bool:
     try:
         from sqlalchemy.util.concurrency import in_greenlet as sa_in_greenlet
     except ImportError:  # pragma: no cover - an older 2.0 names it only in _concurrency_py3k
-        import greenlet
+        import greenlet  # type: ignore[import-untyped]
 
         return bool(getattr(greenlet.getcurrent(), "__sqlalchemy_greenlet_provider__", False))
     return sa_in_greenlet()

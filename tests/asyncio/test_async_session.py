@@ -83,6 +83,8 @@ def test_async_session_is_sqlalchemys_over_a_shard_session(world: World) -> None
             engine = s.sync_session.get_bind(shard_id="s1")
             assert engine is world.cluster.async_engine("s1").sync_engine
             assert engine.dialect.is_async
+            assert shardkit.current_session() is s.sync_session  # the task's session, as `with` makes it
+        assert shardkit.current_session() is None
 
     world.run(go())
 
