@@ -50,12 +50,14 @@ from typing import Any
 from shardkit.errors import FanoutError, UnsupportedQueryError
 
 __all__ = [
+    "MERGE_BATCH",
     "AggregatePlan",
     "AggregateSpec",
     "MergePlan",
     "PyExpr",
     "Reduce",
     "SortKey",
+    "merge_batches",
     "merge_rows",
     "null_is_larger",
 ]
@@ -709,28 +711,43 @@ _NUMBERS = frozenset({int, float, Decimal, bool})
 class _BatchKeys:
     """The sort keys of a batch of rows, computed a batch at a time.
 
-    The fast form is computed with C-level getters: the values themselves (one ORDER BY
-    item) or a tuple of them, descending numbers negated.  It is only valid while no NULL
-    and no descending non-number has been met; the first batch with one switches the merge
-    to the general form of :func:`_sort_key_function` (``switched`` says so, and the keys
-    already computed must be computed again).  Both forms order rows alike; they are never
-    compared with each other.
+    The fast form is computed by C-level getters: the value itself (one ORDER BY item) or
+    a tuple of the values, descending numbers negated.  It holds a NULL as ``None``, which
+    only compares with another ``None``: a comparison of a NULL with a value raises
+    ``TypeError``, and that is exactly when the NULL's placement matters.  Then (or at a
+    descending non-number) the merge goes over to the general form of
+    :func:`_sort_key_function` (:meth:`go_slow`; the keys in hand are computed again).  Both
+    forms order rows alike; they are never compared with each other.
     """
 
     def __init__(self, sort_keys: Sequence[SortKey], dialect_name: str) -> None:
         self._slow = _sort_key_function(sort_keys, dialect_name)
         self.fast = all(k.text_rule is None for k in sort_keys)
-        self._getters: list[tuple[Callable[[Any], Any], bool]] = []
         self.switched = False
-        for k in sort_keys:
-            get = operator.itemgetter(k.position) if k.attribute is None else _composed(k.position, k.attribute)
-            self._getters.append((get, k.descending))
+        self._whole: Callable[[list[Any]], list[Any]] | None = None
+        positions = {k.position for k in sort_keys}
+        attributes = [k.attribute for k in sort_keys]
+        if not any(k.descending for k in sort_keys):
+            if all(a is None for a in attributes):  # columns of the row: one getter, in C
+                row_getter = operator.itemgetter(*(k.position for k in sort_keys))
+                self._whole = lambda rows: list(map(row_getter, rows))
+            elif len(positions) == 1 and all(a is not None for a in attributes):  # one entity's attributes
+                entity = operator.itemgetter(next(iter(positions)))
+                attrs = operator.attrgetter(*(a for a in attributes if a is not None))
+                self._whole = lambda rows: list(map(attrs, map(entity, rows)))
+        self._columns: list[tuple[Callable[[list[Any]], list[Any]], bool]] = [
+            (_column_getter(k.position, k.attribute), k.descending) for k in sort_keys
+        ]
+
+    def go_slow(self) -> None:
+        """From now on the general form (a NULL met a value, or a descending non-number)."""
+        self.fast = False
 
     def __call__(self, rows: list[Any]) -> list[Any]:
         """The keys of ``rows``; may switch to the general form (then ``switched`` is True)."""
         self.switched = False
         if self.fast:
-            keys = self._fast(rows)
+            keys = self._whole(rows) if self._whole is not None else self._fast(rows)
             if keys is not None:
                 return keys
             self.fast = False
@@ -739,12 +756,10 @@ class _BatchKeys:
 
     def _fast(self, rows: list[Any]) -> list[Any] | None:
         columns = []
-        for get, descending in self._getters:
-            values = list(map(get, rows))
-            if None in values:
-                return None
+        for values_of, descending in self._columns:
+            values = values_of(rows)
             if descending:
-                if not set(map(type, values)) <= _NUMBERS:
+                if not set(map(type, values)) <= _NUMBERS:  # NULL (NoneType) included
                     return None
                 values = list(map(operator.neg, values))
             columns.append(values)
@@ -753,13 +768,13 @@ class _BatchKeys:
         return list(zip(*columns, strict=True))
 
 
-def _composed(position: int, attribute: str) -> Callable[[Any], Any]:
-    item, attr = operator.itemgetter(position), operator.attrgetter(attribute)
-
-    def get(row: Any) -> Any:
-        return attr(item(row))
-
-    return get
+def _column_getter(position: int, attribute: str | None) -> Callable[[list[Any]], list[Any]]:
+    """The values of one ORDER BY item in a list of rows (C-level getters)."""
+    item = operator.itemgetter(position)
+    if attribute is None:
+        return lambda rows: list(map(item, rows))
+    attr = operator.attrgetter(attribute)
+    return lambda rows: list(map(attr, map(item, rows)))
 
 
 class _Source:
@@ -776,14 +791,15 @@ class _Source:
         self.start = 0
 
 
-def _fetcher(stream: Iterable[Sequence[Any]]) -> Callable[[int], list[Any]]:
-    """``fetch(n)``: the next at most ``n`` rows of ``stream`` as a list (empty at its end);
-    a SQLAlchemy ``Result`` is read with ``fetchmany`` (one call per batch)."""
+def _fetcher(stream: Iterable[Sequence[Any]]) -> Callable[[int], list[tuple[Any, ...]]]:
+    """``fetch(n)``: the next at most ``n`` rows of ``stream`` as a list of tuples (empty at
+    its end); a SQLAlchemy ``Result`` is read with ``fetchmany`` (one call per batch).  Rows
+    become plain tuples once, here: keys and output columns are then read from tuples."""
     fetchmany = getattr(stream, "fetchmany", None)
     if callable(fetchmany):
-        return lambda n: list(fetchmany(n))
+        return lambda n: list(map(tuple, fetchmany(n)))
     it = iter(stream)
-    return lambda n: list(itertools.islice(it, n))
+    return lambda n: list(map(tuple, itertools.islice(it, n)))
 
 
 def _ordered_merge(
@@ -793,7 +809,7 @@ def _ordered_merge(
     width: int,
     first_batch: int,
     batch: int,
-) -> Iterator[Sequence[Any]]:
+) -> Iterator[list[Any]]:
     """A stable k-way merge of sorted streams (ties: the lower stream index first), a batch
     at a time: the keys of a batch are computed at once, and every round emits, sorted by
     one C-level ``sorted``, all the rows that can no longer be preceded by an unread row.
@@ -808,7 +824,7 @@ def _ordered_merge(
     is released at once.
     """
     try:
-        yield from _ordered_batches(streams, sort_keys, dialect_name, width, first_batch, batch)
+        yield from _ordered_runs(streams, sort_keys, dialect_name, width, first_batch, batch)
     finally:
         for stream in streams:
             close = getattr(stream, "close", None)
@@ -817,14 +833,15 @@ def _ordered_merge(
                     close()
 
 
-def _ordered_batches(
+def _ordered_runs(
     streams: Sequence[Iterable[Sequence[Any]]],
     sort_keys: Sequence[SortKey],
     dialect_name: str,
     width: int,
     first_batch: int,
     batch: int,
-) -> Iterator[Sequence[Any]]:
+) -> Iterator[list[Any]]:
+    """The merged rows, as lists (one per round of :func:`_ordered_merge`)."""
     keyer = _BatchKeys(sort_keys, dialect_name)
     live: list[_Source] = []
     for stream in streams:
@@ -835,37 +852,55 @@ def _ordered_batches(
         if len(live) == 1:
             source = live[0]
             while True:
-                yield from source.rows[source.start :] if source.start else source.rows
+                yield source.rows[source.start :] if source.start else source.rows
                 source.rows, source.start = source.fetch(source.size), 0
                 source.size = min(source.cap, source.size * 2)
                 if not source.rows:
                     return
-        bound = min(source.keys[-1] for source in live)
-        rows: list[Any] = []
-        keys: list[Any] = []
-        through = True  # up to the first stream whose batch ends at the bound: rows <= bound
-        parts = 0
-        for source in live:
-            if through:
-                end = bisect.bisect_right(source.keys, bound, source.start)
-                if not bound < source.keys[-1]:  # this batch ends at the bound
-                    through = False
-            else:
-                end = bisect.bisect_left(source.keys, bound, source.start)
-            if end > source.start:
-                rows.extend(source.rows[source.start : end])
-                keys.extend(source.keys[source.start : end])
-                source.start = end
-                parts += 1
-        if parts > 1:
-            order = sorted(range(len(keys)), key=keys.__getitem__)
-            yield from map(rows.__getitem__, order)
-        else:
-            yield from rows
+        try:
+            run = _next_run(live)
+        except TypeError:
+            if not keyer.fast:
+                raise  # values of types that do not compare (as on one database: an error)
+            keyer.go_slow()  # a NULL met a value: the general keys, for the batches in hand
+            for source in live:
+                source.keys = keyer(source.rows)
+            continue
+        if run:
+            yield run
         emptied = [source for source in live if source.start >= len(source.rows)]
         for source in emptied:
             if not _refill(source, keyer, live, width):
                 live.remove(source)
+
+
+def _next_run(live: list[_Source]) -> list[Any]:
+    """One round of :func:`_ordered_merge`: the rows no unread row can precede, in order.
+    Nothing changes before every comparison has been made (a ``TypeError`` leaves the
+    sources as they were)."""
+    bound = min(source.keys[-1] for source in live)
+    ends: list[int] = []
+    through = True  # up to the first stream whose batch ends at the bound: rows <= bound
+    for source in live:
+        if through:
+            ends.append(bisect.bisect_right(source.keys, bound, source.start))
+            if not bound < source.keys[-1]:  # this batch ends at the bound
+                through = False
+        else:
+            ends.append(bisect.bisect_left(source.keys, bound, source.start))
+    taking = [(source, end) for source, end in zip(live, ends, strict=True) if end > source.start]
+    if len(taking) == 1:
+        source, end = taking[0]
+        rows = source.rows[source.start : end]
+    else:
+        rows, keys = [], []
+        for source, end in taking:
+            rows.extend(source.rows[source.start : end])
+            keys.extend(source.keys[source.start : end])
+        rows = list(map(rows.__getitem__, sorted(range(len(keys)), key=keys.__getitem__)))
+    for source, end in taking:
+        source.start = end
+    return rows
 
 
 def _refill(source: _Source, keyer: _BatchKeys, live: list[_Source], width: int) -> bool:
@@ -919,33 +954,15 @@ def merge_rows(
         rows = merge_rows(plan.merge, [conn_a.execute(s), conn_b.execute(s)],
                           dialect_name="postgresql")
     """
+    if plan.aggregate is None:
+        rows = itertools.chain.from_iterable(merge_batches(plan, streams, dialect_name=dialect_name, batch=batch))
+        return rows if plan.reduce is None else _reduced(plan.reduce, rows)
     width = plan.row_width
-    rows: Iterator[Sequence[Any]]
-    if plan.aggregate is not None:
-        rows = _aggregate(plan.aggregate, streams, width, dialect_name)
-        if plan.sort_keys:
-            rows = iter(sorted(rows, key=_sort_key_function(plan.sort_keys, dialect_name)))
-    elif plan.sort_keys:
-        size = max(1, batch or MERGE_BATCH)
-        first = size
-        if plan.limit is not None and not plan.distinct and streams:
-            # only offset+limit rows are kept: read little at first (a LIMIT 10 reads 10 rows
-            # of the shards, not 1000 of each), then double
-            first = max(1, min(size, -(-(plan.offset + plan.limit) // len(streams))))
-        rows = _ordered_merge(streams, plan.sort_keys, dialect_name, width, first, size)
-    else:
-        rows = _checked(streams, width)
-
+    grouped: Iterator[Sequence[Any]] = _aggregate(plan.aggregate, streams, width, dialect_name)
+    if plan.sort_keys:
+        grouped = iter(sorted(grouped, key=_sort_key_function(plan.sort_keys, dialect_name)))
     out = plan.output_positions
-    projected: Iterator[tuple[Any, ...]]
-    if out == tuple(range(width)):
-        projected = map(tuple, rows)
-    elif len(out) == 1:
-        projected = zip(map(operator.itemgetter(out[0]), rows))
-    elif out:
-        projected = map(operator.itemgetter(*out), rows)
-    else:
-        projected = (() for _ in rows)
+    projected: Iterator[tuple[Any, ...]] = (tuple(r[p] for p in out) for r in grouped)
     if plan.distinct:
         projected = _dedupe(projected)
     if plan.offset or plan.limit is not None:
@@ -954,6 +971,85 @@ def merge_rows(
     if plan.reduce is not None:
         return _reduced(plan.reduce, projected)
     return projected
+
+
+def merge_batches(
+    plan: MergePlan,
+    streams: Sequence[Iterable[Sequence[Any]]],
+    *,
+    dialect_name: str,
+    batch: int | None = None,
+) -> Iterator[list[tuple[Any, ...]]]:
+    """:func:`merge_rows` of a plan without aggregates (and without its ``reduce``), as lists
+    of rows: what a result reads with ``itertools.chain`` (no Python step per row).
+
+    :param batch: as for :func:`merge_rows`; also the size of an unordered stream's lists.
+    """
+    if plan.aggregate is not None:
+        raise FanoutError("merge_batches() merges rows; re-aggregate with merge_rows()", construct="merge")
+    width = plan.row_width
+    size = max(1, batch or MERGE_BATCH)
+    runs: Iterator[list[Any]]
+    if plan.sort_keys:
+        first = size
+        if plan.limit is not None and not plan.distinct and streams:
+            # only offset+limit rows are kept: read little at first (a LIMIT 10 reads 10 rows
+            # of the shards, not 1000 of each), then double
+            first = max(1, min(size, -(-(plan.offset + plan.limit) // len(streams))))
+        runs = _ordered_merge(streams, plan.sort_keys, dialect_name, width, first, size)
+    else:
+        runs = _concatenated(streams, width, size)
+    project = _projector(plan.output_positions, width)
+    seen: set[tuple[Any, ...]] | None = set() if plan.distinct else None
+    skip = plan.offset
+    left = plan.limit
+    if left is not None and left <= 0:
+        return
+    for run in runs:
+        out = project(run)
+        if seen is not None:
+            out = [row for row in out if not (row in seen or seen.add(row))]  # type: ignore[func-returns-value]
+        if skip:
+            if skip >= len(out):
+                skip -= len(out)
+                continue
+            out = out[skip:]
+            skip = 0
+        if left is not None:
+            if len(out) >= left:
+                yield out[:left]
+                return
+            left -= len(out)
+        if out:
+            yield out
+
+
+def _projector(out: tuple[int, ...], width: int) -> Callable[[list[Any]], list[tuple[Any, ...]]]:
+    """The output columns of a list of shard rows (tuples, see :func:`_fetcher`)."""
+    if out == tuple(range(width)):
+        return lambda rows: rows
+    if len(out) == 1:
+        get = operator.itemgetter(out[0])
+        return lambda rows: list(zip(map(get, rows)))
+    if not out:
+        return lambda rows: [() for _ in rows]
+    many = operator.itemgetter(*out)
+    return lambda rows: list(map(many, rows))
+
+
+def _concatenated(streams: Sequence[Iterable[Sequence[Any]]], width: int, size: int) -> Iterator[list[Any]]:
+    """Every stream after the other, in lists of at most ``size`` rows."""
+    for stream in streams:
+        fetch = _fetcher(stream)
+        first = True
+        while True:
+            rows = fetch(size)
+            if not rows:
+                break
+            if first:
+                _check_width(rows[0], width)
+                first = False
+            yield rows
 
 
 def _reduced(reduce: Reduce, rows: Iterator[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
