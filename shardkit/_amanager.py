@@ -35,7 +35,14 @@ from .errors import ShardkitError
 if TYPE_CHECKING:
     from ._manager import Manager, QuerySet
 
-__all__ = ["AsyncManagerMixin", "AsyncModelMixin", "AsyncQuerySetMixin", "arun", "async_cluster"]
+__all__ = [
+    "AsyncManagerMixin",
+    "AsyncModelMixin",
+    "AsyncQuerySetMixin",
+    "AsyncRelatedManagerMixin",
+    "arun",
+    "async_cluster",
+]
 
 M = TypeVar("M")
 T = TypeVar("T")
@@ -270,6 +277,43 @@ class AsyncManagerMixin(Generic[M]):
     def __aiter__(self) -> AsyncIterator[M]:
         """``async for obj in Model.objects``: every object (Django needs ``.all()``; both work)."""
         return self._m().get_queryset().__aiter__()
+
+
+class AsyncRelatedManagerMixin:
+    """Django's async related-manager methods, on related managers and on the lists of
+    ``ModelMixin`` relationships: ``await book.authors.aadd(person)`` ...; each runs the sync
+    method (with its relation checks and routing) on the loop.  A list that was not loaded is
+    loaded by the attribute access itself, before the call: load it with the object
+    (``prefetch_related("authors")``) or use ``RelatedManager.of(book, "authors")``."""
+
+    async def acreate(self, **fields: Any) -> Any:
+        return await arun(self.create, **fields)  # type: ignore[attr-defined]
+
+    async def aget_or_create(self, defaults: dict[str, Any] | None = None, **lookups: Any) -> tuple[Any, bool]:
+        return await arun(self.get_or_create, defaults, **lookups)  # type: ignore[attr-defined]
+
+    async def aget(self, *criteria: Any, **lookups: Any) -> Any:
+        return await arun(self.get, *criteria, **lookups)  # type: ignore[attr-defined]
+
+    async def acount(self) -> int:
+        count: int = await arun(self.count)  # type: ignore[attr-defined]
+        return count
+
+    async def aexists(self) -> bool:
+        exists: bool = await arun(self.exists)  # type: ignore[attr-defined]
+        return exists
+
+    async def aadd(self, *objs: Any, bulk: bool = True) -> None:
+        await arun(self.add, *objs, bulk=bulk)  # type: ignore[attr-defined]
+
+    async def aremove(self, *objs: Any, bulk: bool = True) -> None:
+        await arun(self.remove, *objs, bulk=bulk)  # type: ignore[attr-defined]
+
+    async def aclear(self, bulk: bool = True) -> None:
+        await arun(self.clear, bulk=bulk)  # type: ignore[attr-defined]
+
+    async def aset(self, objs: Iterable[Any], bulk: bool = True, clear: bool = False) -> None:
+        await arun(self.set, objs, bulk=bulk, clear=clear)  # type: ignore[attr-defined]
 
 
 class AsyncModelMixin:

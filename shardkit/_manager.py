@@ -43,7 +43,7 @@ from sqlalchemy.orm.session import _sessions
 from sqlalchemy.sql.elements import ClauseElement
 
 from . import _events
-from ._amanager import AsyncManagerMixin, AsyncModelMixin, AsyncQuerySetMixin
+from ._amanager import AsyncManagerMixin, AsyncModelMixin, AsyncQuerySetMixin, AsyncRelatedManagerMixin
 from ._cluster import Cluster, get_active_cluster
 from ._relations import django_lead, relation_error
 from ._session import _DB, _USING, ShardSession, current_session, db_of, link_opinion
@@ -1022,7 +1022,7 @@ def _owner_values(owner: Any, cols: Iterable[Any], owner_mapper: Mapper[Any]) ->
     return values
 
 
-class RelatedManager(Manager[Any]):
+class RelatedManager(AsyncRelatedManagerMixin, Manager[Any]):
     """Django's related manager for one object's one-to-many or many-to-many relationship.
 
     Reached as the collection itself (``author.books.add(book)``, ``book.authors.filter(...)``)
@@ -1406,7 +1406,7 @@ def _reverse_key(prop: RelationshipProperty[Any]) -> str | None:
     return None
 
 
-class RelatedList(list[M]):
+class RelatedList(AsyncRelatedManagerMixin, list[M]):
     """The list behind a one-to-many or many-to-many relationship of a :class:`ModelMixin` model.
 
     A plain SQLAlchemy collection (``append``, ``extend``, ``pop`` ... are flushed with the

@@ -520,3 +520,33 @@ def test_cancelled_call_returns_connection(multidb: shardkit.Cluster) -> None:
         assert pool.checkedout() == 0  # type: ignore[attr-defined]
 
     run(multidb, main)
+
+
+def test_related_managers(multidb: shardkit.Cluster) -> None:
+    """``aadd``/``aremove``/``aclear``/``aset``/``acreate`` on a related manager and on a loaded list,
+    routed as the sync ones: the link rows on the owner's database, a cross-database add refused."""
+    from shardkit._manager import RelatedManager
+    from shardkit.errors import RelationError
+
+    async def main() -> None:
+        book = await Book.objects.using("other").acreate(title="Pro Django", published=datetime.date(2008, 12, 16))
+        marty = await Person.objects.using("other").acreate(name="Marty")
+        authors = RelatedManager.of(book, "authors")
+        await authors.aadd(marty)
+        assert [p.name async for p in authors.all()] == ["Marty"]
+        assert await authors.acount() == 1 and await authors.aexists()
+        george = await authors.acreate(name="George")  # on the book's database, linked
+        assert shardkit.db_of(george) == "other"
+        loaded = await Book.objects.using("other").prefetch_related("authors").aget(title="Pro Django")
+        assert sorted(p.name for p in loaded.authors) == ["George", "Marty"]
+        await loaded.authors.aremove(george)
+        assert (await loaded.authors.aget(name="Marty")).name == "Marty"
+        await authors.aset([george])
+        assert [p.name async for p in authors.all()] == ["George"]
+        await authors.aclear()
+        assert await authors.acount() == 0
+        elsewhere = await Person.objects.using("default").acreate(name="Default person")
+        with pytest.raises(RelationError):  # as the sync add(): another database
+            await authors.aadd(elsewhere)
+
+    run(multidb, main)
