@@ -16,8 +16,10 @@ same statements over the same 500 keys:
              holding every row.  The two alternate, several pairs; the median
              of the per-pair throughput ratios is reported.
 
-Ratios (shardkit time / plain time, or throughput shardkit / plain) are
-printed at the end of the run with their targets.
+Each case runs the two sides alternately (plain, shardkit; then shardkit, plain; ...) and
+reports the median of the per-pair ratios, so load from elsewhere on the machine falls on
+both sides of a pair.  Ratios (shardkit time / plain time, or throughput shardkit / plain)
+are printed at the end of the run with their targets.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ KEYS = list(range(1, N + 1, max(1, N // 500)))[:500]
 THREADS = 16
 SECONDS = float(os.environ.get("SHARDKIT_BENCH_POINT_SECONDS", "2"))
 PAIRS = int(os.environ.get("SHARDKIT_BENCH_POINT_PAIRS", "3"))
+PAIRED_ROUNDS = int(os.environ.get("SHARDKIT_BENCH_POINT_ROUNDS", "15"))  # plain/shardkit pairs per case
 _FIGURES: dict[str, float] = {}
 _TARGETS = {
     "select": ("routed point read / plain, time", "<= 1.10"),
@@ -115,100 +118,97 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         databases.drop_all()
 
 
-def _median(benchmark: Any) -> float:
-    return float(benchmark.stats.stats.median)
+def _paired(benchmark: Any, case: str, ours: Any, plain: Any, rounds: int) -> None:
+    """Run the two sides alternately, ``rounds`` pairs after a warm-up pair; the figure is the
+    median of the per-pair ratios (so a noisy neighbour slows both sides of a pair alike), and
+    each side's median time is shown beside it."""
+    ours_times: list[float] = []
+    plain_times: list[float] = []
 
+    def pairs() -> None:
+        plain()
+        ours()  # warm-up pair: pools filled, statements compiled
+        for i in range(rounds):
+            first, second = (plain, ours) if i % 2 == 0 else (ours, plain)  # neither always goes first
+            for side in (first, second):
+                t0 = time.perf_counter()
+                side()
+                (ours_times if side is ours else plain_times).append(time.perf_counter() - t0)
 
-def _ratio(case: str) -> None:
-    ours, plain = _FIGURES.get(f"{case}: shardkit"), _FIGURES.get(f"{case}: plain")
-    if ours and plain:
-        _FIGURES[f"{case}: ratio"] = ours / plain
+    benchmark.pedantic(pairs, rounds=1, iterations=1)
+    _FIGURES[f"{case}: shardkit"] = statistics.median(ours_times)
+    _FIGURES[f"{case}: plain"] = statistics.median(plain_times)
+    _FIGURES[f"{case}: ratio"] = statistics.median(o / p for o, p in zip(ours_times, plain_times, strict=True))
 
 
 def _plain_sessions(world: World) -> dict[Engine, Session]:
     return {engine: Session(engine) for engine in set(world.owner_engine.values())}
 
 
-@pytest.mark.parametrize("who", ["plain", "shardkit"])
-def test_select(benchmark: Any, world: World, who: str) -> None:
-    benchmark.group = "point read by shard key, per 500 keys"
-    if who == "shardkit":
-        session: Any = world.cluster.session()
+def test_select(benchmark: Any, world: World) -> None:
+    benchmark.group = "point read by shard key, per 500 keys (plain and shardkit alternating)"
+    session: Any = world.cluster.session()
 
-        def run() -> None:
+    def ours() -> None:
+        for k in KEYS:
+            session.scalars(select(PUser).where(PUser.id == k)).one()
+        session.rollback()
+
+    sessions = _plain_sessions(world)
+    by_key = {k: sessions[e] for k, e in world.owner_engine.items()}
+
+    def plain() -> None:
+        for k in KEYS:
+            by_key[k].scalars(select(PUser).where(PUser.id == k)).one()
+        for s in sessions.values():
+            s.rollback()
+
+    _paired(benchmark, "select", ours, plain, rounds=PAIRED_ROUNDS)
+
+
+def test_get(benchmark: Any, world: World) -> None:
+    benchmark.group = "session.get by primary key, per 500 keys (plain and shardkit alternating)"
+
+    def ours() -> None:
+        with world.cluster.session() as session:
             for k in KEYS:
-                session.scalars(select(PUser).where(PUser.id == k)).one()
-            session.rollback()
+                assert session.get(PUser, k) is not None
 
-    else:
+    def plain() -> None:
         sessions = _plain_sessions(world)
-        by_key = {k: sessions[e] for k, e in world.owner_engine.items()}
+        for k in KEYS:
+            assert sessions[world.owner_engine[k]].get(PUser, k) is not None
+        for s in sessions.values():
+            s.close()
 
-        def run() -> None:
-            for k in KEYS:
-                by_key[k].scalars(select(PUser).where(PUser.id == k)).one()
-            for s in sessions.values():
-                s.rollback()
-
-    benchmark.pedantic(run, rounds=12, warmup_rounds=2)
-    _FIGURES[f"select: {who}"] = _median(benchmark)
-    _ratio("select")
-
-
-@pytest.mark.parametrize("who", ["plain", "shardkit"])
-def test_get(benchmark: Any, world: World, who: str) -> None:
-    benchmark.group = "session.get by primary key, per 500 keys"
-    if who == "shardkit":
-
-        def run() -> None:
-            with world.cluster.session() as session:
-                for k in KEYS:
-                    assert session.get(PUser, k) is not None
-
-    else:
-
-        def run() -> None:
-            sessions = _plain_sessions(world)
-            for k in KEYS:
-                assert sessions[world.owner_engine[k]].get(PUser, k) is not None
-            for s in sessions.values():
-                s.close()
-
-    benchmark.pedantic(run, rounds=12, warmup_rounds=2)
-    _FIGURES[f"get: {who}"] = _median(benchmark)
-    _ratio("get")
+    _paired(benchmark, "get", ours, plain, rounds=PAIRED_ROUNDS)
 
 
 _NEXT_ID = count(10 * N)
 
 
-@pytest.mark.parametrize("who", ["plain", "shardkit"])
-def test_add_commit(benchmark: Any, world: World, who: str) -> None:
-    benchmark.group = "add + commit of one object, per 100 objects"
-    if who == "shardkit":
+def test_add_commit(benchmark: Any, world: World) -> None:
+    benchmark.group = "add + commit of one object, per 100 objects (plain and shardkit alternating)"
 
-        def run() -> None:
-            with world.cluster.session() as session:
-                for _ in range(100):
-                    session.add(PUser(id=next(_NEXT_ID), name="n", score=1))
-                    session.commit()
-
-    else:
-        engines = {a: world.cluster.engine(a) for a in SHARDS}
-
-        def run() -> None:
-            sessions = {a: Session(e) for a, e in engines.items()}
+    def ours() -> None:
+        with world.cluster.session() as session:
             for _ in range(100):
-                new_id = next(_NEXT_ID)
-                s = sessions[world.ring.get(new_id)]
-                s.add(PUser(id=new_id, name="n", score=1))
-                s.commit()
-            for s in sessions.values():
-                s.close()
+                session.add(PUser(id=next(_NEXT_ID), name="n", score=1))
+                session.commit()
 
-    benchmark.pedantic(run, rounds=8, warmup_rounds=1)
-    _FIGURES[f"add: {who}"] = _median(benchmark)
-    _ratio("add")
+    engines = {a: world.cluster.engine(a) for a in SHARDS}
+
+    def plain() -> None:
+        sessions = {a: Session(e) for a, e in engines.items()}
+        for _ in range(100):
+            new_id = next(_NEXT_ID)
+            s = sessions[world.ring.get(new_id)]
+            s.add(PUser(id=new_id, name="n", score=1))
+            s.commit()
+        for s in sessions.values():
+            s.close()
+
+    _paired(benchmark, "add", ours, plain, rounds=PAIRED_ROUNDS)
 
 
 def _throughput(worker: Any) -> float:

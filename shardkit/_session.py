@@ -356,14 +356,13 @@ class ShardSession(Session):
                 return str(alias)
         return None
 
-    def _note_collection_parents(self) -> None:
+    def _note_collection_parents(self, states: Iterable[InstanceState[Any]]) -> None:
         """Remember, for each new object added to a collection (one-to-many, many-to-many), the
         object that owns the collection: with no router opinion it is written where its owner is,
         as Django's related managers create objects on the instance's database."""
         parents = self._collection_parents
         parents.clear()
-        for obj in (*self.new, *self.dirty):
-            state = instance_state(obj)
+        for state in states:
             for key in _collection_keys(state.mapper):
                 if key not in state.dict or key not in state.committed_state:
                     continue  # never loaded, or unchanged: nothing was added
@@ -403,11 +402,9 @@ class ShardSession(Session):
         self._link_aliases[key] = alias
         return alias
 
-    def _route_links(self) -> None:
+    def _route_links(self, states: Iterable[InstanceState[Any]], deleted: set[InstanceState[Any]]) -> None:
         """Decide, before a flush writes anything, where every changed many-to-many link row goes."""
-        deleted = {instance_state(obj) for obj in self.deleted}
-        for obj in (*self.new, *self.dirty, *self.deleted):
-            state = instance_state(obj)
+        for state in states:
             for prop in _secondary_props(state.mapper):
                 if state in deleted:
                     if state.key is not None:
@@ -457,14 +454,13 @@ class ShardSession(Session):
         target = self.cluster.router.write_opinion(state.class_, instance=obj)
         return target if isinstance(target, str) else None
 
-    def _route_new_in_batches(self) -> None:
+    def _route_new_in_batches(self, new: list[InstanceState[Any]]) -> None:
         """Route the new objects of each class with one router question (when the routers can);
         objects placed explicitly (``save(using=)``, a pinned session) keep their placement."""
         if self.pinned is not None or not self.cluster.router.write_instances_complete:
             return
         by_class: dict[type[Any], list[InstanceState[Any]]] = {}
-        for obj in self.new:
-            state = instance_state(obj)
+        for state in new:
             if _info_get(state, _USING) is None:
                 by_class.setdefault(state.class_, []).append(state)
         for model, states in by_class.items():
@@ -1024,23 +1020,32 @@ def _before_flush(session: Session, flush_context: Any, instances: Iterable[Any]
     session._flush_aliases.clear()
     session._flush_conns.clear()
     session._link_aliases.clear()
-    session._note_collection_parents()
-    session._route_new_in_batches()
+    # the session's pending objects, read once (each of session.new / dirty / deleted builds a set)
+    new = [instance_state(obj) for obj in session.new]
+    dirty = list(session.dirty)
+    dirty_states = [instance_state(obj) for obj in dirty]
+    deleted = [instance_state(obj) for obj in session.deleted]
+    session._note_collection_parents((*new, *dirty_states))
+    session._route_new_in_batches(new)
     changed: list[Any] = []
     kept: list[InstanceState[Any]] = []
-    for obj in session.dirty:
+    for obj in dirty:
         if session.is_modified(obj, include_collections=False):
             changed.append(obj)
         elif session.is_modified(obj):
             # only a collection changed: no row of its own is written, it stays where it is
             # (its link rows and its children's rows are placed on their own)
             kept.append(instance_state(obj))
-    for obj in (*session.new, *changed, *session.deleted):
-        session._write_alias(instance_state(obj))
-    session._flush_writes = set(session._flush_aliases.values())
+    aliases = session._flush_aliases
+    for state in new:
+        if state not in aliases:  # not placed in a batch above
+            session._write_alias(state)
+    for state in (*(instance_state(obj) for obj in changed), *deleted):
+        session._write_alias(state)
+    session._flush_writes = set(aliases.values())
     for state in kept:
-        session._flush_aliases[state] = _db_of_or_none(state.obj()) or session._decide_write_alias(state)
-    session._route_links()
+        aliases[state] = _db_of_or_none(state.obj()) or session._decide_write_alias(state)
+    session._route_links((*new, *dirty_states, *deleted), set(deleted))
     # the checks made before anything is written: relations, then the cross-shard write setting
     check_flush_relations(session)
     session.cluster.check_write_aliases(session._tx_write_aliases | set(session._flush_aliases.values()))
