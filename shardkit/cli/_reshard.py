@@ -24,23 +24,6 @@ from ._common import OneLineUsageError, load, not_in_ring, stderr_is_terminal
 __all__ = ["reshard"]
 
 
-def _load(settings_path: str | None) -> tuple[Any, Any, Any]:
-    """(cluster, ring router, declarative base) from the settings."""
-    from ..reshard import load_current_ring
-    from ..ring import HashRingRouter
-
-    settings = load(settings_path)
-    settings.require_ring()
-    cluster = settings.cluster
-    router = next((r for r in cluster.router.routers if isinstance(r, HashRingRouter)), None)
-    if router is None:  # pragma: no cover - load_settings adds one whenever there is a ring
-        raise ConfigError(f"{settings.source}: no HashRingRouter among the routers")
-    current = load_current_ring(cluster)
-    if current is not None:
-        router.ring = current
-    return cluster, router, settings.get_metadata()
-
-
 def _new_ring(spec: str | None) -> Any:
     if spec is None:
         return None
@@ -58,21 +41,24 @@ def _new_ring(spec: str | None) -> Any:
 
 
 def _resharder(settings_path: str | None, add: str | None, remove: str | None, new_ring: str | None, **kw: Any) -> Any:
+    """The :class:`~shardkit.reshard.Resharder` the options describe, for the cluster of the settings."""
     from ..reshard import Resharder
-    from ..reshard._state import StateStore
 
     if sum(x is not None for x in (add, remove, new_ring)) != 1:
         raise OneLineUsageError(
             "say what the new ring is: exactly one of --new-ring, --add or --remove", ctx=click.get_current_context()
         )
-    cluster, router, base = _load(settings_path)
-    active = StateStore(cluster).active()
-    current = active.old_ring if active is not None else router.ring  # a stopped reshard resumes from its old ring
+    settings = load(settings_path)
+    settings.require_ring()
+    resharder = Resharder(
+        settings.cluster, new_ring=_new_ring(new_ring), add=add, remove=remove, metadata=settings.get_metadata(), **kw
+    )
+    current, _, active = resharder.rings()  # the stored ring; a stopped reshard resumes from its old ring
     if remove is not None and remove not in current:
         raise not_in_ring(remove, current)
     if active is None and add is not None and add in current:  # not resuming: say so, there is nothing to do
         click.echo(f"note: {add!r} is already in the ring: nothing moves (a finished reshard?)", err=True)
-    return Resharder(cluster, router, _new_ring(new_ring), add=add, remove=remove, metadata=base, **kw)
+    return resharder
 
 
 _common = [
