@@ -993,9 +993,9 @@ def merge_batches(
     if plan.sort_keys:
         first = size
         if plan.limit is not None and not plan.distinct and streams:
-            # only offset+limit rows are kept: read little at first (a LIMIT 10 reads 10 rows
-            # of the shards, not 1000 of each), then double
-            first = max(1, min(size, -(-(plan.offset + plan.limit) // len(streams))))
+            # only offset+limit rows are kept: each shard is read in batches of its share of
+            # them (a LIMIT 100 over 4 shards reads 25 rows of each, then 25 more where needed)
+            first = size = max(1, min(size, -(-(plan.offset + plan.limit) // len(streams))))
         runs = _ordered_merge(streams, plan.sort_keys, dialect_name, width, first, size)
     else:
         runs = _concatenated(streams, width, size)

@@ -359,9 +359,10 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
                 dataclasses.replace(k, text_rule=rules[i]) if i in rules else k for i, k in enumerate(merge.sort_keys)
             ),
         )
-    lazy_chunk = (
-        8 if merge.sort_keys and merge.limit is not None and merge.aggregate is None and not merge.distinct else None
-    )
+    lazy_chunk = None
+    if merge.sort_keys and merge.limit is not None and merge.aggregate is None and not merge.distinct:
+        # what the merge reads of each shard at a time: its share of offset+limit
+        lazy_chunk = max(1, -(-(merge.offset + merge.limit) // max(1, len(answered))))
     streams = []
     yield_per = options.get("yield_per")
     for alias in answered:
