@@ -21,7 +21,7 @@ from sqlalchemy.exc import MissingGreenlet, StatementError
 import shardkit
 from shardkit._amanager import arun, async_cluster
 from shardkit.errors import RouterError, ShardkitError
-from tests.conftest import DatabaseFactory
+from tests.conftest import PG_URL, DatabaseFactory, require_server
 from tests.django_suite.conftest import override_routers
 from tests.django_suite.models import Base, Book, Person, User
 from tests.django_suite.routers import AuthRouter, TestRouter
@@ -134,9 +134,24 @@ def _seed(cluster: shardkit.Cluster) -> None:
             conn.execute(User.__table__.insert().values(id=201, username="alice", email=alias))
 
 
+@pytest.fixture(params=["aiosqlite", "asyncpg", "psycopg"])
+def driver(request: pytest.FixtureRequest) -> str:
+    """The async driver: SQLite files on aiosqlite, PostgreSQL databases on asyncpg and on psycopg 3."""
+    name: str = request.param
+    return name
+
+
 @pytest.fixture
-def multidb(databases: DatabaseFactory, backend: str) -> Iterator[shardkit.Cluster]:
-    cluster = shardkit.Cluster(databases.urls(backend, "default", "other"))
+def backend(driver: str) -> str:
+    if driver == "aiosqlite":
+        return "sqlite"
+    require_server(PG_URL, "pg")
+    return "postgresql"
+
+
+@pytest.fixture
+def multidb(databases: DatabaseFactory, backend: str, driver: str) -> Iterator[shardkit.Cluster]:
+    cluster = shardkit.Cluster(databases.urls(backend, "default", "other"), async_driver=driver)
     cluster.create_all(Base)
     with cluster.activate():
         yield cluster
@@ -330,10 +345,10 @@ def test_async_method_routes_as_sync_twin(multidb: shardkit.Cluster, op: Op, rou
     assert sync_calls, "the operation asked the routers nothing: it proves nothing"
 
 
-def test_async_io_goes_through_async_driver(multidb: shardkit.Cluster, backend: str) -> None:
+def test_async_io_goes_through_async_driver(multidb: shardkit.Cluster, driver: str) -> None:
     twin = async_cluster(multidb)
     drivers = {twin.engine(alias).dialect.driver for alias in multidb.aliases}
-    assert drivers == {"aiosqlite" if backend == "sqlite" else "asyncpg"}
+    assert drivers == {driver}
     assert all(twin.engine(alias).dialect.is_async for alias in multidb.aliases)
 
 
@@ -459,7 +474,7 @@ def test_values_and_aiterator(multidb: shardkit.Cluster) -> None:
     run(multidb, main)
 
 
-def test_async_engines_given_in_databases(databases: DatabaseFactory, backend: str) -> None:
+def test_async_engines_given_in_databases(databases: DatabaseFactory, backend: str, driver: str) -> None:
     """A cluster made of async engines' ``sync_engine`` needs no twin: the manager uses it as it is."""
     from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -467,11 +482,11 @@ def test_async_engines_given_in_databases(databases: DatabaseFactory, backend: s
     setup = shardkit.Cluster(sync_urls)
     setup.create_all(Base)
     setup.dispose()
-    driver = "sqlite+aiosqlite" if backend == "sqlite" else "postgresql+asyncpg"
+    drivername = f"{backend}+{driver}"
     from sqlalchemy import make_url
 
     async def main() -> None:
-        engines = {a: create_async_engine(make_url(u).set(drivername=driver)) for a, u in sync_urls.items()}
+        engines = {a: create_async_engine(make_url(u).set(drivername=drivername)) for a, u in sync_urls.items()}
         cluster = shardkit.Cluster({a: e.sync_engine for a, e in engines.items()}, [TestRouter()])
         assert async_cluster(cluster) is cluster
         try:
@@ -500,7 +515,7 @@ def test_no_active_cluster_is_a_config_error() -> None:
         _cluster._active_global = previous
 
 
-@pytest.mark.parametrize("backend", ["postgresql"])
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 def test_cancelled_call_returns_connection(multidb: shardkit.Cluster) -> None:
     """A task cancelled while its query runs: the call's session rolls back, its connection goes
     back to the pool, and the next call works."""
