@@ -21,9 +21,10 @@ them from the caller's greenlet (``await_only``), under the one deadline:
 A cancelled task that has not ended :data:`RELEASE` seconds later (a server that never
 answers, a link that crawls: the driver's cancel waits for the server, psycopg up to 5 s,
 asyncpg's close up to 2 s) is left to end on the loop by itself, and is never cancelled a
-second time (psycopg would close its connection under the session); the caller is answered
-at most ``deadline + SETTLE + RELEASE`` seconds after it started.  Its connection stays
-the session's until it ends: the session's ``rollback()`` or ``close()`` waits for it.  Nothing here
+second time; the caller is answered at most ``deadline + SETTLE + RELEASE`` seconds after
+it started.  A psycopg connection left so is invalidated in the caller's session at once
+(psycopg would close it under the session after its cancel wait); an asyncpg one ends by
+itself within its close timeout.  Nothing here
 blocks the loop: the waits are the loop's own.
 
 Engines whose connections cannot be used by two shards at a time (an in-memory SQLite,
@@ -33,6 +34,7 @@ a ``StaticPool``) keep the serial path (:mod:`shardkit.fanout._threads`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -93,7 +95,7 @@ def _names(aliases: Iterable[str]) -> str:
 
 async def _gather(
     tasks: Mapping[str, ShardTask[T]], deadline: float | None, partial: bool, start: float
-) -> tuple[dict[str, T], dict[str, BaseException], list[str], dict[str, str]]:
+) -> tuple[dict[str, T], dict[str, BaseException], list[str], dict[str, str], list[str]]:
     deadline_at = None if deadline is None else start + deadline
     running: dict[asyncio.Task[Any], str] = {}
     for alias, task in tasks.items():
@@ -104,6 +106,7 @@ async def _gather(
     errors: dict[str, BaseException] = {}
     late: list[str] = []
     stages: dict[str, str] = {}
+    abandoned: list[str] = []
 
     def collect(done: Iterable[asyncio.Task[Any]]) -> None:
         for fut in done:
@@ -145,11 +148,12 @@ async def _gather(
                     fut.exception()  # retrieved, so asyncio does not log it
             for fut in pending:  # still ending (a server that never answers): left to the loop
                 fut.add_done_callback(_retrieve)
+                abandoned.append(running[fut])
         if timed_out:
             for alias in late:
                 errors[alias] = TimeoutError(f"shard {alias!r} did not answer within {deadline}s{stages[alias]}")
         # else: another shard failed and these were cancelled; the failure is what is reported
-        return results, errors, late if timed_out else [], stages
+        return results, errors, late if timed_out else [], stages, abandoned
     except BaseException:
         # the caller itself was cancelled (its own timeout, a client gone): so are its shards
         for fut in running:
@@ -159,13 +163,29 @@ async def _gather(
         raise
 
 
+def _let_go(session: Any, task: Any) -> None:
+    """A psycopg shard still running after its cancel (its server does not answer): psycopg
+    waits up to 5 s for the cancel, holding the connection's lock, then closes the connection.
+    Invalidated now in the caller's session (psycopg's close does not wait), the session's
+    rollback skips it instead of waiting for that lock and meeting a closed connection."""
+    from .._sqla import held_connection
+
+    engine = getattr(task, "lane", None)  # a ConnectionTask's lane is its engine
+    if getattr(getattr(engine, "dialect", None), "driver", None) not in ("psycopg", "psycopg_async"):
+        return  # asyncpg: its cancelled call ends by itself (close(timeout=2) in the task)
+    conn = held_connection(session, engine)
+    if conn is not None and not conn.invalidated:
+        with contextlib.suppress(Exception):
+            conn.invalidate()
+
+
 def _retrieve(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
 
 
 def run_on_loop(
-    tasks: Mapping[str, ShardTask[T]], *, deadline: float | None, partial: bool = False
+    tasks: Mapping[str, ShardTask[T]], *, deadline: float | None, partial: bool = False, session: Any = None
 ) -> FanoutOutcome[T]:
     """:func:`~shardkit.fanout._execute.run_parallel` for a caller inside SQLAlchemy's greenlet:
     the tasks run concurrently on the running event loop (see the module docstring); same
@@ -174,7 +194,10 @@ def run_on_loop(
     start = time.monotonic()
     if not tasks:
         return FanoutOutcome()
-    results, errors, late, stages = await_only(_gather(tasks, deadline, partial, start))
+    results, errors, late, stages, abandoned = await_only(_gather(tasks, deadline, partial, start))
+    if session is not None:
+        for alias in abandoned:
+            _let_go(session, tasks[alias])
     elapsed = time.monotonic() - start
     if errors and (not partial or not results):
         ordered = {a: errors[a] for a in tasks if a in errors}

@@ -329,7 +329,7 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
         )
     executor = calling_thread_executor((session.cluster.engine(a) for a in tasks), deadline)
     if on_loop:
-        outcome = run_on_loop(tasks, deadline=deadline, partial=partial)
+        outcome = run_on_loop(tasks, deadline=deadline, partial=partial, session=session)
     else:
         outcome = run_parallel(tasks, deadline=deadline, partial=partial, executor=executor)
     outcome.errors.update(unreachable)

@@ -55,15 +55,6 @@ def _healthy(s: shardkit.ShardSession, alias: str) -> None:
         assert conn.execute(select(func.count()).select_from(User)).scalar_one() >= 0
 
 
-def _psycopg_abandoned(api: Api) -> None:
-    """Known limitation: a psycopg shard whose server stops answering is abandoned at the
-    deadline (the caller is answered in time, checked above) while psycopg's own cancel
-    (``cancel_safe`` + up to 5 s) still runs on the loop; psycopg then closes that connection
-    under the session, and the session's ``rollback()`` meets "the connection is closed"."""
-    if api.name == "psycopg":
-        pytest.xfail("psycopg closes an abandoned shard's connection under the session (see _psycopg_abandoned)")
-
-
 def _check_loop(api: Api) -> None:
     if api.is_async:
         assert api.max_stall < MAX_STALL, f"the event loop stalled {api.max_stall * 1000:.0f} ms"
@@ -246,7 +237,6 @@ def test_black_hole_shard_holds_the_deadline(setup: Setup, pg_api: Api) -> None:
         elapsed = time.monotonic() - started
         assert elapsed < 0.6 + DEADLINE_SLACK, f"FanoutTimeoutError after {elapsed:.3f}s"
         assert PROXIED in info.value.aliases  # type: ignore[attr-defined]
-        _psycopg_abandoned(pg_api)
         s.rollback()
 
     pg_api.run(setup.cluster, body)
@@ -278,7 +268,6 @@ def test_slow_link_holds_the_deadline(setup: Setup, pg_api: Api) -> None:
         assert elapsed < 0.5 + DEADLINE_SLACK, f"answered after {elapsed:.3f}s"
         assert sorted(u.id for u in result.scalars()) == setup.ids_on("s0", "s1", "s3")
         assert set(result.errors) == {PROXIED}  # type: ignore[attr-defined]
-        _psycopg_abandoned(pg_api)
         s.rollback()
 
     pg_api.run(setup.cluster, body)
