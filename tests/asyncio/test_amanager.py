@@ -565,3 +565,27 @@ def test_related_managers(multidb: shardkit.Cluster) -> None:
             await authors.aadd(elsewhere)
 
     run(multidb, main)
+
+
+def test_objects_of_an_async_session_are_saved_through_it(multidb: shardkit.Cluster) -> None:
+    """An object of ``cluster.async_session()``: ``asave()``/``adelete()`` go through that session (a
+    flush in its transaction, as in a ``with cluster.session()`` block); its commit makes them stick."""
+
+    async def main() -> None:
+        await Person.objects.using("default").acreate(name="Kept")
+        async with multidb.async_session(expire_on_commit=False) as session:
+            kept = (await session.scalars(select(Person).where(Person.name == "Kept"))).one()
+            kept.name = "Kept, moved"
+            await kept.asave(using="other")
+            assert shardkit.db_of(kept) == "other"
+            assert await Person.objects.using("other").acount() == 0  # not committed yet: another session
+            await session.commit()
+        assert [p.name async for p in Person.objects.using("other").all()] == ["Kept, moved"]
+        async with multidb.async_session() as session:
+            stmt = select(Person).where(Person.name == "Kept, moved").options(shardkit.using("other"))
+            gone = (await session.scalars(stmt)).one()
+            await gone.adelete(using="other")
+            await session.rollback()  # the delete was only flushed: rolled back with the session
+        assert await Person.objects.using("other").acount() == 1
+
+    run(multidb, main)
