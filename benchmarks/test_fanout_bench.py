@@ -45,7 +45,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.horizontal_shard import ShardedSession
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from shardkit.fanout import merge_rows, plan_select
 
@@ -467,6 +467,12 @@ def test_top_slowest_shard(benchmark: Any, pg_world: PgWorld) -> None:
 
 STREAM = "stream 4N rows ordered (yield_per=1000)"
 STREAM_STMT = select(BenchUser.id, BenchUser.score).order_by(BenchUser.score, BenchUser.id)
+STREAM_CORE = "stream 4N Core rows ordered (yield_per=1000)"
+STREAM_CORE_STMT = select(BenchUser.__table__.c.id, BenchUser.__table__.c.score).order_by(
+    BenchUser.__table__.c.score, BenchUser.__table__.c.id
+)
+STREAM_ORM = "stream 4N ORM objects ordered (yield_per=1000)"
+STREAM_ORM_STMT = select(BenchUser).order_by(BenchUser.score, BenchUser.id)
 
 
 def _stream_count(world: PgWorld, batch: int | None) -> tuple[int, int]:
@@ -519,6 +525,85 @@ def test_stream_shardkit(benchmark: Any, pg_world: PgWorld) -> None:
     _record(STREAM, "shardkit", benchmark)
 
 
+def _count_rows(rows: Any) -> int:
+    n = 0
+    prev = (-1, -1)
+    for row in rows:
+        key = (row.score, row.id)
+        assert key > prev
+        prev = key
+        n += 1
+    return n
+
+
+@pytest.mark.postgres
+def test_stream_single_sqlalchemy_session(benchmark: Any, pg_world: PgWorld) -> None:
+    """The same rows from the one database holding them all, through a plain SQLAlchemy Session."""
+    engine = create_engine(pg_world.urls["single"])
+    try:
+
+        def run() -> int:
+            with Session(engine) as s:
+                return _count_rows(s.execute(STREAM_STMT.execution_options(yield_per=1000)))
+
+        assert benchmark.pedantic(run, rounds=3, iterations=1) == 4 * pg_world.n
+    finally:
+        engine.dispose()
+    _record(STREAM, "single (SQLAlchemy Session)", benchmark)
+
+
+@pytest.mark.postgres
+def test_stream_core_shardkit(benchmark: Any, pg_world: PgWorld) -> None:
+    def run() -> int:
+        with pg_world.cluster.session() as s:
+            return _count_rows(s.execute(STREAM_CORE_STMT.execution_options(yield_per=1000)))
+
+    assert benchmark.pedantic(run, rounds=3, iterations=1) == 4 * pg_world.n
+    _record(STREAM_CORE, "shardkit", benchmark)
+
+
+@pytest.mark.postgres
+def test_stream_core_single_sqlalchemy(benchmark: Any, pg_world: PgWorld) -> None:
+    """Core rows from the one database, through a plain SQLAlchemy Connection."""
+    engine = create_engine(pg_world.urls["single"])
+    try:
+
+        def run() -> int:
+            with engine.connect() as conn:
+                return _count_rows(conn.execution_options(yield_per=1000).execute(STREAM_CORE_STMT))
+
+        assert benchmark.pedantic(run, rounds=3, iterations=1) == 4 * pg_world.n
+    finally:
+        engine.dispose()
+    _record(STREAM_CORE, "single (SQLAlchemy Connection)", benchmark)
+
+
+@pytest.mark.postgres
+def test_stream_orm_shardkit(benchmark: Any, pg_world: PgWorld) -> None:
+    def run() -> int:
+        with pg_world.cluster.session() as s:
+            return _count_rows(s.scalars(STREAM_ORM_STMT.execution_options(yield_per=1000)))
+
+    assert benchmark.pedantic(run, rounds=2, iterations=1) == 4 * pg_world.n
+    _record(STREAM_ORM, "shardkit", benchmark)
+
+
+@pytest.mark.postgres
+def test_stream_orm_single_sqlalchemy(benchmark: Any, pg_world: PgWorld) -> None:
+    """ORM objects from the one database, through a plain SQLAlchemy Session."""
+    engine = create_engine(pg_world.urls["single"])
+    try:
+
+        def run() -> int:
+            with Session(engine) as s:
+                return _count_rows(s.scalars(STREAM_ORM_STMT.execution_options(yield_per=1000)))
+
+        assert benchmark.pedantic(run, rounds=2, iterations=1) == 4 * pg_world.n
+    finally:
+        engine.dispose()
+    _record(STREAM_ORM, "single (SQLAlchemy Session)", benchmark)
+
+
 @pytest.mark.postgres
 def test_stream_single_database(benchmark: Any, pg_world: PgWorld) -> None:
     conn = pg_world.raw("single")
@@ -537,10 +622,20 @@ def test_stream_single_database(benchmark: Any, pg_world: PgWorld) -> None:
         assert benchmark.pedantic(run, rounds=3, iterations=1) == 4 * pg_world.n
     finally:
         conn.close()
-    _record(STREAM, "single", benchmark)
+    _record(STREAM, "single (raw psycopg2)", benchmark)
 
 
 # --------------------------------------------------------------------- the ratio table
+
+
+#: case -> (peer, the highest shardkit / peer ratio the issue-13 targets allow)
+_TARGETS: dict[str, tuple[str, float]] = {
+    GROUP: ("horizontal_shard", 0.6),  # not to regress: 0.56x before issue 13
+    TOP: ("threadpool", 1.05),
+    STREAM: ("single (SQLAlchemy Session)", 1.3),
+    STREAM_CORE: ("single (SQLAlchemy Connection)", 1.3),
+    STREAM_ORM: ("single (SQLAlchemy Session)", 1.3),
+}
 
 
 class _Summary:
@@ -551,6 +646,18 @@ class _Summary:
         terminalreporter.section("shardkit fan-out figures (medians)")
         for note in _NOTES:
             write(f"  {note}")
+        write("\n  targets (shardkit / peer, medians)")
+        for case, (peer, limit) in _TARGETS.items():
+            figures = _FIGURES.get(case, {})
+            if "shardkit" not in figures or peer not in figures:
+                write(f"    {case:<46} <= {limit:.2f}x {peer}: not measured in this run")
+                continue
+            ratio = figures["shardkit"] / figures[peer]
+            extra = ""
+            if case == TOP:
+                extra = f" (framework time {(figures['shardkit'] - figures[peer]) * 1e3:+.2f} ms, target <= 0.5 ms)"
+            verdict = "met" if ratio <= limit else "MISSED"
+            write(f"    {case:<46} {ratio:5.2f}x {peer} (target <= {limit:.2f}x): {verdict}{extra}")
         for case, peers in _FIGURES.items():
             write(f"\n  {case}")
             if case.startswith("peak memory"):
