@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, MetaData, Table
 from sqlalchemy.orm import DeclarativeBase, registry
 
+from . import _sqla
 from ._config import DEFAULT_DB_ALIAS, AliasSpec, parse_databases
 from ._placement import db_of_or_none
 from ._session import ShardSession
@@ -126,9 +127,7 @@ def _depth(mapper: Any) -> int:
 
 
 def _all_registries() -> Iterable[registry]:
-    from sqlalchemy.orm import mapperlib
-
-    return list(mapperlib._all_registries())
+    return _sqla.all_registries()
 
 
 class Cluster:
@@ -238,6 +237,10 @@ class Cluster:
                 instrument(engine)  # a reshard's database-side fence refusal -> ShardMovingError
                 self._engines[alias] = engine
         return engine
+
+    def created_engine(self, alias: str) -> Engine | None:
+        """The engine of ``alias`` if one was created already, else ``None`` (creates nothing)."""
+        return self._engines.get(alias)
 
     def dispose(self) -> None:
         """Close every pooled connection of every engine created so far."""

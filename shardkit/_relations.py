@@ -26,6 +26,7 @@ from sqlalchemy.orm.attributes import get_state_history, instance_state
 from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.interfaces import MANYTOONE
 
+from . import _sqla
 from ._placement import db_of_or_none, many_to_ones, placed_alias, set_db, stand_in
 from .errors import RelationError, ShardkitError
 
@@ -179,7 +180,7 @@ def _check_event(target: Any, value: Any, prop: RelationshipProperty[Any], initi
     refusal names the relation the user assigned."""
     key = getattr(initiator, "key", prop.key)
     if key != prop.key and value is not None:
-        for other in prop._reverse_property:
+        for other in _sqla.reverse_properties(prop):
             if other.key == key:
                 _check_pair(value, target, other)
                 return

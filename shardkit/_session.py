@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -53,7 +54,7 @@ from ._placement import info_get as _info_get
 from ._placement import set_db as _set_db
 from ._relations import check_flush_relations
 from ._twophase import CommitOrder
-from .errors import InvalidRouteError, RoutingError, ShardkitError
+from .errors import CommitError, InvalidRouteError, RoutingError, ShardkitError, brief
 from .fanout._orm import execute_fanout, reads_rows
 from .typing import ShardTargets
 
@@ -67,6 +68,8 @@ if TYPE_CHECKING:
 __all__ = ["ShardQuery", "ShardSession", "current_session", "db_of", "using"]
 
 _T = TypeVar("_T")
+
+logger = logging.getLogger(__name__)
 
 # the keys in InstanceState.info (kept under these names for the modules that import them)
 _DB = DB
@@ -162,10 +165,8 @@ def _table_model(table: Table) -> type[Any] | None:
         return _TABLE_MODELS[table]
     except KeyError:
         pass
-    from sqlalchemy.orm import mapperlib
-
     found: Mapper[Any] | None = None
-    for reg in list(mapperlib._all_registries()):
+    for reg in _sqla.all_registries():
         for mapper in reg.mappers:
             if mapper.local_table is table and (found is None or found.isa(mapper)):
                 found = mapper
@@ -237,6 +238,11 @@ class ShardSession(Session):
         order = self._commit_order = CommitOrder(self) if self._transaction is not None else None
         try:
             super().commit()
+        except CommitError as exc:  # the aliases may disagree now: say so where operators look
+            logger.error("commit failed: %s", brief(exc))
+            if order is not None and order.failed:
+                self._rollback_quietly()
+            raise
         except BaseException:
             if order is not None and order.failed:
                 self._rollback_quietly()
@@ -308,6 +314,11 @@ class ShardSession(Session):
             trans = self.get_transaction() or self.begin()
             conn = self._flush_conns[alias] = trans.connection(mapper, shard_id=alias)
         return conn
+
+    @property
+    def tx_write_aliases(self) -> set[str]:
+        """The aliases the current transaction has written to (statements and flushes)."""
+        return self._tx_write_aliases
 
     @property
     def flush_aliases(self) -> Mapping[InstanceState[Any], str]:

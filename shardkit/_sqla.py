@@ -424,3 +424,38 @@ def with_multi_values(statement: Any, rows: list[Any]) -> Any:
 def post_values_clause(statement: Any) -> Any:
     """What follows an INSERT's VALUES (``ON CONFLICT ...``, ``ON DUPLICATE KEY ...``), or ``None``."""
     return getattr(statement, "_post_values_clause", None)
+
+
+def committed_connections(transaction: Any) -> list[Any]:
+    """Every connection a session transaction opened itself and will commit (a connection the
+    session was given, joined with a savepoint or rollback-only, is left out).
+
+    SQLAlchemy keeps them in ``SessionTransaction._connections`` as ``(conn, trans,
+    should_commit, autoclose)``, under two keys each (the connection and its engine)."""
+    conns = {id(entry[0]): entry[0] for entry in transaction._connections.values() if entry[2] and entry[3]}
+    return list(conns.values())
+
+
+# -- mappers, relationships, events ------------------------------------------------------------
+
+
+def all_registries() -> list[Any]:
+    """Every ORM registry (each declarative base has one), for finding the class of a table."""
+    from sqlalchemy.orm import mapperlib
+
+    return list(mapperlib._all_registries())
+
+
+def reverse_properties(prop: Any) -> Any:
+    """The relationships on the other side of ``prop`` (its ``back_populates`` / backref)."""
+    return prop._reverse_property
+
+
+def listen_on_connection(conn: Any, name: str, fn: Callable[..., Any]) -> None:
+    """Put a listener on one connection's own events, as ``event.listen`` itself would (for the
+    SQLAlchemy 2.0 releases whose ``event.listen`` refuses a connection of an engine made by
+    ``engine.execution_options()``)."""
+    from sqlalchemy.engine.events import ConnectionEvents
+    from sqlalchemy.event.registry import _EventKey
+
+    ConnectionEvents._listen(_EventKey(conn, name, fn, conn))

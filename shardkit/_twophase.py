@@ -41,6 +41,7 @@ that did not.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import uuid
 import weakref
@@ -66,6 +67,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError, InvalidRequestError
 
+from . import _sqla
 from .errors import (
     CrossShardWriteError,
     PartialCommitError,
@@ -107,6 +109,8 @@ twophase_log = Table(
     # that could not log its commit); one row per txid: the first decision wins
     Column("decision", String(8), nullable=False, server_default=COMMIT),
 )
+
+logger = logging.getLogger(__name__)
 
 
 def check_twophase_aliases(cluster: Cluster, aliases: set[str]) -> None:
@@ -165,6 +169,7 @@ def _discard(conn: Connection) -> None:
 
 def _note(exc: BaseException, message: str) -> None:
     """Say which alias failed, and what the databases hold, on an error raised as the driver gave it."""
+    logger.warning("%s: %s", message, brief(exc))
     with contextlib.suppress(Exception):
         exc.add_note(f"shardkit: {message}")
 
@@ -443,10 +448,7 @@ def _listen_commit(conn: Connection, fn: Callable[[Connection], None]) -> None:
     try:
         event.listen(conn, "commit", fn)
     except InvalidRequestError:
-        from sqlalchemy.engine.events import ConnectionEvents
-        from sqlalchemy.event.registry import _EventKey
-
-        ConnectionEvents._listen(_EventKey(conn, "commit", fn, conn))
+        _sqla.listen_on_connection(conn, "commit", fn)
 
 
 class CommitOrder:
@@ -519,10 +521,7 @@ def _held_connections(session: ShardSession) -> list[Connection]:
     trans = session.get_transaction()
     if trans is None or session.twophase:  # SQLAlchemy's own twophase=True session: its business
         return []
-    # SQLAlchemy keeps them in SessionTransaction._connections: (conn, trans, should_commit, autoclose)
-    # under two keys each (the connection and its engine)
-    conns = {id(entry[0]): entry[0] for entry in trans._connections.values() if entry[2] and entry[3]}
-    return list(conns.values())
+    return _sqla.committed_connections(trans)
 
 
 def _transaction_connections(session: ShardSession) -> list[tuple[str, Connection]]:
@@ -533,20 +532,20 @@ def _transaction_connections(session: ShardSession) -> list[tuple[str, Connectio
     rank = {alias: i for i, alias in enumerate(aliases)}
     by_engine: dict[int, str] = {}
     for alias in reversed(aliases):  # two aliases sharing one engine: the first one names it
-        engine = session.cluster._engines.get(alias)
+        engine = session.cluster.created_engine(alias)
         if engine is not None:
             by_engine[id(engine)] = alias
     found = [(by_engine.get(id(conn.engine), str(conn.engine.url.database)), conn) for conn in conns]
     # aliases this transaction is not known to have written to first: if one of them fails,
     # nothing that matters is committed yet and every write can still be rolled back
-    written = session._tx_write_aliases
+    written = session.tx_write_aliases
     return sorted(found, key=lambda item: (item[0] in written, rank.get(item[0], len(rank))))
 
 
 def _commit_twophase(session: ShardSession) -> None:
     """``cross_shard_writes="twophase"``: split the connections by what they did, commit accordingly."""
     conns = _transaction_connections(session)
-    written = session._tx_write_aliases
+    written = session.tx_write_aliases
     readers: list[tuple[str, Connection]] = []
     participants: list[tuple[str, Connection]] = []
     xids: dict[str, int] = {}

@@ -110,6 +110,7 @@ def run_on_targets(session: ShardSession, orm_context: ORMExecuteState, targets:
     come back (RETURNING, a textual SELECT) are concatenated in alias order, and row counts of
     writes are summed."""
     statement = orm_context.statement
+    logger.debug("%s on %d aliases (%s)", type(statement).__name__, len(targets.statements), targets.reason)
     parts = [invoke_on(session, orm_context, alias, stmt) for alias, stmt in targets.statements.items()]
     if isinstance(statement, TextClause):
         returning = all(getattr(part, "returns_rows", True) for part in parts)
@@ -215,6 +216,7 @@ def _bulk_insert(session: ShardSession, orm_context: ORMExecuteState, model: typ
             alias, filled = route_row(session, model, row)
             groups.setdefault(alias, []).append(filled)
     session.check_writes(groups)  # a batch the cross-shard setting refuses writes nothing
+    logger.debug("INSERT of %d %s rows on %s", len(rows), model.__name__, ", ".join(groups))
     total = 0
     returning = bool(_sqla.returning_of(orm_context.statement))
     parts: list[Result[Any]] = []
