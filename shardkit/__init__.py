@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from . import errors
+from . import errors, lookups
 from ._cluster import Cluster, get_active_cluster
 from ._config import DEFAULT_DB_ALIAS, AliasSpec
 from ._events import contains, listen, listens_for, remove
@@ -59,6 +59,7 @@ __all__ = [
     "listen",
     "listens_for",
     "load_settings",
+    "lookups",
     "next_id",
     "remove",
     "shards_of",

@@ -736,6 +736,10 @@ class ShardSession(Session):
         the statement runs on, results merged as a fan-out's are."""
         if isinstance(value, str):
             return self.cluster.check_alias(value)
+        if isinstance(value, ShardTargets):  # shardkit.lookups: per-shard statements (an IN list split)
+            for alias in value.statements:
+                self.cluster.check_alias(alias)
+            return value
         aliases = [self.cluster.check_alias(a) for a in dict.fromkeys(value)]
         if not aliases:
             raise InvalidRouteError("shardkit_using names no alias", alias=value)
@@ -843,6 +847,8 @@ class ShardSession(Session):
 
     def route(self, statement: Any) -> str | ShardTargets:
         """Where ``statement`` would run: one alias, or the :class:`ShardTargets` of a fan-out."""
+        from .lookups import lookups_of, plan_lookup_route
+
         named = self._named(_sqla.statement_options(statement), _sqla.statement_execution_options(statement), None)
         if named is not None:
             return named
@@ -854,19 +860,26 @@ class ShardSession(Session):
             )
         if model is None:
             return self.cluster.router.default
-        return self.cluster.router.db_for_read(model, statement=statement, session=self)
+        target = self.cluster.router.db_for_read(model, statement=statement, session=self)
+        if isinstance(target, ShardTargets) and target.all_shards and lookups_of(model):
+            found = plan_lookup_route(self, model, statement)  # shardkit.lookups: a lookup column names the shards
+            if found is not None:
+                return found.target
+        return target
 
     def explain(self, statement: Any) -> str:
         """What ``statement`` would do: the alias it runs on, or the SQL each shard gets and the merge plan."""
         from .fanout import plan_select
+        from .lookups import lookup_step
 
         if not isinstance(statement, Select):
             raise ShardkitError(f"explain() takes a SELECT, got {type(statement).__name__}")
         target = self.route(statement)
+        step = lookup_step(self, statement)  # shardkit.lookups: the lookup read, as a first line
         if isinstance(target, str):
             dialect = self.cluster.engine(target).dialect
-            return f"single shard: {target}\n  " + str(statement.compile(dialect=dialect)).replace("\n", "\n  ")
-        lines = [f"fan-out over {len(target.statements)} shards ({target.reason or 'routers'})"]
+            return step + f"single shard: {target}\n  " + str(statement.compile(dialect=dialect)).replace("\n", "\n  ")
+        lines = [step + f"fan-out over {len(target.statements)} shards ({target.reason or 'routers'})"]
         base = plan_select(statement, shard_key_columns=target.shard_key_columns)
         for alias, stmt in target.statements.items():
             plan = (

@@ -20,6 +20,7 @@ keeps working for code that does not know shardkit::
      +-- MultipleObjectsReturned (LookupError) get() found several rows; each model has its own subclass
      +-- FieldError (AttributeError)         a keyword lookup names a field or lookup the model lacks
      +-- CrossShardWriteError                a multi-shard commit refused by the strict setting
+     +-- UniqueLookupError (sqlalchemy IntegrityError) a unique lookup value already used on the cluster
      +-- CommitError                         a commit over several shards did not end alike on all of them
      |    +-- PartialCommitError              "allow": some shards committed, the others did not
      |    +-- TwoPhaseCommitError             "twophase": decided commit, some shards left for recovery
@@ -45,6 +46,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+from sqlalchemy.exc import IntegrityError as _IntegrityError
 
 __all__ = [
     "CommitError",
@@ -73,6 +76,7 @@ __all__ = [
     "ShardkitError",
     "TwoPhaseCommitError",
     "TwoPhaseRecoveryError",
+    "UniqueLookupError",
     "UnknownAliasError",
     "UnknownEngineError",
     "UnsavedObjectError",
@@ -165,6 +169,31 @@ class FieldError(ShardkitError, AttributeError):
 
 class CrossShardWriteError(ShardkitError):
     """A commit touching several shards was refused before anything was written."""
+
+
+class UniqueLookupError(ShardkitError, _IntegrityError):
+    """A unique lookup (``__lookups__ = {"email": {"unique": True}}``) refused a value another
+    row of the cluster already holds (or a write in progress is registering).  Nothing of the
+    refused write was left on any database.  Also SQLAlchemy's ``IntegrityError``, as a unique
+    index's refusal would be.  Attributes: ``model``, ``column``, ``value``, ``holder`` (the
+    shard key of the row holding it, when known), ``pending`` (held by a write in progress)."""
+
+    def __init__(self, message: str, **context: Any) -> None:
+        _IntegrityError.__init__(self, None, None, Exception(message))
+        self.message = message
+        self.context = context
+        for name, value in context.items():
+            setattr(self, name, value)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> Any:
+        return (_rebuild, (type(self), self.message, self.context))
+
+
+def _rebuild(cls: type[ShardkitError], message: str, context: dict[str, Any]) -> ShardkitError:
+    return cls(message, **context)
 
 
 class CommitError(ShardkitError):

@@ -1,0 +1,246 @@
+"""Reading and writing lookup rows: where they live, claims, takeovers, the in-flight probe.
+
+A lookup row ``(value, shard_key, created_ms)`` lives on ``ring.get(value)`` (the lookup
+table is sharded by the value on the same ring as the rows).  Nothing here knows a session:
+the write order is decided in :mod:`shardkit.lookups._write`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, bindparam, delete, exists, insert, select, text, update
+from sqlalchemy.engine import Connection
+
+from .._find import ring_router_of
+from ..errors import ConfigError, InvalidKeyError, UniqueLookupError
+
+if TYPE_CHECKING:
+    from ..ring import HashRingRouter
+    from ._declare import Lookup
+
+__all__ = [
+    "BUCKETS",
+    "alias_of",
+    "bucket_of",
+    "insert_claims",
+    "now_ms",
+    "probe_free",
+    "read_keys",
+    "refused",
+    "ring_router",
+    "row_exists",
+]
+
+BUCKETS = 256
+"""In-flight locks are taken per (lookup, bucket of the value): at most this many per transaction."""
+
+IN_CHUNK = 500  # values per IN list (SQLite's old limit is 999 parameters)
+
+_routers: weakref.WeakKeyDictionary[Any, HashRingRouter] = weakref.WeakKeyDictionary()
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def ring_router(cluster: Any) -> HashRingRouter:
+    """The cluster's :class:`~shardkit.HashRingRouter` (lookups live on its ring).
+
+    :raises ConfigError: the cluster has none.
+    """
+    chain = cluster.router
+    try:
+        return _routers[chain]
+    except (KeyError, TypeError):
+        pass
+    found = ring_router_of(cluster)
+    if found is None:
+        raise ConfigError("lookups need a HashRingRouter in the cluster's routers (lookup rows live on its ring)")
+    with contextlib.suppress(TypeError):  # a chain that cannot be weakly referenced: not kept
+        _routers[chain] = found
+    return found
+
+
+def alias_of(router: HashRingRouter, lookup: Lookup, value: Any) -> str:
+    """Where the lookup row of ``value`` lives."""
+    return router.shard_for(lookup.cls, value)
+
+
+def key_alias(router: HashRingRouter, lookup: Lookup, key: Any) -> str:
+    """Where the row whose shard key is ``key`` lives."""
+    return router.shard_for(lookup.model, key)
+
+
+def bucket_of(value: Any) -> int:
+    from ..ring import hash_key
+
+    try:
+        return int(hash_key(value)) % BUCKETS
+    except (InvalidKeyError, TypeError):
+        return int(hash_key(repr(value))) % BUCKETS
+
+
+def chunks(items: Sequence[Any], size: int = IN_CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+_INSERTS: dict[tuple[Any, str], Any] = {}
+
+
+def _insert_statement(lookup: Lookup, dialect: str) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING RETURNING value, shard_key`` where the dialect has it."""
+    cache_key = (lookup.table, dialect)
+    stmt = _INSERTS.get(cache_key)
+    if stmt is None:
+        table = lookup.table
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            stmt = pg_insert(table).on_conflict_do_nothing().returning(table.c.value, table.c.shard_key)
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            stmt = sqlite_insert(table).on_conflict_do_nothing().returning(table.c.value, table.c.shard_key)
+        else:
+            stmt = insert(table)
+        _INSERTS[cache_key] = stmt
+    return stmt
+
+
+def insert_claims(conn: Connection, lookup: Lookup, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Insert lookup rows; returns those that were not inserted (the value, or for a non-unique
+    lookup the pair, was already there)."""
+    if not rows:
+        return []
+    dialect = conn.dialect.name
+    stmt = _insert_statement(lookup, dialect)
+    if dialect not in ("postgresql", "sqlite"):
+        left: list[dict[str, Any]] = []
+        for row in rows:  # portable and slow: ask first
+            if read_keys(conn, lookup, [row["value"]]).get(row["value"]):
+                left.append(row)
+            else:
+                conn.execute(stmt, [row])
+        return left
+    if len(rows) == 1:
+        got = {tuple(r) for r in conn.execute(stmt, rows[0])}
+    else:
+        got = {tuple(r) for r in conn.execute(stmt, rows)}
+    if len(got) == len(rows):
+        return []
+    if lookup.unique:
+        values = {v for v, _k in got}
+        return [r for r in rows if r["value"] not in values]
+    return [r for r in rows if (r["value"], r["shard_key"]) not in got]
+
+
+def read_keys(conn: Connection, lookup: Lookup, values: Sequence[Any]) -> dict[Any, list[tuple[Any, int]]]:
+    """value -> [(shard_key, created_ms)] of the lookup rows of ``values`` on ``conn``'s database."""
+    table = lookup.table
+    out: dict[Any, list[tuple[Any, int]]] = {}
+    stmt = select(table.c.value, table.c.shard_key, table.c.created_ms).where(
+        table.c.value.in_(bindparam("values", expanding=True))
+    )
+    for part in chunks(list(values)):
+        for value, key, created in conn.execute(stmt, {"values": list(part)}):
+            out.setdefault(value, []).append((key, created))
+    return out
+
+
+def row_exists(conn: Connection, lookup: Lookup, key: Any, value: Any) -> bool:
+    """Whether the row with shard key ``key`` holding ``value`` is on ``conn``'s database."""
+    table = lookup.model.__table__
+    key_col = table.c[lookup.key_column.name]
+    col = table.c[lookup.column.name]
+    return bool(conn.execute(select(exists().where(and_(key_col == key, col == value)))).scalar())
+
+
+_LOCK_SHARED = text("SELECT count(pg_advisory_xact_lock_shared(:ns, b)) FROM unnest(CAST(:bs AS integer[])) AS b")
+_LOCK_TRY = text("SELECT pg_try_advisory_xact_lock(:ns, :b)")
+
+
+def hold_in_flight(conn: Connection, lookup: Lookup, values: Iterable[Any]) -> None:
+    """Mark, in the transaction that writes the rows (``conn``), that these values' rows are
+    being written: a writer that finds their lookup without a row must not take it over until
+    this transaction ends.  PostgreSQL: shared transaction-level advisory locks per bucket.
+    SQLite needs nothing: the writing transaction holds the file's write lock (see :func:`probe_free`)."""
+    if conn.dialect.name != "postgresql":
+        return
+    buckets = sorted({bucket_of(v) for v in values})
+    if buckets:
+        conn.execute(_LOCK_SHARED, {"ns": lookup.lock_ns, "bs": buckets})
+
+
+def probe_free(conn: Connection, lookup: Lookup, value: Any) -> bool:
+    """Whether no transaction that may be writing the row of ``value`` is in flight on ``conn``'s
+    database.  ``conn`` must be in a fresh transaction, ended by the caller (the lock is kept
+    until then, so the row check that follows sees every writer that had it)."""
+    name = conn.dialect.name
+    if name == "postgresql":
+        return bool(conn.execute(_LOCK_TRY, {"ns": lookup.lock_ns, "b": bucket_of(value)}).scalar())
+    if name == "sqlite":
+        from sqlalchemy.exc import OperationalError
+
+        # a writer's open transaction holds the file's RESERVED lock: taking it ourselves (a write
+        # that changes nothing) fails at once while one is in flight
+        try:
+            conn.exec_driver_sql("PRAGMA busy_timeout = 50")
+            conn.execute(delete(lookup.table).where(lookup.table.c.created_ms < -1))
+            return True
+        except OperationalError:
+            return False
+        finally:
+            with contextlib.suppress(Exception):  # the connection broke: nothing to restore
+                conn.exec_driver_sql("PRAGMA busy_timeout = 5000")
+    return True
+
+
+def take_over(conn: Connection, lookup: Lookup, value: Any, old_key: Any, old_ms: int, key: Any, ms: int) -> bool:
+    """Point a stale unique lookup at ``key`` (compare-and-set: only if nobody changed it meanwhile)."""
+    table = lookup.table
+    result = conn.execute(
+        update(table)
+        .where(table.c.value == value, table.c.shard_key == old_key, table.c.created_ms == old_ms)
+        .values(shard_key=key, created_ms=ms)
+    )
+    return bool(result.rowcount == 1)
+
+
+def remove(conn: Connection, lookup: Lookup, pairs: Sequence[tuple[Any, Any]], created_ms: int | None = None) -> int:
+    """Delete the lookup rows ``(value, shard_key)`` (and, if given, only those made at ``created_ms``)."""
+    table = lookup.table
+    crit = [table.c.value == bindparam("v"), table.c.shard_key == bindparam("k")]
+    if created_ms is not None:
+        crit.append(table.c.created_ms == created_ms)
+    stmt = delete(table).where(*crit)
+    rows = [{"v": v, "k": k} for v, k in pairs]
+    if not rows:
+        return 0
+    result = conn.execute(stmt, rows)
+    return int(result.rowcount or 0)
+
+
+def refused(lookup: Lookup, value: Any, *, holder: Any = None, pending: bool = False) -> UniqueLookupError:
+    """The error for a unique value another row holds (or a write in flight is registering)."""
+    model = lookup.model.__name__
+    if pending:
+        why = (
+            f"is being registered by another write in progress (or by one that failed less than "
+            f"{lookup.grace:g} s ago); retry later"
+        )
+    else:
+        why = f"is already used by the {model} with {lookup.key_attr}={holder!r}"
+    return UniqueLookupError(
+        f"unique lookup {model}.{lookup.attr}: {lookup.attr}={value!r} {why}; nothing of this write was kept",
+        model=lookup.model,
+        column=lookup.attr,
+        value=value,
+        holder=holder,
+        pending=pending,
+    )
