@@ -152,7 +152,7 @@ def claim_rows(session: ShardSession, items: list[tuple[Lookup, Any, Any, str]])
         for conn in own.values():
             with contextlib.suppress(Exception):
                 conn.rollback()
-        _undo(session, [c for c in done if c.inline])
+        _undo(session, done)  # those already committed on their own connections too
         raise
     finally:
         for conn in own.values():

@@ -149,6 +149,8 @@ class HashRingRouter:
         zero-argument callable returning an int (default: :func:`shardkit.ids.next_id`).
     :param reference_tables: models (or table names) present in full on every shard,
         like countries or plans; a model can also say ``__reference_table__ = True``.
+    :param lookups: lookup indexes of models this router shards, as ``__lookups__`` declares
+        them: ``{User or "users": {"email": {"unique": True}}}`` (see :mod:`shardkit.lookups`).
 
     >>> router = HashRingRouter(HashRing(["s0", "s1"]), shard_keys={"orders": "user_id"})
     >>> router.shard_for("orders", 42) in ("s0", "s1")
@@ -161,6 +163,7 @@ class HashRingRouter:
         shard_keys: Mapping[type[Any] | str, str] | None = None,
         ids: Callable[[], int] | None = None,
         reference_tables: Iterable[type[Any] | str] = (),
+        lookups: Mapping[type[Any] | str, Any] | None = None,
     ) -> None:
         self.ring = ring
         self._reference: set[Any] = set(reference_tables)
@@ -186,6 +189,10 @@ class HashRingRouter:
             ids = next_id
         self._ids = ids
         self._specs: dict[Any, _Spec | None] = {}
+        if lookups:  # shardkit.lookups: {Model or table name: {"email": {"unique": True}}}, see docs/lookups.md
+            from ..lookups import declare_router_lookups
+
+            declare_router_lookups(self, lookups)
 
     # --------------------------------------------------------------- introspection
     def is_sharded(self, model: Any) -> bool:

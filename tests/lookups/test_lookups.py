@@ -1,0 +1,252 @@
+"""Lookup indexes: declaring, placing, routing reads and writes by a lookup column, unique refusal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, func, inspect, select, update
+from sqlalchemy.exc import IntegrityError
+
+import shardkit
+from shardkit.errors import ConfigError, ShardkitError, UniqueLookupError
+from shardkit.lookups import lookup_for, lookups_of, verify
+
+from ..conftest import StatementLog
+from .models import SHARDS, Account, Base, User
+
+EMAIL = lookup_for("User.email")
+
+
+def lookup_rows(cluster: shardkit.Cluster, lookup: Any = EMAIL) -> list[tuple[str, Any, Any]]:
+    """(alias, value, shard key) of every lookup row on the cluster."""
+    out = []
+    for alias in SHARDS:
+        with cluster.engine(alias).connect() as conn:
+            for value, key in conn.execute(select(lookup.table.c.value, lookup.table.c.shard_key)):
+                out.append((alias, value, key))
+    return sorted(out)
+
+
+def all_users(cluster: shardkit.Cluster) -> list[tuple[str, int, str | None]]:
+    out = []
+    for alias in SHARDS:
+        with cluster.engine(alias).connect() as conn:
+            for uid, email in conn.execute(select(User.__table__.c.id, User.__table__.c.email)):
+                out.append((alias, uid, email))
+    return sorted(out)
+
+
+def add_users(cluster: shardkit.Cluster, n: int, prefix: str = "u") -> list[User]:
+    with cluster.session(expire_on_commit=False) as s:
+        users = [User(email=f"{prefix}{i}@x.org", external_id=f"ext{i % 3}", name=f"{prefix}{i}") for i in range(n)]
+        s.add_all(users)
+        s.commit()
+        return users
+
+
+def test_declared_lookups_and_tables_on_the_ring(cluster: shardkit.Cluster) -> None:
+    assert set(lookups_of(User)) == {"email", "external_id"}
+    assert lookups_of(User)["email"].unique and not lookups_of(User)["external_id"].unique
+    assert lookup_for("Account.number").unique  # declared through HashRingRouter(lookups=...)
+    placed = cluster.create_all(Base)
+    assert EMAIL.table.name not in placed["default"]  # lookup tables live on the ring's shards
+    for alias in SHARDS:
+        assert EMAIL.table.name in placed[alias]
+    with pytest.raises(ConfigError, match="unknown option"):
+        shardkit.lookups.declare_router_lookups(cluster.router.routers[0], {User: {"name": {"uniq": True}}})
+
+
+def test_lookup_rows_live_on_the_ring_by_value(cluster: shardkit.Cluster) -> None:
+    users = add_users(cluster, 30)
+    router = cluster.router.routers[0]
+    rows = lookup_rows(cluster)
+    assert len(rows) == 30
+    for alias, value, key in rows:
+        assert alias == router.shard_for(EMAIL.cls, value)
+        assert key in {u.id for u in users}
+    assert verify(cluster, "User.email").ok and verify(cluster, "User.external_id").ok
+
+
+def test_read_by_lookup_column_reads_the_lookup_then_one_shard(cluster: shardkit.Cluster) -> None:
+    users = add_users(cluster, 40)
+    target = users[17]
+    log = StatementLog(cluster)
+    with cluster.session() as s:
+        found = s.scalars(select(User).where(User.email == "u17@x.org")).one()
+        assert found.id == target.id
+        assert shardkit.db_of(found) == cluster.router.routers[0].shard_for(User, target.id)
+    user_reads = [a for a, sql in log.seen if "FROM lk_users" in sql]
+    assert user_reads == [shardkit.db_of(found)]
+    assert len(log.aliases("shardkit_lookup_lk_users_email")) == 1
+    with cluster.session() as s:  # value == column, the manager, IN lists split per shard
+        assert s.scalars(select(User.name).where("u3@x.org" == User.email)).all() == ["u3"]
+        assert User.objects.get(email="u5@x.org").name == "u5"
+        with pytest.raises(User.DoesNotExist):
+            User.objects.get(email="nobody@x.org")
+        emails = [f"u{i}@x.org" for i in (1, 2, 3, 4, 5, 6, 7, 8)] + ["nobody@x.org"]
+        log.seen.clear()
+        got = s.scalars(select(User.name).where(User.email.in_(emails)).order_by(User.name)).all()
+        assert got == sorted(f"u{i}" for i in range(1, 9))
+        for alias, sql in log.seen:
+            if "FROM lk_users" in sql:
+                assert sql.count("?") + sql.count("%(") <= 9
+        nonunique = s.scalars(select(User.name).where(User.external_id == "ext1")).all()
+        assert sorted(nonunique) == sorted(f"u{i}" for i in range(40) if i % 3 == 1)
+        assert s.scalars(select(User).where(User.email == "nobody@x.org")).all() == []
+
+
+def test_explain_shows_the_lookup_step(cluster: shardkit.Cluster) -> None:
+    add_users(cluster, 5)
+    with cluster.session() as s:
+        text = s.explain(select(User).where(User.email == "u1@x.org"))
+        assert text.startswith("lookup step: User.email")
+        assert "single shard" in text.splitlines()[1]
+        many = s.explain(select(User).where(User.email.in_([f"u{i}@x.org" for i in range(5)])))
+        assert many.startswith("lookup step: User.email (5 value(s))")
+        plain = s.explain(select(User).where(User.name == "u1"))
+        assert "lookup step" not in plain and "fan-out over 4 shards" in plain
+
+
+def test_update_and_delete_by_lookup_column_go_to_the_owner(cluster: shardkit.Cluster) -> None:
+    users = add_users(cluster, 12)
+    owner = cluster.router.routers[0].shard_for(User, users[4].id)
+    log = StatementLog(cluster)
+    with cluster.session() as s:
+        s.execute(update(User).where(User.email == "u4@x.org").values(name="renamed"))
+        s.commit()
+    assert [a for a, sql in log.seen if sql.startswith("UPDATE lk_users")] == [owner]
+    with cluster.session() as s:
+        assert s.scalars(select(User.name).where(User.email == "u4@x.org")).one() == "renamed"
+        with pytest.raises(ShardkitError, match="may not set the lookup column User.email"):
+            s.execute(update(User).where(User.email == "u4@x.org").values(email="other@x.org"))
+        s.rollback()
+        log.seen.clear()
+        s.execute(delete(User).where(User.email == "u5@x.org"))
+        s.commit()
+    assert {a for a, sql in log.seen if sql.startswith("DELETE FROM lk_users")} == {
+        cluster.router.routers[0].shard_for(User, users[5].id)
+    }
+
+
+def test_unique_lookup_refuses_a_second_row_and_leaves_nothing(cluster: shardkit.Cluster) -> None:
+    add_users(cluster, 10)
+    before_rows, before_lookups = all_users(cluster), lookup_rows(cluster)
+    ext_before = lookup_rows(cluster, lookup_for("User.external_id"))
+    with cluster.session() as s:
+        s.add(User(email="u3@x.org", external_id="brand-new", name="dup"))
+        with pytest.raises(UniqueLookupError) as info:
+            s.commit()
+        s.rollback()
+    err = info.value
+    assert isinstance(err, IntegrityError) and isinstance(err, ShardkitError)
+    assert err.model is User and err.column == "email" and err.value == "u3@x.org"  # type: ignore[attr-defined]
+    assert "User.email" in str(err) and "u3@x.org" in str(err)
+    assert all_users(cluster) == before_rows
+    assert lookup_rows(cluster) == before_lookups
+    assert lookup_rows(cluster, lookup_for("User.external_id")) == ext_before  # the other lookup too
+    # two new rows of one flush with one value
+    with cluster.session() as s:
+        s.add_all([User(email="twin@x.org"), User(email="twin@x.org")])
+        with pytest.raises(UniqueLookupError):
+            s.flush()
+        s.rollback()
+    assert lookup_rows(cluster) == before_lookups
+    # the manager's create() too, and the same object saved again is not a duplicate
+    with pytest.raises(UniqueLookupError):
+        User.objects.create(email="u1@x.org")
+    u = User.objects.get(email="u2@x.org")
+    u.name = "again"
+    u.save()
+    assert User.objects.get(email="u2@x.org").name == "again"
+
+
+def test_changing_and_deleting_move_and_remove_the_lookup(cluster: shardkit.Cluster) -> None:
+    add_users(cluster, 6)
+    with cluster.session() as s:
+        u = s.scalars(select(User).where(User.email == "u1@x.org")).one()
+        u.email = "changed@x.org"
+        s.commit()
+        uid = u.id
+    values = {v: k for _a, v, k in lookup_rows(cluster)}
+    assert values.get("changed@x.org") == uid and "u1@x.org" not in values
+    with cluster.session() as s:
+        assert s.scalars(select(User.id).where(User.email == "changed@x.org")).one() == uid
+        s.add(User(email="u1@x.org", name="reuses the freed value"))
+        s.commit()
+        gone = s.scalars(select(User).where(User.email == "u2@x.org")).one()
+        s.delete(gone)
+        s.commit()
+    values = {v: k for _a, v, k in lookup_rows(cluster)}
+    assert "u2@x.org" not in values and "u1@x.org" in values
+    assert verify(cluster, "User.email").ok and verify(cluster, "User.external_id").ok
+
+
+def test_rollback_removes_the_lookups_it_wrote(cluster: shardkit.Cluster) -> None:
+    with cluster.session() as s:
+        s.add_all([User(email=f"r{i}@x.org") for i in range(8)])
+        s.flush()
+        assert len(lookup_rows(cluster)) >= 1  # those on other shards than their row are committed already
+        assert s.scalars(select(User.email).where(User.email == "r3@x.org")).one() == "r3@x.org"
+        s.rollback()
+    assert lookup_rows(cluster) == []
+    with cluster.session() as s:
+        s.add(User(email="r3@x.org"))
+        s.commit()  # the value is free again at once
+
+
+def test_bulk_insert_statement_claims_lookups(cluster: shardkit.Cluster) -> None:
+    from sqlalchemy import insert
+
+    with cluster.session() as s:
+        s.execute(insert(User), [{"email": f"b{i}@x.org", "name": f"b{i}"} for i in range(10)])
+        s.commit()
+        assert s.scalars(select(User.name).where(User.email == "b7@x.org")).one() == "b7"
+        with pytest.raises(UniqueLookupError):
+            s.execute(insert(User), [{"email": "b1@x.org", "name": "dup"}])
+        s.rollback()
+        assert s.scalar(select(func.count()).select_from(User).where(User.name == "dup")) == 0
+    assert verify(cluster, "User.email").ok
+
+
+def test_router_declared_lookup_routes_and_refuses(cluster: shardkit.Cluster) -> None:
+    with cluster.session() as s:
+        s.add_all([Account(id=i, tenant=100 + i, number=f"N{i}") for i in range(10)])
+        s.commit()
+        log = StatementLog(cluster)
+        acc = s.scalars(select(Account).where(Account.number == "N4")).one()
+        assert acc.tenant == 104
+        assert len([a for a, sql in log.seen if "FROM lk_accounts" in sql]) == 1
+        s.add(Account(id=99, tenant=500, number="N4"))
+        with pytest.raises(UniqueLookupError, match="Account.number"):
+            s.commit()
+        s.rollback()
+
+
+def test_two_phase_commit_carries_the_lookup(make_urls: Any, backend: str) -> None:
+    if backend != "postgresql":
+        pytest.skip("two-phase commit is PostgreSQL's")
+    from .models import make_cluster
+
+    cluster = make_cluster(make_urls("default", *SHARDS), cross_shard_writes="twophase")
+    try:
+        cluster.create_all(Base)
+        with cluster.engine("s0").connect() as conn:
+            if int(conn.exec_driver_sql("SHOW max_prepared_transactions").scalar() or 0) == 0:
+                pytest.skip("max_prepared_transactions is 0 on this server")
+        with cluster.session() as s:
+            s.add_all([User(email=f"t{i}@x.org") for i in range(6)])
+            s.commit()
+            assert s.scalars(select(User.email).where(User.email == "t4@x.org")).one() == "t4@x.org"
+        assert verify(cluster, "User.email").ok
+        assert len(lookup_rows(cluster)) == 6
+    finally:
+        cluster.dispose()
+
+
+def test_objects_keep_their_identity(cluster: shardkit.Cluster) -> None:
+    add_users(cluster, 3)
+    with cluster.session() as s:
+        a = s.scalars(select(User).where(User.email == "u0@x.org")).one()
+        b = s.get(User, a.id)
+        assert a is b and inspect(a).identity_token == shardkit.db_of(a)
