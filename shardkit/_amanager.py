@@ -14,9 +14,11 @@ Which session an ``a``-method uses, as its sync twin would:
 * else, as Django outside ``transaction.atomic()``, each evaluation gets a session of its own
   on the active cluster's *async* engines and commits at once.
 
-Objects come back loaded (``expire_on_commit=False``); a relationship that was not loaded
-cannot be loaded lazily from async code (SQLAlchemy raises ``MissingGreenlet``, as Django raises
-``SynchronousOnlyOperation``): load it with ``select_related()`` / ``prefetch_related()``.
+Objects come back loaded (``expire_on_commit=False``).  Load relationships in the same call
+(``select_related()`` / ``prefetch_related()``): reading one that was not loaded is a lazy load
+outside any ``await``; on an object of an async session SQLAlchemy refuses it
+(``MissingGreenlet``, as Django raises ``SynchronousOnlyOperation``), on one the manager returned
+it runs on the sync engines of the active cluster and blocks the loop while it does.
 """
 
 from __future__ import annotations
@@ -157,8 +159,10 @@ class AsyncQuerySetMixin(Generic[M]):
         self, defaults: dict[str, Any] | None = None, create_defaults: dict[str, Any] | None = None, **lookups: Any
     ) -> tuple[M, bool]:
         """As Django's: ``get_or_create()`` on the write database, then, when it existed, set
-        ``defaults`` on it and save it where it lives.  ``create_defaults`` (else ``defaults``)
-        are the values of a created object."""
+        ``defaults`` on it (a callable is called) and save it where it lives.  ``create_defaults``
+        (else ``defaults``) are the values of a created object.  Unlike Django's, the row is not
+        locked (no ``SELECT ... FOR UPDATE``) between the read and the save: inside a session
+        block both are in its transaction, outside they are two calls."""
         return _update_or_create(self._qs(), defaults, create_defaults, lookups)
 
     # the async methods
@@ -214,7 +218,9 @@ class AsyncQuerySetMixin(Generic[M]):
         return rows()
 
     def aiterator(self, chunk_size: int = 2000) -> AsyncIterator[M]:
-        """Django's ``aiterator()``: ``async for obj in qs.aiterator()``."""
+        """Django's ``aiterator()``: ``async for obj in qs.aiterator()``.  The rows are read in one
+        go, as ``async for obj in qs`` does; for a result bounded by a batch, stream it from an
+        async session (``await s.stream(stmt.execution_options(yield_per=n))``)."""
         return self.__aiter__()
 
 
