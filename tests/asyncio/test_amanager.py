@@ -22,7 +22,7 @@ from sqlalchemy.exc import MissingGreenlet, StatementError
 import shardkit
 from shardkit._amanager import arun, async_cluster
 from shardkit.errors import RouterError, ShardkitError
-from tests.conftest import PG_URL, DatabaseFactory, require_server
+from tests.conftest import MYSQL_URL, PG_URL, DatabaseFactory, require_server
 from tests.django_suite.conftest import override_routers
 from tests.django_suite.models import Base, Book, Person, User
 from tests.django_suite.routers import AuthRouter, TestRouter
@@ -135,9 +135,10 @@ def _seed(cluster: shardkit.Cluster) -> None:
             conn.execute(User.__table__.insert().values(id=201, username="alice", email=alias))
 
 
-@pytest.fixture(params=["aiosqlite", "asyncpg", "psycopg"])
+@pytest.fixture(params=["aiosqlite", "asyncpg", "psycopg", "aiomysql"])
 def driver(request: pytest.FixtureRequest) -> str:
-    """The async driver: SQLite files on aiosqlite, PostgreSQL databases on asyncpg and on psycopg 3."""
+    """The async driver: SQLite files on aiosqlite, PostgreSQL databases on asyncpg and on psycopg 3,
+    MariaDB/MySQL databases on aiomysql."""
     name: str = request.param
     return name
 
@@ -146,6 +147,9 @@ def driver(request: pytest.FixtureRequest) -> str:
 def backend(driver: str) -> str:
     if driver == "aiosqlite":
         return "sqlite"
+    if driver == "aiomysql":
+        require_server(MYSQL_URL, "mysql")
+        return "mysql"
     require_server(PG_URL, "pg")
     return "postgresql"
 
