@@ -4,7 +4,7 @@ The same test bodies serve both APIs: each operation is written once against ``c
 "get", ...)``, which is ``target.get(...)`` for the sync run and ``await target.aget(...)`` for the
 async one.  Both runs start from the same rows and must make the same router calls, run the same
 statements on the same aliases and give the same results; the async run must do its I/O on the
-async engines only (aiosqlite, asyncpg), never on the sync ones.
+async engines only (aiosqlite, asyncpg, psycopg 3, aiomysql), never on the sync ones.
 """
 
 from __future__ import annotations
