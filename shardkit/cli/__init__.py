@@ -6,7 +6,7 @@ alias, an unreachable shard) end with one clear line and a non-zero exit,
 never a traceback.
 
 Commands: ``demo``, ``check``, ``ring show|distribution|diff``, ``migrate``,
-``reshard plan|run``, ``twophase recover``.  Every command that needs a cluster
+``reshard plan|run``, ``twophase recover``, ``lookup list|backfill|verify``.  Every command that needs a cluster
 reads it with ``--settings`` (a dotted module path or a TOML file), given to
 the group or to the command, else ``SHARDKIT_SETTINGS``; see
 :func:`shardkit.load_settings`.
@@ -24,6 +24,7 @@ from ..errors import ShardkitError
 from ._check import check
 from ._common import CliError, OneLineUsageError, one_line, scrub, unreachable, unreachable_error
 from ._demo import demo
+from ._lookup import lookup
 from ._migrate import migrate
 from ._reshard import reshard
 from ._ring import ring
@@ -105,6 +106,7 @@ cli.add_command(ring)
 cli.add_command(migrate)
 cli.add_command(reshard)
 cli.add_command(twophase)
+cli.add_command(lookup)
 
 
 def main(argv: list[str] | None = None) -> Any:

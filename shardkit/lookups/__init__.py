@@ -18,7 +18,7 @@ from __future__ import annotations
 from ..errors import UniqueLookupError
 from . import _route, _write  # noqa: F401  (their session listeners)
 from ._declare import DEFAULT_GRACE, Lookup, declare, declare_router_lookups, lookup_for, lookups_of, registered
-from ._ops import BackfillProgress, VerifyReport, backfill, repair, verify
+from ._ops import BackfillProgress, VerifyReport, backfill, count_rows, repair, verify
 from ._route import LookupRoute, lookup_step, plan_lookup_route
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "UniqueLookupError",
     "VerifyReport",
     "backfill",
+    "count_rows",
     "declare",
     "declare_router_lookups",
     "lookup_for",

@@ -18,7 +18,7 @@ from . import _store
 from ._declare import Lookup, lookup_for
 from ._write import stale
 
-__all__ = ["BackfillProgress", "VerifyReport", "backfill", "repair", "verify"]
+__all__ = ["BackfillProgress", "VerifyReport", "backfill", "count_rows", "repair", "verify"]
 
 _STATE_MD = MetaData()
 PROGRESS_TABLE = Table(
@@ -162,6 +162,16 @@ def _write_lookups(
                     if holders and holders[0][0] != row["shard_key"]:
                         conflicts.append((row["value"], row["shard_key"], holders[0][0]))
     return written, conflicts
+
+
+def count_rows(cluster: Any, lookup: Lookup | str) -> int:
+    """Rows of the lookup's table on the ring's shards (what a backfill reads)."""
+    table = _resolve(lookup).model.__table__
+    total = 0
+    for alias in _row_aliases(cluster, _resolve(lookup)):
+        with cluster.engine(alias).connect() as conn:
+            total += int(conn.execute(select(func.count()).select_from(table)).scalar() or 0)
+    return total
 
 
 def backfill(

@@ -1,0 +1,128 @@
+"""Operating lookups: backfill (resumable), verify and repair, the CLI, create_all and resharding."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import insert, select
+
+import shardkit
+from shardkit.cli import cli
+from shardkit.lookups import _ops, backfill, lookup_for, verify
+
+from .models import SHARDS, Base, User
+
+EMAIL = lookup_for("User.email")
+EXT = lookup_for("User.external_id")
+
+
+def insert_without_lookups(cluster: shardkit.Cluster, n: int, start: int = 1) -> None:
+    """Rows written behind shardkit's back (as they were before the lookup was declared)."""
+    router = cluster.router.routers[0]
+    by_alias: dict[str, list[dict[str, Any]]] = {}
+    for uid in range(start, start + n):
+        row = {"id": uid, "email": f"old{uid}@x.org", "external_id": f"x{uid % 4}", "name": f"old{uid}"}
+        by_alias.setdefault(router.shard_for(User, uid), []).append(row)
+    for alias, rows in by_alias.items():
+        with cluster.engine(alias).begin() as conn:
+            conn.execute(insert(User.__table__), rows)
+
+
+def settings_module(workdir: Path, cluster: shardkit.Cluster) -> str:
+    urls = {a: cluster.spec(a).url.render_as_string(hide_password=False) for a in cluster.aliases}
+    name = f"sk_settings_lookups_{abs(hash(str(workdir))) % 10**8}"
+    (workdir / f"{name}.py").write_text(
+        textwrap.dedent(
+            f"""
+            from shardkit import HashRing, HashRingRouter
+            from tests.lookups.models import Account
+
+            DATABASES = {urls!r}
+            DATABASE_ROUTERS = [HashRingRouter(HashRing({list(SHARDS)!r}), shard_keys={{Account: "tenant"}})]
+            SHARDKIT_METADATA = "tests.lookups.models:Base"
+            """
+        )
+    )
+    return name
+
+
+def test_backfill_then_verify_then_repair(cluster: shardkit.Cluster, monkeypatch: Any) -> None:
+    insert_without_lookups(cluster, 57)
+    report = verify(cluster, EMAIL)
+    assert report.missing_count == 57 and not report.ok
+    with cluster.session() as s:  # a row without its lookup cannot be found by it: that is what backfill fixes
+        assert s.scalars(select(User).where(User.email == "old3@x.org")).all() == []
+    # a backfill that stops part way goes on from where it was
+    calls = {"n": 0}
+    real = _ops._write_lookups
+
+    def failing(*args: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("stopped")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(_ops, "_write_lookups", failing)
+    with pytest.raises(RuntimeError):
+        backfill(cluster, "User.email", batch=5)
+    monkeypatch.setattr(_ops, "_write_lookups", real)
+    seen: list[int] = []
+    states = backfill(cluster, "User.email", batch=5, progress=lambda st: seen.append(st.done))
+    assert sum(s.done for s in states) < 57  # the rows done before the stop were not read again
+    assert verify(cluster, EMAIL).ok
+    with cluster.session() as s:
+        assert s.scalars(select(User.name).where(User.email == "old3@x.org")).one() == "old3"
+    # lookups without a row: reported, and removed by repair once older than the grace period
+    with cluster.engine(cluster.router.routers[0].shard_for(EMAIL.cls, "ghost@x.org")).begin() as conn:
+        conn.execute(insert(EMAIL.table).values(value="ghost@x.org", shard_key=999_999, created_ms=1))
+    report = verify(cluster, EMAIL)
+    assert report.stale == [("ghost@x.org", 999_999)] and not report.ok
+    assert verify(cluster, EMAIL, repair=True).repaired_stale == 1
+    assert verify(cluster, EMAIL).ok
+
+
+def test_cli_lookup_commands(cluster: shardkit.Cluster, tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    name = settings_module(tmp_path, cluster)
+    insert_without_lookups(cluster, 23)
+    runner = CliRunner()
+
+    def run(*args: str) -> Any:
+        return runner.invoke(cli, ["--settings", name, *args], catch_exceptions=True)
+
+    listed = run("lookup", "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert {"User.email", "User.external_id"} <= {row["lookup"] for row in json.loads(listed.stdout)}
+    bad = run("lookup", "verify", "User.email", "--json")
+    assert bad.exit_code == 1
+    assert json.loads(bad.stdout)[0]["rows_without_lookup"] == 23
+    done = run("lookup", "backfill", "User.email", "--batch", "7", "--json")
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["written"] == 23
+    assert run("lookup", "backfill", "User.external_id").exit_code == 0
+    good = run("lookup", "verify", "User.email", "User.external_id")
+    assert good.exit_code == 0, good.output
+    assert "User.email: ok" in good.stdout
+    with cluster.engine(cluster.router.routers[0].shard_for(EMAIL.cls, "gone@x.org")).begin() as conn:
+        conn.execute(insert(EMAIL.table).values(value="gone@x.org", shard_key=424242, created_ms=1))
+    assert run("lookup", "verify", "User.email").exit_code == 1
+    fixed = run("lookup", "verify", "User.email", "--repair", "--json")
+    assert fixed.exit_code == 0, fixed.output
+    assert json.loads(fixed.stdout)[0]["repaired_lookups_without_row"] == 1
+    unknown = run("lookup", "verify", "User.nope")
+    assert unknown.exit_code == 2 and "no lookup named" in unknown.output
+
+
+def test_reshard_moves_lookup_rows(cluster: shardkit.Cluster) -> None:
+    from shardkit.reshard._tables import discover
+
+    moving = {mt.name: mt for mt in discover(cluster.router.routers[0], metadata=Base)}
+    assert EMAIL.table.name in moving and moving[EMAIL.table.name].key.name == "value"
+    assert EXT.table.name in moving
