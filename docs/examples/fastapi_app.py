@@ -8,6 +8,7 @@ DATABASES below.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -21,6 +22,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 import shardkit
 
 SHARDS = ["shard0", "shard1", "shard2", "shard3"]
+FANOUTS = 4  # fan-outs at a time (see docs/async.md, "Under load: pools and fan-outs")
 DATABASES: dict[str, Any] = {"default": "sqlite:///default.db", **{a: f"sqlite:///{a}.db" for a in SHARDS}}
 
 
@@ -72,6 +74,16 @@ async def get_session(cluster: Annotated[shardkit.Cluster, Depends(get_cluster)]
 Session = Annotated[AsyncSession, Depends(get_session)]
 
 
+async def fanout_slot(request: Request) -> AsyncIterator[None]:
+    """Held for the request by the endpoints that fan out: at most FANOUTS of them at a time, so
+    that waiting fan-outs cannot hold every connection of the shards' pools."""
+    async with request.app.state.fanouts:
+        yield
+
+
+FanoutSlot = Depends(fanout_slot)
+
+
 # -- the app --------------------------------------------------------------------------------------
 
 
@@ -83,6 +95,7 @@ def create_app(databases: Mapping[str, Any] = DATABASES, **cluster_options: Any)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         cluster.create_all(Base)  # at start-up, before serving (sync engines; a migration tool's job in production)
         app.state.cluster = cluster
+        app.state.fanouts = asyncio.Semaphore(FANOUTS)
         with cluster.activate():  # the cluster User.objects uses
             yield
         await cluster.adispose()  # the async engines' pooled connections
@@ -97,7 +110,7 @@ def create_app(databases: Mapping[str, Any] = DATABASES, **cluster_options: Any)
         await session.commit()
         return out(user)
 
-    @app.get("/users/top")
+    @app.get("/users/top", dependencies=[FanoutSlot])
     async def top_users(session: Session, limit: int = 10) -> list[UserOut]:
         # a fan-out: every shard answers at once, on the event loop, under one deadline
         stmt = select(User).order_by(User.score.desc(), User.id).limit(limit)
@@ -121,7 +134,7 @@ def create_app(databases: Mapping[str, Any] = DATABASES, **cluster_options: Any)
         return out(user)
 
     # Django's async manager methods: no session to pass, each call commits at once
-    @app.get("/by-name/{name}")
+    @app.get("/by-name/{name}", dependencies=[FanoutSlot])
     async def by_name(name: str) -> UserOut:
         try:
             return out(await User.objects.aget(name=name))  # a fan-out: the name is no shard key
@@ -133,7 +146,7 @@ def create_app(databases: Mapping[str, Any] = DATABASES, **cluster_options: Any)
         if await User.objects.filter(id=user_id).adelete() == 0:
             raise HTTPException(404, f"no user {user_id}")
 
-    @app.get("/stats")
+    @app.get("/stats", dependencies=[FanoutSlot])
     async def stats() -> dict[str, int]:
         return {"users": await User.objects.acount()}
 

@@ -68,6 +68,8 @@ async def _drive(app: Any, cluster_of: Any) -> None:
         top = (await client.get("/users/top", params={"limit": 5})).json()
         expected = sorted(users, key=lambda u: (-u["score"], u["id"]))[:5]
         assert top == expected
+        tops = await asyncio.gather(*(client.get("/users/top", params={"limit": 5}) for _ in range(20)))
+        assert [r.json() for r in tops] == [expected] * 20  # 20 at once, 4 at a time (fanout_slot)
 
         # a write in a session (SELECT ... FOR UPDATE on PostgreSQL), committed
         first = users[0]
