@@ -12,6 +12,8 @@ without its lookup): such a read goes to one shard, which answers nothing.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -121,11 +123,18 @@ def plan_lookup_route(session: ShardSession, model: Any, statement: Any, params:
     if not found:
         return None
     mapping = params if isinstance(params, Mapping) else None
-    opinion = session.cluster.router.read_opinion(
-        model, statement=statement, session=session, **({"parameters": mapping} if mapping else {})
-    )
-    if isinstance(opinion, str) or (isinstance(opinion, ShardTargets) and not opinion.all_shards):
-        return None  # the shard key (or another router) already says where
+    first = found[0][0]
+    keyed: list[tuple[Lookup, bool, BindParameter[Any]]] = []
+    for criterion in _sqla.where_of(statement):
+        _collect(criterion, {first.key_column: first}, keyed)
+    if any(_value_of(bind, mapping) is not None for _lk, _is_in, bind in keyed):
+        return None  # the shard key says where (the ring router reads it)
+    if _other_routers(session):
+        opinion = session.cluster.router.read_opinion(
+            model, statement=statement, session=session, **({"parameters": mapping} if mapping else {})
+        )
+        if isinstance(opinion, str) or (isinstance(opinion, ShardTargets) and not opinion.all_shards):
+            return None  # another router already says where
     # the first lookup condition whose values are known decides
     for lookup, is_in, bind in found:
         value = _value_of(bind, mapping)
@@ -138,6 +147,23 @@ def plan_lookup_route(session: ShardSession, model: Any, statement: Any, params:
             values = [value]
         return _route_values(session, model, statement, lookup, values, bind if is_in and bind.expanding else None)
     return None
+
+
+def _other_routers(session: ShardSession) -> bool:
+    """Whether routers other than the ring router (a reshard's fence, the application's) may place reads."""
+    chain = session.cluster.router
+    try:
+        return _OTHERS[chain]
+    except (KeyError, TypeError):
+        pass
+    ring = _store.ring_router(session.cluster)
+    others = any(r is not ring for r in chain.routers)
+    with contextlib.suppress(TypeError):
+        _OTHERS[chain] = others
+    return others
+
+
+_OTHERS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def _read(session: ShardSession, lookup: Lookup, values: list[Any]) -> dict[Any, list[Any]]:
@@ -153,8 +179,12 @@ def _read(session: ShardSession, lookup: Lookup, values: list[Any]) -> dict[Any,
             conn = session.connection(bind_arguments={"shard_id": alias})
             got = _store.read_keys(conn, lookup, part)
         else:
-            with session.cluster.engine(alias).connect() as conn:
-                got = _store.read_keys(conn, lookup, part)
+            engine = session.cluster.engine(alias)
+            if len(part) == 1 and engine.dialect.name == "postgresql":
+                got = {part[0]: _store.read_one(engine, lookup, part[0])}
+            else:
+                with _store.reader(engine).connect() as conn:
+                    got = _store.read_keys(conn, lookup, part)
         for value, rows in got.items():
             keys[value] = [k for k, _ms in rows]
     return keys

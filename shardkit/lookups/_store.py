@@ -66,6 +66,17 @@ def ring_router(cluster: Any) -> HashRingRouter:
     return found
 
 
+_AUTOCOMMIT: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def reader(engine: Any) -> Any:
+    """``engine`` reading in autocommit: a lookup read is one statement, with no BEGIN and no ROLLBACK."""
+    found = _AUTOCOMMIT.get(engine)
+    if found is None:
+        found = _AUTOCOMMIT[engine] = engine.execution_options(isolation_level="AUTOCOMMIT")
+    return found
+
+
 def alias_of(router: HashRingRouter, lookup: Lookup, value: Any) -> str:
     """Where the lookup row of ``value`` lives."""
     return router.shard_for(lookup.cls, value)
@@ -140,13 +151,71 @@ def insert_claims(conn: Connection, lookup: Lookup, rows: list[dict[str, Any]]) 
     return [r for r in rows if (r["value"], r["shard_key"]) not in got]
 
 
+_READS: dict[Any, tuple[Any, Any]] = {}
+
+
+def _read_statements(lookup: Lookup) -> tuple[Any, Any]:
+    """(one value, an IN list) reads of the lookup table, built once (SQLAlchemy caches them compiled)."""
+    found = _READS.get(lookup.table)
+    if found is None:
+        table = lookup.table
+        cols = select(table.c.value, table.c.shard_key, table.c.created_ms)
+        found = (
+            cols.where(table.c.value == bindparam("value")),
+            cols.where(table.c.value.in_(bindparam("values", expanding=True))),
+        )
+        _READS[lookup.table] = found
+    return found
+
+
+_ONE_SQL: dict[tuple[Any, Any], str] = {}
+
+
+def read_one(engine: Any, lookup: Lookup, value: Any) -> list[tuple[Any, int]]:
+    """[(shard_key, created_ms)] of one value: the statement compiled once per dialect, sent on a
+    pooled DBAPI connection in autocommit (one round trip; no BEGIN, no ROLLBACK)."""
+    dialect = engine.dialect
+    key = (lookup.table, dialect)
+    sql = _ONE_SQL.get(key)
+    if sql is None:
+        one, _many = _read_statements(lookup)
+        compiled = one.compile(dialect=dialect)
+        if dialect.paramstyle == "pyformat":
+            sql = str(compiled).replace("%(value)s", "%s")
+        elif dialect.paramstyle == "qmark":
+            sql = str(compiled)
+        else:  # another paramstyle: the SQLAlchemy path
+            with reader(engine).connect() as conn:
+                return read_keys(conn, lookup, [value]).get(value, [])
+        _ONE_SQL[key] = sql
+    raw = engine.raw_connection()
+    try:
+        dbapi = raw.driver_connection
+        was = getattr(dbapi, "autocommit", None)
+        if was is False:
+            dbapi.autocommit = True
+        try:
+            cursor = dbapi.cursor()
+            try:
+                cursor.execute(sql, (value,))
+                return [(k, ms) for _v, k, ms in cursor.fetchall()]
+            finally:
+                cursor.close()
+        finally:
+            if was is False:
+                dbapi.autocommit = False
+    finally:
+        raw.close()
+
+
 def read_keys(conn: Connection, lookup: Lookup, values: Sequence[Any]) -> dict[Any, list[tuple[Any, int]]]:
     """value -> [(shard_key, created_ms)] of the lookup rows of ``values`` on ``conn``'s database."""
-    table = lookup.table
+    one, stmt = _read_statements(lookup)
     out: dict[Any, list[tuple[Any, int]]] = {}
-    stmt = select(table.c.value, table.c.shard_key, table.c.created_ms).where(
-        table.c.value.in_(bindparam("values", expanding=True))
-    )
+    if len(values) == 1:
+        for value, key, created in conn.execute(one, {"value": values[0]}):
+            out.setdefault(value, []).append((key, created))
+        return out
     for part in chunks(list(values)):
         for value, key, created in conn.execute(stmt, {"values": list(part)}):
             out.setdefault(value, []).append((key, created))

@@ -68,17 +68,38 @@ def test_lookup_rows_live_on_the_ring_by_value(cluster: shardkit.Cluster) -> Non
     assert verify(cluster, "User.email").ok and verify(cluster, "User.external_id").ok
 
 
-def test_read_by_lookup_column_reads_the_lookup_then_one_shard(cluster: shardkit.Cluster) -> None:
+def count_lookup_reads(monkeypatch: Any) -> list[str]:
+    """Each lookup read (one value on PostgreSQL goes on a raw DBAPI connection, unseen by engine events)."""
+    from shardkit.lookups import _store
+
+    calls: list[str] = []
+    real_one, real_many = _store.read_one, _store.read_keys
+
+    def one(engine: Any, lookup: Any, value: Any) -> Any:
+        calls.append(lookup.table.name)
+        return real_one(engine, lookup, value)
+
+    def many(conn: Any, lookup: Any, values: Any) -> Any:
+        calls.append(lookup.table.name)
+        return real_many(conn, lookup, values)
+
+    monkeypatch.setattr(_store, "read_one", one)
+    monkeypatch.setattr(_store, "read_keys", many)
+    return calls
+
+
+def test_read_by_lookup_column_reads_the_lookup_then_one_shard(cluster: shardkit.Cluster, monkeypatch: Any) -> None:
     users = add_users(cluster, 40)
     target = users[17]
     log = StatementLog(cluster)
+    reads = count_lookup_reads(monkeypatch)
     with cluster.session() as s:
         found = s.scalars(select(User).where(User.email == "u17@x.org")).one()
         assert found.id == target.id
         assert shardkit.db_of(found) == cluster.router.routers[0].shard_for(User, target.id)
     user_reads = [a for a, sql in log.seen if "FROM lk_users" in sql]
     assert user_reads == [shardkit.db_of(found)]
-    assert len(log.aliases("shardkit_lookup_lk_users_email")) == 1
+    assert reads == ["shardkit_lookup_lk_users_email"]
     with cluster.session() as s:  # value == column, the manager, IN lists split per shard
         assert s.scalars(select(User.name).where(literal("u3@x.org") == User.email)).all() == ["u3"]
         assert User.objects.get(email="u5@x.org").name == "u5"
@@ -209,14 +230,16 @@ def test_bulk_insert_statement_claims_lookups(cluster: shardkit.Cluster) -> None
     assert verify(cluster, "User.email").ok
 
 
-def test_router_declared_lookup_routes_and_refuses(cluster: shardkit.Cluster) -> None:
+def test_router_declared_lookup_routes_and_refuses(cluster: shardkit.Cluster, monkeypatch: Any) -> None:
     with cluster.session() as s:
         s.add_all([Account(id=i, tenant=100 + i, number=f"N{i}") for i in range(10)])
         s.commit()
         log = StatementLog(cluster)
+        reads = count_lookup_reads(monkeypatch)
         acc = s.scalars(select(Account).where(Account.number == "N4")).one()
         assert acc.tenant == 104
         assert len([a for a, sql in log.seen if "FROM lk_accounts" in sql]) == 1
+        assert len(reads) == 1
         s.add(Account(id=99, tenant=500, number="N4"))
         with pytest.raises(UniqueLookupError, match=r"Account\.number"):
             s.commit()
