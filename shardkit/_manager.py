@@ -708,7 +708,13 @@ class QuerySet(AsyncQuerySetMixin[M], Generic[M]):
         with _session_scope() as session:
             objs = list(session.scalars(self._statement(alias)).unique())
             for obj in objs:
-                session.delete(obj)
+                # Django's Collector deletes on the queryset's database, never where
+                # db_for_write would send a new write: from where each object was read.
+                where = alias or db_of(obj)
+                if where is None:
+                    session.delete(obj)
+                else:
+                    session.delete_from(obj, where)
             session.flush()
             return len(objs)
 

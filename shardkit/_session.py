@@ -419,7 +419,10 @@ class ShardSession(Session):
             for prop in _secondary_props(state.mapper):
                 if state in deleted:
                     if state.key is not None:
-                        self._flush_writes.add(self.link_alias_of(prop, state))
+                        # Django's Collector deletes the through rows with their owner, on the
+                        # owner's database: never where db_for_write would add a new link.
+                        alias = self._link_aliases[(prop, state)] = self._write_alias(state)
+                        self._flush_writes.add(alias)
                     continue
                 if prop.key not in state.dict or prop.key not in state.committed_state:
                     continue  # never loaded, or unchanged
@@ -651,6 +654,7 @@ class ShardSession(Session):
         if state.key is None:
             raise ShardkitError(f"cannot delete a {state.class_.__name__} that was never saved", model=state.class_)
         if db_of(obj) == using:
+            state.info[_USING] = using  # the flush deletes it there, not where db_for_write says
             self.delete(obj)
             return
         mapper = state.mapper
