@@ -65,3 +65,16 @@ def test_fanout_session_suite(
     if world.backend == "sqlite" and async_stack.driver != "asyncpg":
         pytest.skip("SQLite runs on aiosqlite whatever the PostgreSQL driver: once is enough")
     run_unchanged(async_stack, request, test)
+
+
+def test_reshard_fence_refuses_async_writers(
+    async_stack: AsyncStack, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """The database-side fence of a reshard holds for writers on the async engines: the
+    reshard suite's fence test, its writers' sessions being async sessions' (the resharder's
+    own work stays on the sync engines)."""
+    if backend == "sqlite" and async_stack.driver != "asyncpg":
+        pytest.skip("SQLite runs on aiosqlite whatever the PostgreSQL driver: once is enough")
+    from ..reshard import test_dbfence
+
+    run_unchanged(async_stack, request, test_dbfence.test_the_databases_refuse_moving_keys_while_fenced)
