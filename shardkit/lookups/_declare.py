@@ -227,15 +227,25 @@ def lookups_of(model: Any) -> dict[str, Lookup]:
 
 
 def lookup_for(name: str) -> Lookup:
-    """The lookup named ``"Model.attr"`` or ``"table.attr"``.
+    """The lookup named ``"table.column"`` (``"users.email"``) or ``"Model.attr"`` (``"User.email"``).
 
-    :raises ConfigError: no such lookup.
+    A table name wins; a model name that several declared lookups share is refused (name the table).
+
+    :raises ConfigError: no such lookup, or an ambiguous model name.
     """
-    model_name, _, attr = name.rpartition(".")
-    for lookup in _all:
-        if lookup.attr == attr and model_name in (lookup.model.__name__, lookup.model.__table__.name):
-            return lookup
-    known = ", ".join(sorted(lk.label for lk in _all)) or "none"
+    owner, _, attr = name.rpartition(".")
+    by_table = [
+        lk for lk in _all if lk.attr == attr and owner in (lk.model.__table__.name, lk.model.__table__.fullname)
+    ]
+    if len(by_table) == 1:
+        return by_table[0]
+    by_model = [lk for lk in _all if lk.attr == attr and lk.model.__name__ == owner]
+    if len(by_model) == 1:
+        return by_model[0]
+    if by_model:
+        tables = ", ".join(f"{lk.model.__table__.name}.{attr}" for lk in by_model)
+        raise ConfigError(f"lookup name {name!r} is ambiguous: name the table ({tables})")
+    known = ", ".join(sorted(f"{lk.label} ({lk.model.__table__.name}.{lk.attr})" for lk in _all)) or "none"
     raise ConfigError(f"no lookup named {name!r} (declared: {known})")
 
 

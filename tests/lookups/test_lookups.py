@@ -15,7 +15,7 @@ from shardkit.lookups import lookup_for, lookups_of, verify
 from ..conftest import StatementLog
 from .models import SHARDS, Account, Base, User
 
-EMAIL = lookup_for("User.email")
+EMAIL = lookup_for("lk_users.email")
 
 
 def lookup_rows(cluster: shardkit.Cluster, lookup: Any = EMAIL) -> list[tuple[str, Any, Any]]:
@@ -65,7 +65,7 @@ def test_lookup_rows_live_on_the_ring_by_value(cluster: shardkit.Cluster) -> Non
     for alias, value, key in rows:
         assert alias == router.shard_for(EMAIL.cls, value)
         assert key in {u.id for u in users}
-    assert verify(cluster, "User.email").ok and verify(cluster, "User.external_id").ok
+    assert verify(cluster, "lk_users.email").ok and verify(cluster, "lk_users.external_id").ok
 
 
 def count_lookup_reads(monkeypatch: Any) -> list[str]:
@@ -153,7 +153,7 @@ def test_update_and_delete_by_lookup_column_go_to_the_owner(cluster: shardkit.Cl
 def test_unique_lookup_refuses_a_second_row_and_leaves_nothing(cluster: shardkit.Cluster) -> None:
     add_users(cluster, 10)
     before_rows, before_lookups = all_users(cluster), lookup_rows(cluster)
-    ext_before = lookup_rows(cluster, lookup_for("User.external_id"))
+    ext_before = lookup_rows(cluster, lookup_for("lk_users.external_id"))
     with cluster.session() as s:
         s.add(User(email="u3@x.org", external_id="brand-new", name="dup"))
         with pytest.raises(UniqueLookupError) as info:
@@ -165,7 +165,7 @@ def test_unique_lookup_refuses_a_second_row_and_leaves_nothing(cluster: shardkit
     assert "User.email" in str(err) and "u3@x.org" in str(err)
     assert all_users(cluster) == before_rows
     assert lookup_rows(cluster) == before_lookups
-    assert lookup_rows(cluster, lookup_for("User.external_id")) == ext_before  # the other lookup too
+    assert lookup_rows(cluster, lookup_for("lk_users.external_id")) == ext_before  # the other lookup too
     # two new rows of one flush with one value
     with cluster.session() as s:
         s.add_all([User(email="twin@x.org"), User(email="twin@x.org")])
@@ -200,7 +200,7 @@ def test_changing_and_deleting_move_and_remove_the_lookup(cluster: shardkit.Clus
         s.commit()
     values = {v: k for _a, v, k in lookup_rows(cluster)}
     assert "u2@x.org" not in values and "u1@x.org" in values
-    assert verify(cluster, "User.email").ok and verify(cluster, "User.external_id").ok
+    assert verify(cluster, "lk_users.email").ok and verify(cluster, "lk_users.external_id").ok
 
 
 def test_rollback_removes_the_lookups_it_wrote(cluster: shardkit.Cluster) -> None:
@@ -227,7 +227,7 @@ def test_bulk_insert_statement_claims_lookups(cluster: shardkit.Cluster) -> None
             s.execute(insert(User), [{"email": "b1@x.org", "name": "dup"}])
         s.rollback()
         assert s.scalar(select(func.count()).select_from(User).where(User.name == "dup")) == 0
-    assert verify(cluster, "User.email").ok
+    assert verify(cluster, "lk_users.email").ok
 
 
 def test_router_declared_lookup_routes_and_refuses(cluster: shardkit.Cluster, monkeypatch: Any) -> None:
@@ -261,7 +261,7 @@ def test_two_phase_commit_carries_the_lookup(make_urls: Any, backend: str) -> No
             s.add_all([User(email=f"t{i}@x.org") for i in range(6)])
             s.commit()
             assert s.scalars(select(User.email).where(User.email == "t4@x.org")).one() == "t4@x.org"
-        assert verify(cluster, "User.email").ok
+        assert verify(cluster, "lk_users.email").ok
         assert len(lookup_rows(cluster)) == 6
     finally:
         cluster.dispose()

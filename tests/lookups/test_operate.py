@@ -17,8 +17,8 @@ from shardkit.lookups import _ops, backfill, lookup_for, verify
 
 from .models import SHARDS, Base, User
 
-EMAIL = lookup_for("User.email")
-EXT = lookup_for("User.external_id")
+EMAIL = lookup_for("lk_users.email")
+EXT = lookup_for("lk_users.external_id")
 
 
 def insert_without_lookups(cluster: shardkit.Cluster, n: int, start: int = 1) -> None:
@@ -69,10 +69,10 @@ def test_backfill_then_verify_then_repair(cluster: shardkit.Cluster, monkeypatch
 
     monkeypatch.setattr(_ops, "_write_lookups", failing)
     with pytest.raises(RuntimeError):
-        backfill(cluster, "User.email", batch=5)
+        backfill(cluster, "lk_users.email", batch=5)
     monkeypatch.setattr(_ops, "_write_lookups", real)
     seen: list[int] = []
-    states = backfill(cluster, "User.email", batch=5, progress=lambda st: seen.append(st.done))
+    states = backfill(cluster, "lk_users.email", batch=5, progress=lambda st: seen.append(st.done))
     assert sum(s.done for s in states) < 57  # the rows done before the stop were not read again
     assert verify(cluster, EMAIL).ok
     with cluster.session() as s:
@@ -100,23 +100,23 @@ def test_cli_lookup_commands(cluster: shardkit.Cluster, tmp_path: Path, monkeypa
     listed = run("lookup", "list", "--json")
     assert listed.exit_code == 0, listed.output
     assert {"User.email", "User.external_id"} <= {row["lookup"] for row in json.loads(listed.stdout)}
-    bad = run("lookup", "verify", "User.email", "--json")
+    bad = run("lookup", "verify", "lk_users.email", "--json")
     assert bad.exit_code == 1
     assert json.loads(bad.stdout)[0]["rows_without_lookup"] == 23
-    done = run("lookup", "backfill", "User.email", "--batch", "7", "--json")
+    done = run("lookup", "backfill", "lk_users.email", "--batch", "7", "--json")
     assert done.exit_code == 0, done.output
     assert json.loads(done.stdout)["written"] == 23
-    assert run("lookup", "backfill", "User.external_id").exit_code == 0
-    good = run("lookup", "verify", "User.email", "User.external_id")
+    assert run("lookup", "backfill", "lk_users.external_id").exit_code == 0
+    good = run("lookup", "verify", "lk_users.email", "lk_users.external_id")
     assert good.exit_code == 0, good.output
     assert "User.email: ok" in good.stdout
     with cluster.engine(cluster.router.routers[0].shard_for(EMAIL.cls, "gone@x.org")).begin() as conn:
         conn.execute(insert(EMAIL.table).values(value="gone@x.org", shard_key=424242, created_ms=1))
-    assert run("lookup", "verify", "User.email").exit_code == 1
-    fixed = run("lookup", "verify", "User.email", "--repair", "--json")
+    assert run("lookup", "verify", "lk_users.email").exit_code == 1
+    fixed = run("lookup", "verify", "lk_users.email", "--repair", "--json")
     assert fixed.exit_code == 0, fixed.output
     assert json.loads(fixed.stdout)[0]["repaired_lookups_without_row"] == 1
-    unknown = run("lookup", "verify", "User.nope")
+    unknown = run("lookup", "verify", "lk_users.nope")
     assert unknown.exit_code == 2 and "no lookup named" in unknown.output
 
 

@@ -20,7 +20,7 @@ from shardkit.lookups import lookup_for, verify
 from .models import SHARDS, User
 
 ROOT = Path(__file__).resolve().parents[2]
-EMAIL = lookup_for("User.email")
+EMAIL = lookup_for("lk_users.email")
 
 
 def ids_on_distinct_shards(cluster: shardkit.Cluster, n: int, email: str, start: int = 1) -> list[int]:
