@@ -39,14 +39,15 @@ from sqlalchemy.orm import Mapper, joinedload, load_only, object_session, select
 from sqlalchemy.orm.attributes import InstrumentedAttribute, instance_state
 from sqlalchemy.orm.collections import collection
 from sqlalchemy.orm.interfaces import MANYTOONE
-from sqlalchemy.orm.session import _sessions
 from sqlalchemy.sql.elements import ClauseElement
 
-from . import _events
+from . import _events, _sqla
 from ._amanager import AsyncManagerMixin, AsyncModelMixin, AsyncQuerySetMixin, AsyncRelatedManagerMixin
 from ._cluster import Cluster, get_active_cluster
+from ._placement import DB as _DB
+from ._placement import USING as _USING
 from ._relations import django_lead, relation_error
-from ._session import _DB, _USING, ShardSession, current_session, db_of, link_opinion
+from ._session import ShardSession, current_session, db_of, link_opinion
 from .errors import (  # the model errors live in the one error tree; re-exported here by name
     CrossDatabaseQueryError,
     FieldError,
@@ -115,7 +116,7 @@ class _CallSession(ShardSession):
     def _before_attach(self, state: InstanceState[Any], obj: object) -> bool:
         other_id = state.session_id
         if other_id is not None and other_id != self.hash_key:
-            other = _sessions.get(other_id)
+            other = _sqla.session_by_hash_key(other_id)
             if isinstance(other, _CallSession) and other._calls == 0:
                 other.expunge(obj)
         key = state.key
@@ -1247,7 +1248,7 @@ class RelatedManager(AsyncRelatedManagerMixin, Manager[Any]):
         target_col = (prop.secondary_synchronize_pairs or [])[0][1]
         with _session_scope(self.instance) as session:
             session.flush()  # the collection's pending in-memory changes first: reloaded below
-            session._note_statement_write(using)
+            session.note_writes((using,))
             conn = session.connection(bind_arguments={"shard_id": using})
             if action == "clear":
                 self._m2m_fire("pre_clear", None, using)

@@ -459,3 +459,11 @@ def listen_on_connection(conn: Any, name: str, fn: Callable[..., Any]) -> None:
     from sqlalchemy.event.registry import _EventKey
 
     ConnectionEvents._listen(_EventKey(conn, name, fn, conn))
+
+
+def session_by_hash_key(hash_key: Any) -> Any:
+    """The live Session whose ``hash_key`` an instance state's ``session_id`` names, or ``None``
+    (SQLAlchemy's private registry of sessions, ``orm.session._sessions``)."""
+    from sqlalchemy.orm.session import _sessions
+
+    return _sessions.get(hash_key)

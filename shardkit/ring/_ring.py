@@ -66,7 +66,7 @@ __all__ = [
     "Weight",
 ]
 
-logger = logging.getLogger("shardkit")
+logger = logging.getLogger(__name__)
 
 Weight: TypeAlias = "int | float"
 
