@@ -313,7 +313,6 @@ def test_mysql_alias_on_aiomysql(databases: DatabaseFactory, api_factory: Any) -
     ring = HashRing(["m0", "m1"])
     cluster = shardkit.Cluster(databases.urls("mysql", "default", "m0", "m1"), routers=[HashRingRouter(ring)])
     cluster.create_all(Base)
-    api.prepare(cluster).async_driver = None
 
     async def go() -> None:
         assert cluster.async_engine("m0").dialect.driver == "aiomysql"
@@ -322,6 +321,7 @@ def test_mysql_alias_on_aiomysql(databases: DatabaseFactory, api_factory: Any) -
             result = await s.execute(select(Person).order_by(Person.score.desc(), Person.id).limit(5))
             assert [p.id for p in result.scalars()] == sorted(range(1, N + 1), key=lambda i: (-(i % 11), i))[:5]
             assert (await s.scalar(select(func.count()).select_from(Person))) == N
+        await cluster.adispose()
 
     api.arun(go())
     cluster.dispose()
