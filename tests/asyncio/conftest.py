@@ -228,8 +228,14 @@ class AsyncStack:
 
 
 @pytest.fixture(params=["asyncpg", "psycopg"])
-def async_stack(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[AsyncStack]:
-    stack = AsyncStack(request.param, monkeypatch)
+def driver(request: pytest.FixtureRequest) -> str:
+    """The PostgreSQL async driver of :func:`async_stack`."""
+    return str(request.param)
+
+
+@pytest.fixture
+def async_stack(driver: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[AsyncStack]:
+    stack = AsyncStack(driver, monkeypatch)
     yield stack
     stack.close()
 

@@ -31,12 +31,19 @@ def _tests(module: Any, names: list[str] | None = None) -> list[Any]:
     return [f for f in found if names is None or f.__name__ in names]
 
 
+#: (backend, PostgreSQL async driver): SQLite runs on aiosqlite whatever the driver, so once
+STACKS = pytest.mark.parametrize(
+    ("backend", "driver"),
+    [("sqlite", "asyncpg"), ("postgresql", "asyncpg"), ("postgresql", "psycopg")],
+    ids=["aiosqlite", "asyncpg", "psycopg"],
+)
+
+
+@STACKS
 @pytest.mark.parametrize("test", _tests(relations), ids=lambda f: f.__name__)
 def test_relations_suite(
-    test: Callable[..., Any], async_stack: AsyncStack, backend: str, request: pytest.FixtureRequest
+    test: Callable[..., Any], backend: str, driver: str, async_stack: AsyncStack, request: pytest.FixtureRequest
 ) -> None:
-    if backend == "sqlite" and async_stack.driver != "asyncpg":
-        pytest.skip("SQLite runs on aiosqlite whatever the PostgreSQL driver: once is enough")
     run_unchanged(async_stack, request, test)
 
 
@@ -67,14 +74,13 @@ def test_fanout_session_suite(
     run_unchanged(async_stack, request, test)
 
 
+@STACKS
 def test_reshard_fence_refuses_async_writers(
-    async_stack: AsyncStack, backend: str, request: pytest.FixtureRequest
+    backend: str, driver: str, async_stack: AsyncStack, request: pytest.FixtureRequest
 ) -> None:
     """The database-side fence of a reshard holds for writers on the async engines: the
     reshard suite's fence test, its writers' sessions being async sessions' (the resharder's
     own work stays on the sync engines)."""
-    if backend == "sqlite" and async_stack.driver != "asyncpg":
-        pytest.skip("SQLite runs on aiosqlite whatever the PostgreSQL driver: once is enough")
     from ..reshard import test_dbfence
 
     run_unchanged(async_stack, request, test_dbfence.test_the_databases_refuse_moving_keys_while_fenced)
