@@ -451,14 +451,14 @@ def reverse_properties(prop: Any) -> Any:
     return prop._reverse_property
 
 
-def listen_on_connection(conn: Any, name: str, fn: Callable[..., Any]) -> None:
+def listen_on_connection(conn: Any, name: str, fn: Callable[..., Any], **kw: Any) -> None:
     """Put a listener on one connection's own events, as ``event.listen`` itself would (for the
     SQLAlchemy 2.0 releases whose ``event.listen`` refuses a connection of an engine made by
-    ``engine.execution_options()``)."""
+    ``engine.execution_options()``); ``kw``: ``retval=True`` ..."""
     from sqlalchemy.engine.events import ConnectionEvents
     from sqlalchemy.event.registry import _EventKey
 
-    ConnectionEvents._listen(_EventKey(conn, name, fn, conn))
+    ConnectionEvents._listen(_EventKey(conn, name, fn, conn), **kw)
 
 
 def session_by_hash_key(hash_key: Any) -> Any:

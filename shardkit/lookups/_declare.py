@@ -62,6 +62,19 @@ class Lookup:
         self.lock_ns = int.from_bytes(digest, "big") & 0x7FFFFFFF
 
     @property
+    def plain_types(self) -> bool:
+        """Whether the value and the shard key are ints or strings (the driver takes them as they are:
+        the raw, one-round-trip paths of :mod:`shardkit.lookups._store` apply)."""
+        found = self.__dict__.get("_plain")
+        if found is None:
+            try:
+                kinds = {self.column.type.python_type, self.key_column.type.python_type}
+            except NotImplementedError:
+                kinds = {object}
+            found = self.__dict__["_plain"] = kinds <= {int, str}
+        return bool(found)
+
+    @property
     def label(self) -> str:
         """``Model.attr``, as messages and the CLI name a lookup."""
         return f"{self.model.__name__}.{self.attr}"

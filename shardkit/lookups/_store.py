@@ -124,6 +124,35 @@ def _insert_statement(lookup: Lookup, dialect: str) -> Any:
     return stmt
 
 
+_CLAIM_SQL: dict[tuple[Any, Any], str] = {}
+
+
+def claim_one(engine: Any, lookup: Lookup, row: dict[str, Any]) -> bool:
+    """Insert one lookup row on a pooled DBAPI connection in autocommit (one round trip, durable
+    when it returns); ``False`` when the value (the pair, for a non-unique lookup) was there."""
+    dialect = engine.dialect
+    key = (lookup.table, dialect)
+    sql = _CLAIM_SQL.get(key)
+    if sql is None:
+        sql = _CLAIM_SQL[key] = str(_insert_statement(lookup, dialect.name).compile(dialect=dialect))
+    raw = engine.raw_connection()
+    try:
+        dbapi = raw.driver_connection
+        was = dbapi.autocommit
+        dbapi.autocommit = True
+        try:
+            cursor = dbapi.cursor()
+            try:
+                cursor.execute(sql, row)
+                return bool(cursor.fetchall())
+            finally:
+                cursor.close()
+        finally:
+            dbapi.autocommit = was
+    finally:
+        raw.close()
+
+
 def insert_claims(conn: Connection, lookup: Lookup, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Insert lookup rows; returns those that were not inserted (the value, or for a non-unique
     lookup the pair, was already there)."""
@@ -244,6 +273,43 @@ def hold_in_flight(conn: Connection, lookup: Lookup, values: Iterable[Any]) -> N
     buckets = sorted({bucket_of(v) for v in values})
     if buckets:
         conn.execute(_LOCK_SHARED, {"ns": lookup.lock_ns, "bs": buckets})
+
+
+_PENDING: weakref.WeakKeyDictionary[Any, list[str]] = weakref.WeakKeyDictionary()
+
+
+def defer_in_flight(conn: Connection, lookup: Lookup, values: Iterable[Any]) -> None:
+    """:func:`hold_in_flight`, sent with the next statement of ``conn`` (the row's own INSERT,
+    usually) instead of a round trip of its own.  Until that statement, the lookup's grace
+    period covers the row (it is sent in the same flush)."""
+    if conn.dialect.name != "postgresql":
+        return
+    buckets = ",".join(str(b) for b in sorted({bucket_of(v) for v in values}))
+    if not buckets:
+        return
+    sql = (
+        f"SELECT count(pg_advisory_xact_lock_shared({int(lookup.lock_ns)}, b)) "
+        f"FROM unnest(ARRAY[{buckets}]::integer[]) AS b"
+    )
+    pending = _PENDING.get(conn)
+    if pending is None:
+        from .. import _sqla
+
+        pending = _PENDING[conn] = []
+        _sqla.listen_on_connection(conn, "before_cursor_execute", _carry, retval=True)
+    pending.append(sql)
+
+
+def _carry(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> tuple[str, Any]:
+    pending = _PENDING.get(conn)
+    if not pending:
+        return statement, parameters
+    locks = "; ".join(pending)
+    pending.clear()
+    if executemany:
+        cursor.execute(locks)
+        return statement, parameters
+    return f"{locks}; {statement}", parameters
 
 
 def probe_free(conn: Connection, lookup: Lookup, value: Any) -> bool:

@@ -119,7 +119,7 @@ def claim_rows(session: ShardSession, items: list[tuple[Lookup, Any, Any, str]])
         for row_alias, by_lookup in marks.items():  # before any lookup commits: "my row is coming"
             conn = session.connection(bind_arguments={"shard_id": row_alias})
             for lookup, values in by_lookup.items():
-                _store.hold_in_flight(conn, lookup, values)
+                _store.defer_in_flight(conn, lookup, values)
         rank = {a: i for i, a in enumerate(session.cluster.aliases)}
         # own connections first, committed before the session's transaction touches their
         # databases (SQLite: its write lock would make them wait on us), in DATABASES order
@@ -134,7 +134,14 @@ def claim_rows(session: ShardSession, items: list[tuple[Lookup, Any, Any, str]])
                 conn = session.connection(bind_arguments={"shard_id": alias})
                 state.inline_aliases.add(alias)
             else:
-                conn = own.get(alias) or own.setdefault(alias, session.cluster.engine(alias).connect())
+                engine = session.cluster.engine(alias)
+                if len(by_lookup) == 1 and alias not in own and engine.dialect.name == "postgresql":
+                    ((lookup, rows),) = by_lookup.items()
+                    if len(rows) == 1 and lookup.plain_types and _store.claim_one(engine, lookup, rows[0]):
+                        # one statement, committed at once (autocommit): the usual single insert
+                        done.append(_Claim(lookup, rows[0]["value"], rows[0]["shard_key"], ms, alias, False))
+                        continue
+                conn = own.get(alias) or own.setdefault(alias, engine.connect())
             for lookup, rows in by_lookup.items():
                 left = _store.insert_claims(conn, lookup, rows)
                 taken = {(r["value"], r["shard_key"]) for r in left}
