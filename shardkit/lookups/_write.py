@@ -338,9 +338,11 @@ def _lookups_after_commit(session: Any) -> None:
         remove_after_commit(session.cluster, state.removals)
 
 
-@event.listens_for(ShardSession, "after_soft_rollback")
-def _lookups_after_rollback(session: Any, previous_transaction: Any) -> None:
-    if previous_transaction.parent is not None:  # a savepoint or an inner transaction
+@event.listens_for(ShardSession, "after_transaction_end")
+def _lookups_after_rollback(session: Any, transaction: Any) -> None:
+    """The root transaction ended without a commit (a rollback, or ``close()``): remove the lookup
+    rows it committed on their own connections (``after_commit`` already took the state of a commit)."""
+    if transaction.parent is not None or transaction.nested:  # a savepoint or an inner transaction
         return
     state = session.info.pop(_INFO, None)
     if state is None or not isinstance(session, ShardSession):

@@ -214,6 +214,11 @@ def test_rollback_removes_the_lookups_it_wrote(cluster: shardkit.Cluster) -> Non
     with cluster.session() as s:
         s.add(User(email="r3@x.org"))
         s.commit()  # the value is free again at once
+    s = cluster.session()  # closed without a commit: the same
+    s.add_all([User(email=f"closed{i}@x.org") for i in range(8)])
+    s.flush()
+    s.close()
+    assert [v for _a, v, _k in lookup_rows(cluster)] == ["r3@x.org"]
 
 
 def test_bulk_insert_statement_claims_lookups(cluster: shardkit.Cluster) -> None:
