@@ -126,3 +126,40 @@ def test_reshard_moves_lookup_rows(cluster: shardkit.Cluster) -> None:
     moving = {mt.name: mt for mt in discover(cluster.router.routers[0], metadata=Base)}
     assert EMAIL.table.name in moving and moving[EMAIL.table.name].key.name == "value"
     assert EXT.table.name in moving
+
+
+def test_a_reshard_moves_lookup_rows_and_reads_follow(make_urls: Any, backend: str) -> None:
+    from shardkit import Cluster, HashRing, HashRingRouter
+    from shardkit.reshard import FencingRouter, reshard
+
+    from .models import Account
+
+    old = list(SHARDS)
+    urls = make_urls("default", *old, "s4")
+    router = HashRingRouter(HashRing(old), shard_keys={Account: "tenant"})
+    cluster = Cluster(urls, routers=[FencingRouter(), router])
+    try:
+        cluster.create_all(Base)
+        with cluster.session() as s:
+            s.add_all([User(id=i, email=f"m{i}@x.org", external_id=f"k{i % 7}") for i in range(1, 301)])
+            s.commit()
+        result = reshard(cluster, router=router, add="s4", metadata=Base, batch_size=100)
+        assert result.phase == "done"
+        assert EMAIL.table.name in result.copied and result.copied[EMAIL.table.name] > 0
+        new = HashRing([*old, "s4"])
+        with cluster.engine("s4").connect() as conn:  # lookup rows now on s4 are those whose value hashes there
+            for value, _key in conn.execute(select(EMAIL.table.c.value, EMAIL.table.c.shard_key)):
+                assert router.shard_for(EMAIL.cls, value) == "s4" == new.get(value)
+        assert verify(cluster, EMAIL).ok and verify(cluster, EXT).ok
+        with cluster.session() as s:
+            for uid in (1, 77, 300):
+                assert s.scalars(select(User.id).where(User.email == f"m{uid}@x.org")).one() == uid
+            assert len(s.scalars(select(User).where(User.external_id == "k3")).all()) == len(
+                [i for i in range(1, 301) if i % 7 == 3]
+            )
+            s.add(User(id=1000, email="m77@x.org"))
+            with pytest.raises(shardkit.errors.UniqueLookupError):
+                s.commit()
+            s.rollback()
+    finally:
+        cluster.dispose()
