@@ -180,7 +180,7 @@ def _read(session: ShardSession, lookup: Lookup, values: list[Any]) -> dict[Any,
             got = _store.read_keys(conn, lookup, part)
         else:
             engine = session.cluster.engine(alias)
-            if len(part) == 1 and lookup.plain_types and engine.dialect.name == "postgresql":
+            if len(part) == 1 and lookup.plain_types and _store.raw_ok(engine):
                 got = {part[0]: _store.read_one(engine, lookup, part[0])}
             else:
                 with _store.reader(engine).connect() as conn:

@@ -66,6 +66,12 @@ def ring_router(cluster: Any) -> HashRingRouter:
     return found
 
 
+def raw_ok(engine: Any) -> bool:
+    """Whether the one-round-trip paths (a pooled psycopg2 connection in autocommit) apply."""
+    dialect = engine.dialect
+    return dialect.name == "postgresql" and dialect.driver == "psycopg2" and not dialect.is_async
+
+
 _AUTOCOMMIT: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
@@ -283,6 +289,9 @@ def defer_in_flight(conn: Connection, lookup: Lookup, values: Iterable[Any]) -> 
     usually) instead of a round trip of its own.  Until that statement, the lookup's grace
     period covers the row (it is sent in the same flush)."""
     if conn.dialect.name != "postgresql":
+        return
+    if conn.dialect.driver != "psycopg2" or conn.dialect.is_async:  # one statement per execute there
+        hold_in_flight(conn, lookup, values)
         return
     buckets = ",".join(str(b) for b in sorted({bucket_of(v) for v in values}))
     if not buckets:

@@ -135,7 +135,7 @@ def claim_rows(session: ShardSession, items: list[tuple[Lookup, Any, Any, str]])
                 state.inline_aliases.add(alias)
             else:
                 engine = session.cluster.engine(alias)
-                if len(by_lookup) == 1 and alias not in own and engine.dialect.name == "postgresql":
+                if len(by_lookup) == 1 and alias not in own and _store.raw_ok(engine):
                     ((lookup, rows),) = by_lookup.items()
                     if len(rows) == 1 and lookup.plain_types and _store.claim_one(engine, lookup, rows[0]):
                         # one statement, committed at once (autocommit): the usual single insert
