@@ -268,6 +268,10 @@ def _route_by_lookup(orm_context: ORMExecuteState) -> Any:
     route = plan_lookup_route(session, mapper.class_, orm_context.statement, orm_context.parameters)
     if route is None:
         return None
+    if orm_context.is_delete:  # the rows it deletes lose their lookup after the commit
+        state = tx_state(session)
+        assert state is not None
+        state.maybe_gone.extend((route.lookup, v, k) for v, keys in route.keys.items() for k in keys)
     target = route.target
     if isinstance(target, str):
         orm_context.bind_arguments["shard_id"] = target

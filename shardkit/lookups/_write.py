@@ -63,6 +63,8 @@ class TxState:
     claims: list[_Claim] = field(default_factory=list)  # made by this transaction
     removals: list[tuple[Lookup, Any, Any]] = field(default_factory=list)  # (lookup, value, key) after commit
     inline_aliases: set[str] = field(default_factory=set)  # lookup rows written in the session's transaction
+    # (lookup, value, key) a DELETE statement by the lookup column aimed at: removed after commit if the row is gone
+    maybe_gone: list[tuple[Lookup, Any, Any]] = field(default_factory=list)
 
     def pending(self, lookup: Lookup, value: Any) -> bool:
         return any(c.lookup is lookup and c.value == value for c in self.claims)
@@ -334,8 +336,26 @@ def _lookups_before_flush(session: Any, flush_context: Any, instances: Any) -> N
 @event.listens_for(ShardSession, "after_commit")
 def _lookups_after_commit(session: Any) -> None:
     state = session.info.pop(_INFO, None)
-    if state is not None and state.removals and isinstance(session, ShardSession):
-        remove_after_commit(session.cluster, state.removals)
+    if state is None or not isinstance(session, ShardSession):
+        return
+    removals = list(state.removals)
+    if state.maybe_gone:
+        removals.extend(_gone(session.cluster, state.maybe_gone))
+    remove_after_commit(session.cluster, removals)
+
+
+def _gone(cluster: Any, candidates: list[tuple[Lookup, Any, Any]]) -> list[tuple[Lookup, Any, Any]]:
+    """Those of ``candidates`` whose row is not there (a DELETE statement removed it)."""
+    router = _store.ring_router(cluster)
+    out: list[tuple[Lookup, Any, Any]] = []
+    for lookup, value, key in candidates:
+        try:
+            with cluster.engine(_store.key_alias(router, lookup, key)).connect() as conn:
+                if not _store.row_exists(conn, lookup, key, value):
+                    out.append((lookup, value, key))
+        except Exception as exc:  # left stale: verify --repair removes it
+            logger.warning("checking a deleted row of %s failed (%s)", lookup.label, exc)
+    return out
 
 
 @event.listens_for(ShardSession, "after_transaction_end")

@@ -148,6 +148,12 @@ def test_update_and_delete_by_lookup_column_go_to_the_owner(cluster: shardkit.Cl
     assert {a for a, sql in log.seen if sql.startswith("DELETE FROM lk_users")} == {
         cluster.router.routers[0].shard_for(User, users[5].id)
     }
+    assert "u5@x.org" not in {v for _a, v, _k in lookup_rows(cluster)}  # its lookup went after the commit
+    with cluster.session() as s:  # a DELETE whose other condition spares the row keeps the lookup
+        s.execute(delete(User).where(User.email == "u6@x.org", User.name == "not u6"))
+        s.commit()
+    assert "u6@x.org" in {v for _a, v, _k in lookup_rows(cluster)}
+    assert verify(cluster, "lk_users.email").ok
 
 
 def test_unique_lookup_refuses_a_second_row_and_leaves_nothing(cluster: shardkit.Cluster) -> None:
