@@ -116,6 +116,11 @@ def test_cli_lookup_commands(cluster: shardkit.Cluster, tmp_path: Path, monkeypa
     fixed = run("lookup", "verify", "lk_users.email", "--repair", "--json")
     assert fixed.exit_code == 0, fixed.output
     assert json.loads(fixed.stdout)[0]["repaired_lookups_without_row"] == 1
+    plan = run("migrate", "--plan", "--json")  # shardkit migrate puts lookup tables on the ring's shards
+    assert plan.exit_code == 0, plan.output
+    placed = {row["alias"]: row["tables"] for row in json.loads(plan.stdout)["aliases"]}
+    assert all(EMAIL.table.name in placed[alias] for alias in SHARDS)
+    assert EMAIL.table.name not in placed["default"]
     unknown = run("lookup", "verify", "lk_users.nope")
     assert unknown.exit_code == 2 and "no lookup named" in unknown.output
 
