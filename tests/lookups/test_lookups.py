@@ -284,3 +284,23 @@ def test_objects_keep_their_identity(cluster: shardkit.Cluster) -> None:
         a = s.scalars(select(User).where(User.email == "u0@x.org")).one()
         b = s.get(User, a.id)
         assert a is b and inspect(a).identity_token == shardkit.db_of(a)
+
+
+def test_lookups_are_not_a_cross_shard_write(make_urls: Any) -> None:
+    """With cross_shard_writes="refuse" a one-shard write stays one: its lookup is written on its own."""
+    from .models import make_cluster
+
+    cluster = make_cluster(make_urls("default", *SHARDS), cross_shard_writes="refuse")
+    try:
+        cluster.create_all(Base)
+        for i in range(12):
+            with cluster.session() as s:
+                s.add(User(email=f"solo{i}@x.org"))
+                s.commit()
+        with cluster.session() as s:
+            u = s.scalars(select(User).where(User.email == "solo3@x.org")).one()
+            u.email = "solo3b@x.org"
+            s.commit()
+        assert verify(cluster, "lk_users.email").ok
+    finally:
+        cluster.dispose()
