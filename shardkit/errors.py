@@ -11,6 +11,7 @@ keeps working for code that does not know shardkit::
      |    +-- RouterImportError (ImportError) a DATABASE_ROUTERS entry that does not import
      +-- RoutingError                        the router chain gave an unusable answer
      |    +-- InvalidRouteError               a router returned something that is not an alias
+     |    +-- ScatterRefusedError             a statement that would reach every shard, under scatter="refuse"
      |    +-- CrossDatabaseQueryError (ValueError) a subquery placed on another database
      |    +-- RouterError                     a router's own method raised (the cause is kept)
      +-- InvalidKeyError (TypeError)         a shard key of a type or value the ring refuses
@@ -31,6 +32,7 @@ keeps working for code that does not know shardkit::
      |    +-- InvalidPageError (ValueError)   a keyset page size below 1
      |    +-- ShardQueryError                 one or more shards failed: ``.errors`` maps alias -> exception
      |    +-- FanoutTimeoutError (TimeoutError) the fan-out deadline passed
+     |    +-- MaxRowsError                    a fan-out read more than its ``max_rows``; the other shards were cancelled
      +-- ReshardError                        a reshard that cannot start, continue or verify
           +-- ShardMovingError                a write (or an every-shard read) of a key being moved; retry
           +-- ReshardLockedError              another reshard holds the lock (``owner`` names it)
@@ -61,6 +63,7 @@ __all__ = [
     "InvalidKeyError",
     "InvalidPageError",
     "InvalidRouteError",
+    "MaxRowsError",
     "MultipleObjectsReturned",
     "ObjectDoesNotExist",
     "PartialCommitError",
@@ -71,6 +74,7 @@ __all__ = [
     "RouterError",
     "RouterImportError",
     "RoutingError",
+    "ScatterRefusedError",
     "ShardMovingError",
     "ShardQueryError",
     "ShardkitError",
@@ -127,6 +131,14 @@ class RoutingError(ShardkitError):
 
 class InvalidRouteError(RoutingError, ValueError):
     """A router returned a value that is not an alias of the cluster."""
+
+
+class ScatterRefusedError(RoutingError):
+    """``scatter="refuse"``: the statement names no shard key, so it would run on every shard.
+
+    Raised before anything runs.  Attributes: ``statement`` (its SQL, shortened), ``model``,
+    ``shard_key`` (the column names the statement could filter on), ``aliases``.
+    """
 
 
 class RouterError(RoutingError):
@@ -285,6 +297,12 @@ class ShardQueryError(FanoutError):
 
 class FanoutTimeoutError(ShardQueryError, TimeoutError):
     """The deadline of a fan-out passed before every shard answered."""
+
+
+class MaxRowsError(FanoutError):
+    """A fan-out read more rows than its ``max_rows``: it stopped, the shards still running were
+    cancelled.  Attributes: ``max_rows``, ``rows`` (counted when it stopped), ``alias`` (the
+    shard whose rows crossed the limit, ``None`` when counted during the merge)."""
 
 
 class ReshardError(ShardkitError):
