@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 __all__ = ["ShardQuery", "ShardSession", "current_session", "db_of", "using"]
 
 _T = TypeVar("_T")
+_EMPTY: Mapping[str, Any] = {}  # no execution options
 
 logger = logging.getLogger(__name__)
 
@@ -786,6 +787,98 @@ class ShardSession(Session):
             return None
         return self.identity_map.get(key)
 
+    # -- the fast path: a plain SELECT routed before SQLAlchemy's event machinery ----------------
+
+    def _execute_internal(
+        self,
+        statement: Any,
+        params: Any = None,
+        *,
+        execution_options: Any = _EMPTY,
+        bind_arguments: Any = None,
+        _parent_execute_state: Any = None,
+        _add_event: Any = None,
+        _scalar_result: bool = False,
+        **kw: Any,
+    ) -> Any:
+        """Every execution of the session (``execute``, ``scalars``, ``get``, lazy loads) comes
+        here.  A SELECT that :meth:`_fast_route` can place is routed here, before SQLAlchemy
+        builds an ``ORMExecuteState`` for the ``do_orm_execute`` listeners: it runs with the
+        alias in its bind arguments and identity token, as :meth:`_execute_routed` would have
+        set them, and only the listeners after shardkit's own still run (none: no
+        ``ORMExecuteState`` is built).  Everything else takes the listeners' path."""
+        if _parent_execute_state is None and _add_event is None and not kw and type(statement) is Select:
+            fast = self._fast_route(statement, params, execution_options, bind_arguments)
+            if fast is not None:
+                target, events = fast
+                if isinstance(target, str):
+                    bind_arguments = {"shard_id": target}
+                    execution_options = {**execution_options, "identity_token": target, "shardkit_alias": target}
+                else:  # a fan-out: routed once, here; run by the listener's own code
+                    events = [lambda orm_context: self._fanout(orm_context, target), *events]
+                return _sqla.execute_with_events(
+                    super()._execute_internal,
+                    statement,
+                    params,
+                    execution_options,
+                    bind_arguments,
+                    events,
+                    _scalar_result,
+                )
+        return super()._execute_internal(
+            statement,
+            params,
+            execution_options=execution_options,
+            bind_arguments=bind_arguments,
+            _parent_execute_state=_parent_execute_state,
+            _add_event=_add_event,
+            _scalar_result=_scalar_result,
+            **kw,
+        )
+
+    def _fast_path_ok(self) -> bool:
+        """Whether this session's plain SELECTs may take the fast path at all.  A feature that
+        acts on routed reads in :meth:`_execute_routed` or in a ``do_orm_execute`` listener
+        registered before shardkit's (replicas, lookups, metrics ...) and that the fast path does
+        not do itself must say no here (or in :meth:`_fast_route`) when it is in use."""
+        return self.pinned is None
+
+    def _fast_route(
+        self, statement: Select[Any], params: Any, execution_options: Any, bind_arguments: Any
+    ) -> tuple[str | ShardTargets, list[Any]] | None:
+        """Where a SELECT runs, decided as :meth:`_route` would decide it, and the
+        ``do_orm_execute`` listeners that would run after shardkit's; ``None`` when the statement
+        is not one the fast path takes: one that names its shard (:meth:`_named`: ``using()``,
+        ``shardkit_*`` execution options, a ``shard_id`` bind argument, a pinned session), a
+        refresh, lazy or post-load (the object it comes from decides), a statement given an
+        identity token, bind arguments or a model; a session whose listeners before shardkit's
+        are not only a lookup router with nothing to do for this model."""
+        if bind_arguments or not self._fast_path_ok():
+            return None
+        for opts in (execution_options, _sqla.statement_execution_options(statement), self.execution_options):
+            if opts and not _routes_by_statement(opts):
+                return None
+        for opt in _sqla.statement_options(statement):
+            if isinstance(opt, using):
+                return None
+        listeners = list(self.dispatch.do_orm_execute)
+        try:
+            mine = listeners.index(_on_execute)
+        except ValueError:
+            return None
+        _is_orm, subject = _sqla.orm_subject(statement)
+        if mine and not _lookups_idle(listeners[:mine], subject):
+            return None
+        model = subject.mapper.class_ if subject else _core_statement_model(statement)
+        router = self.cluster.router
+        if model is None:
+            return router.default, listeners[mine + 1 :]
+        if params and isinstance(params, Mapping):  # values bound only at execution (get() does this)
+            target = router.db_for_read(model, statement=statement, session=self, parameters=params)
+        else:
+            target = router.db_for_read(model, statement=statement, session=self)
+        return target, listeners[mine + 1 :]
+
     def _execute_routed(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         """Route one execution.  A SELECT on one alias goes on as SQLAlchemy's own execution (the
         alias in its bind arguments); a read of several aliases is a fan-out
@@ -1024,6 +1117,39 @@ def _mapper_class(mapper: Any) -> type[Any] | None:
     if isinstance(mapper, type):
         return mapper
     return None
+
+
+#: Execution options that name a shard or change how a SELECT is routed (and every
+#: ``shardkit_*`` one): a statement carrying one is routed by the listeners' path.
+_ROUTING_OPTIONS = frozenset({"identity_token", "sa_top_level_orm_context"})
+
+
+def _routes_by_statement(options: Mapping[str, Any]) -> bool:
+    """Whether execution options leave a SELECT's routing to its statement (see :meth:`ShardSession._fast_route`)."""
+    for name, value in options.items():
+        if name in _ROUTING_OPTIONS or name.startswith("shardkit_"):
+            return False
+        if name == "_sa_orm_load_options" and not _sqla.routes_by_statement(value):
+            return False
+    return True
+
+
+_LOOKUP_ROUTER: list[Any] = []  # shardkit.lookups' do_orm_execute listener and its two questions
+
+
+def _lookups_idle(listeners: list[Any], subject: Any) -> bool:
+    """Whether the ``do_orm_execute`` listeners that run before shardkit's are only
+    :mod:`shardkit.lookups`' router, with no lookup to route this SELECT's model by."""
+    if not _LOOKUP_ROUTER:
+        from .lookups._declare import any_declared
+        from .lookups._route import _columns_of, _route_by_lookup
+
+        _LOOKUP_ROUTER[:] = [_route_by_lookup, any_declared, _columns_of]
+    route_by_lookup, any_declared, columns_of = _LOOKUP_ROUTER
+    for fn in listeners:
+        if fn is not route_by_lookup:
+            return False
+    return not any_declared() or not subject or not columns_of(subject.mapper.class_)
 
 
 # -- events, registered once for every ShardSession ----------------------------

@@ -467,3 +467,61 @@ def session_by_hash_key(hash_key: Any) -> Any:
     from sqlalchemy.orm.session import _sessions
 
     return _sessions.get(hash_key)
+
+
+# -- the routed fast path (ShardSession._execute_internal) -------------------------------------
+
+
+def orm_subject(statement: Any) -> tuple[bool, Any]:
+    """``(is an ORM statement, its plugin subject)``: the entity SQLAlchemy names the statement's
+    ``bind_arguments["mapper"]`` after (``None`` when it has none, and for a Core statement)."""
+    attrs = statement._propagate_attrs
+    if attrs.get("compile_state_plugin") != "orm":
+        return False, None
+    return True, attrs.get("plugin_subject")
+
+
+def routes_by_statement(load_options: Any) -> bool:
+    """Whether ORM load options leave routing to the statement alone: not a refresh or an
+    expired-attribute load, a lazy load, a selectin / subquery load of other objects' rows,
+    or a load given an identity token."""
+    return (
+        load_options._identity_token is None
+        and load_options._lazy_loaded_from is None
+        and load_options._refresh_state is None
+        and load_options._sa_top_level_orm_context is None
+    )
+
+
+class _EventsLeft:
+    """What ``Session._execute_internal`` takes as ``_parent_execute_state``: it only asks it for
+    the ``do_orm_execute`` listeners still to run (none: SQLAlchemy builds no ORMExecuteState)."""
+
+    __slots__ = ("events",)
+
+    def __init__(self, events: list[Any]) -> None:
+        self.events = events
+
+    def _remaining_events(self) -> list[Any]:
+        return self.events
+
+
+def execute_with_events(
+    execute_internal: Callable[..., Any],
+    statement: Any,
+    params: Any,
+    execution_options: Any,
+    bind_arguments: Any,
+    events: list[Any],
+    scalar_result: bool,
+) -> Any:
+    """Run ``Session._execute_internal`` (``execute_internal``, bound) with only ``events`` as the
+    ``do_orm_execute`` listeners of this execution, in this order."""
+    return execute_internal(
+        statement,
+        params,
+        execution_options=execution_options,
+        bind_arguments=bind_arguments,
+        _parent_execute_state=_EventsLeft(events),
+        _scalar_result=scalar_result,
+    )
