@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, inspect
+from sqlalchemy import event, inspect, select
 from sqlalchemy.engine import Connection
 
 from .._session import ShardSession
@@ -266,6 +266,18 @@ def remove_after_commit(cluster: Any, removals: list[tuple[Lookup, Any, Any]]) -
 # -- the session events ------------------------------------------------------------------------
 
 
+def _stored_value(session: ShardSession, alias: str, lookup: Lookup, st: Any) -> Any:
+    """The value of the lookup column the row holds now (before this flush writes it)."""
+    table = lookup.model.__table__
+    mapper = st.mapper
+    pk = mapper.primary_key_from_instance(st.obj())
+    cols = [table.c[c.name] for c in mapper.primary_key]
+    conn = session.connection(bind_arguments={"shard_id": alias})
+    return conn.execute(
+        select(table.c[lookup.column.name]).where(*[c == v for c, v in zip(cols, pk, strict=True)])
+    ).scalar()
+
+
 def _history(obj: Any, attr: str) -> tuple[Any, Any, bool]:
     """(new value, old value, changed) of ``obj.attr`` in this flush."""
     hist = inspect(obj).attrs[attr].history
@@ -278,53 +290,51 @@ def _history(obj: Any, attr: str) -> tuple[Any, Any, bool]:
 
 @event.listens_for(ShardSession, "before_flush")
 def _lookups_before_flush(session: Any, flush_context: Any, instances: Any) -> None:
+    """Claim the lookups of the flush's new rows and new values; note those to remove after the commit.
+
+    Reads the objects of the flush from ``session.flush_aliases`` (decided by shardkit's own
+    ``before_flush``, which runs first: new, changed and deleted objects, each with its alias),
+    so a flush of models without lookups costs one dictionary look-up per object."""
     if not any_declared() or not isinstance(session, ShardSession):
         return
-    aliases = session.flush_aliases
+    placed = [(st, alias) for st, alias in session.flush_aliases.items() if lookups_of(st.class_)]
+    if not placed:
+        return
+    deleted = {id(obj) for obj in session.deleted}
     items: list[tuple[Lookup, Any, Any, str]] = []
     removals: list[tuple[Lookup, Any, Any]] = []
-    for obj in session.new:
-        lookups = lookups_of(type(obj))
-        if not lookups:
+    for st, row_alias in placed:
+        obj = st.obj()
+        if obj is None:
             continue
-        st = inspect(obj)
-        row_alias = aliases.get(st)
-        if row_alias is None:
-            continue
-        for lookup in lookups.values():
-            value = getattr(obj, lookup.attr, None)
-            if value is not None:
-                items.append((lookup, value, getattr(obj, lookup.key_attr), row_alias))
-    for obj in session.dirty:
-        lookups = lookups_of(type(obj))
-        if not lookups:
-            continue
-        st = inspect(obj)
-        row_alias = aliases.get(st)
-        if row_alias is None:
-            continue
-        key = getattr(obj, lookups[next(iter(lookups))].key_attr)
-        for lookup in lookups.values():
-            new, old, changed = _history(obj, lookup.attr)
-            if not changed:
-                continue
-            if new is not None:
-                items.append((lookup, new, key, row_alias))
-            if old is not None:
-                removals.append((lookup, old, key))
-    for obj in session.deleted:
-        lookups = lookups_of(type(obj))
-        if not lookups:
-            continue
-        key = None
-        for lookup in lookups.values():
-            hist = inspect(obj).attrs[lookup.attr].history
-            value = (hist.deleted or hist.unchanged or (None,))[0]
-            if key is None:
-                key_hist = inspect(obj).attrs[lookup.key_attr].history
-                key = (key_hist.deleted or key_hist.unchanged or (getattr(obj, lookup.key_attr),))[0]
-            if value is not None:
-                removals.append((lookup, value, key))
+        lookups = lookups_of(st.class_)
+        first = next(iter(lookups.values()))
+        if st.key is None:  # a new row
+            key = getattr(obj, first.key_attr)
+            for lookup in lookups.values():
+                value = getattr(obj, lookup.attr, None)
+                if value is not None:
+                    items.append((lookup, value, key, row_alias))
+        elif id(obj) in deleted:  # its lookups go once the delete is committed
+            key_hist = st.attrs[first.key_attr].history
+            key = (key_hist.deleted or key_hist.unchanged or (getattr(obj, first.key_attr),))[0]
+            for lookup in lookups.values():
+                hist = st.attrs[lookup.attr].history
+                value = (hist.deleted or hist.unchanged or (getattr(obj, lookup.attr, None),))[0]  # loads if expired
+                if value is not None:
+                    removals.append((lookup, value, key))
+        else:  # changed: a new value is claimed now, the old one removed after the commit
+            key = getattr(obj, first.key_attr)
+            for lookup in lookups.values():
+                new, old, changed = _history(obj, lookup.attr)
+                if not changed:
+                    continue
+                if old is None and not st.attrs[lookup.attr].history.deleted:  # set while expired: ask the row
+                    old = _stored_value(session, row_alias, lookup, st)
+                if new is not None:
+                    items.append((lookup, new, key, row_alias))
+                if old is not None:
+                    removals.append((lookup, old, key))
     if items:
         claim_rows(session, items)
     if removals:

@@ -206,6 +206,15 @@ def test_changing_and_deleting_move_and_remove_the_lookup(cluster: shardkit.Clus
         s.commit()
     values = {v: k for _a, v, k in lookup_rows(cluster)}
     assert "u2@x.org" not in values and "u1@x.org" in values
+    with cluster.session() as s:  # changed and deleted while expired (after a commit): the same
+        a = s.scalars(select(User).where(User.email == "u4@x.org")).one()
+        b = s.scalars(select(User).where(User.email == "u5@x.org")).one()
+        s.commit()
+        a.email = "u4-new@x.org"
+        s.delete(b)
+        s.commit()
+    values = {v: k for _a, v, k in lookup_rows(cluster)}
+    assert "u4@x.org" not in values and "u4-new@x.org" in values and "u5@x.org" not in values
     assert verify(cluster, "lk_users.email").ok and verify(cluster, "lk_users.external_id").ok
 
 
