@@ -30,7 +30,8 @@ def _values(draw: Any, pool: list[Any]) -> list[Any]:
 
 @st.composite
 def filters(draw: Any) -> Any:
-    kind = draw(st.sampled_from(["eq", "in", "ext_eq", "ext_in", "and_name", "or", "in_and_ext", "empty_in"]))
+    kinds = ["eq", "in", "ext_eq", "ext_in", "and_name", "or", "in_and_ext", "empty_in", "not_in", "null", "ne"]
+    kind = draw(st.sampled_from(kinds))
     email = draw(st.sampled_from(EMAILS))
     if kind == "eq":
         return User.email == email
@@ -46,6 +47,12 @@ def filters(draw: Any) -> Any:
         return or_(User.email == email, User.name == draw(st.sampled_from(NAMES)))
     if kind == "in_and_ext":
         return and_(User.email.in_(_values(draw, EMAILS)), User.external_id.in_(_values(draw, ["a", "b", "c"])))
+    if kind == "not_in":
+        return ~User.email.in_(_values(draw, EMAILS))
+    if kind == "null":
+        return User.email.is_(None)
+    if kind == "ne":
+        return and_(User.email != email, User.external_id == "a")
     return User.email.in_([])
 
 
