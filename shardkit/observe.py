@@ -689,26 +689,36 @@ class FanoutProbe:
         self._lock = threading.Lock()
         self.over: MaxRowsError | None = None
         self.done = False
+        self._running: dict[str, tuple[Any, str]] = {}  # alias -> (connection, its cancel SQL)
 
     def partial(self, partial: bool) -> bool:
         """A fan-out with ``max_rows`` is never partial: crossing it stops everything."""
         return partial and self.max_rows is None
 
     def shard(self, alias: str, body: Callable[..., Any]) -> Callable[..., Any]:
-        """Wrap one shard's task body: time it, count its rows, stop at ``max_rows``."""
+        """Wrap one shard's task body ``body(connection, remaining_seconds)``: time it, count its
+        rows, stop at ``max_rows`` (cancelling the other shards' statements on the server)."""
 
-        def run(*args: Any) -> Any:
+        def run(conn: Any, *args: Any) -> Any:
             start = time.perf_counter()
             start_ns = time.time_ns()
+            if self.max_rows is not None:
+                cancel_sql = _cancel_sql(conn)
+                if cancel_sql is not None:
+                    with self._lock:
+                        self._running[alias] = (conn, cancel_sql)
             previous = getattr(_fanout_shard, "alias", None)
             _fanout_shard.alias = alias
             try:
-                result = body(*args)
+                result = body(conn, *args)
             except BaseException as exc:
                 self.timings[alias] = ShardTiming(alias, time.perf_counter() - start, None, exc, start_ns)
                 raise
             finally:
                 _fanout_shard.alias = previous
+                if self._running:
+                    with self._lock:
+                        self._running.pop(alias, None)
             seconds = time.perf_counter() - start
             rows = _rowcount(result)
             self.timings[alias] = ShardTiming(alias, seconds, rows, None, start_ns)
@@ -718,10 +728,25 @@ class FanoutProbe:
                     total = self.rows_seen
                 if total > self.max_rows:
                     result.close()
-                    raise self._over(total, alias)
+                    err = self._over(total, alias)
+                    self._cancel_others()
+                    raise err
             return result
 
         return run
+
+    def _cancel_others(self) -> None:
+        """Ask each shard still running its statement to cancel it (PostgreSQL:
+        ``pg_cancel_backend``, MySQL: ``KILL QUERY``), so its connection comes back usable and the
+        server stops working for rows nobody will read."""
+        with self._lock:
+            running = list(self._running.items())
+        for alias, (conn, sql) in running:
+            try:
+                with conn.engine.connect() as other:
+                    other.exec_driver_sql(sql)
+            except Exception as exc:  # the fan-out's own cancel (the socket) still stops it
+                logger.debug("could not cancel shard %r's statement on the server: %s", alias, brief(exc))
 
     def _over(self, rows: int, alias: str | None) -> MaxRowsError:
         where = f" (shard {alias!r} crossed it)" if alias else ""
@@ -801,6 +826,21 @@ class FanoutProbe:
             self.capture.append(ev)
         if self.obs is not None:
             self.obs.fanout(ev)
+
+
+def _cancel_sql(conn: Any) -> str | None:
+    """The SQL that cancels what ``conn`` runs, sent on another connection (``None``: unknown)."""
+    try:
+        dialect = conn.dialect.name
+        dbapi = conn.connection.dbapi_connection
+        if dialect == "postgresql":
+            pid = dbapi.get_backend_pid() if hasattr(dbapi, "get_backend_pid") else dbapi.info.backend_pid
+            return f"SELECT pg_cancel_backend({int(pid)})"
+        if dialect in ("mysql", "mariadb"):
+            return f"KILL QUERY {int(dbapi.thread_id())}"
+    except Exception:  # a driver without these: the fan-out's own cancel only
+        return None
+    return None
 
 
 def _rowcount(result: Any) -> int | None:
