@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import inspect, select
 from sqlalchemy.exc import NoInspectionAvailable
 
+from .._find import ring_router_of
 from .._routing import RouterChain
 from ..errors import ShardMovingError, first_line
 from ..ring import HashRing, HashRingRouter
@@ -49,7 +50,7 @@ from ..typing import ShardTargets
 if TYPE_CHECKING:
     from .._cluster import Cluster
 
-__all__ = ["FencingRouter", "attach_fencing", "ensure_fencing", "fences_of", "find_ring_router"]
+__all__ = ["FencingRouter", "attach_fencing", "ensure_fencing", "fences_of"]
 
 logger = logging.getLogger(__name__)
 _now = time.monotonic
@@ -66,14 +67,6 @@ class _Fence:
     tables: frozenset[str]
     writes: bool
     reads: bool
-
-
-def find_ring_router(cluster: Cluster) -> HashRingRouter | None:
-    """The first :class:`HashRingRouter` of the cluster's router chain."""
-    for r in cluster.router.routers:
-        if isinstance(r, HashRingRouter):
-            return r
-    return None
 
 
 def ensure_fencing(routers: Sequence[Any], *args: Any, **kwargs: Any) -> RouterChain:
@@ -183,7 +176,7 @@ class FencingRouter:
             if _now() < self._next_poll:
                 return
             self._next_poll = _now() + self.poll_interval
-            router = find_ring_router(cluster)
+            router = ring_router_of(cluster)
             if router is None:
                 return
             try:

@@ -43,12 +43,13 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
+from .._find import ring_router_of
 from ..errors import ConfigError, ReshardError, ReshardVerifyError
 from ..ring import HashRing, HashRingRouter
 from ..ring._layout import describe_movement
 from . import _dbfence
 from ._backend import Backend, Step
-from ._fence import FencingRouter, fences_of, find_ring_router
+from ._fence import FencingRouter, fences_of
 from ._pg import PostgresBackend, fast_ok
 from ._portable import PortableBackend
 from ._progress import Emit, Job, ProgressEvent, run_jobs
@@ -109,7 +110,7 @@ class Resharder:
         if sum(x is not None for x in (new_ring, add, remove)) != 1:
             raise ConfigError("say what the new ring is: exactly one of new_ring=, add=, remove=")
         self.cluster = cluster
-        found = router if router is not None else find_ring_router(cluster)
+        found = router if router is not None else ring_router_of(cluster)
         if found is None:
             raise ConfigError("the cluster has no HashRingRouter: pass router=")
         self.router: HashRingRouter = found
