@@ -82,7 +82,7 @@ SCATTER_MODES = ("allow", "warn", "refuse")
 # -- events ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StatementEvent:
     """One statement an alias ran.
 
@@ -109,7 +109,7 @@ class StatementEvent:
     start_ns: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ShardTiming:
     """One shard of a fan-out: its time (``None``: it never answered), rows, error, SQL."""
 
@@ -446,79 +446,89 @@ def engine_created(cluster: Cluster, alias: str, engine: Engine) -> None:
 # -- statements, from the engines' events --------------------------------------------------------
 
 _fanout_shard = threading.local()  # .alias while a fan-out's shard statement runs in this thread
-_KINDS: weakref.WeakKeyDictionary[Any, tuple[str, str | None]] = weakref.WeakKeyDictionary()
 
 
 def watch_engine(cluster: Cluster, alias: str, engine: Engine) -> None:
-    """Time every statement of ``engine`` (once per engine) and tell the cluster's observer."""
+    """Time every statement of ``engine`` (once per engine) and tell the cluster's observer.
+
+    Listens to the dialect's ``do_execute`` / ``do_executemany`` / ``do_execute_no_params``
+    events and runs the dialect's own method inside them: one call around the DBAPI's
+    ``execute``, and no engine-level event (those make every connection step dispatch)."""
     obs = _observer(cluster)
     if engine in obs.watched:
         return
     obs.watched[engine] = alias
+    dialect = engine.dialect
     perf = time.perf_counter
     wall = time.time_ns
+    local = _fanout_shard
 
-    def before(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-        if context is not None:
-            context.shardkit_started = (perf(), wall())
-
-    def after(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-        started = getattr(context, "shardkit_started", None)
-        if started is None or not obs.watching_statements:
+    def tell(cursor: Any, statement: str, context: Any, start: float, start_ns: int, error: Any) -> None:
+        seconds = perf() - start
+        if not obs.watching_statements:
             return
-        seconds = perf() - started[0]
-        kind, table = _kind_and_table(context)
-        rowcount = getattr(cursor, "rowcount", -1)
+        compiled = getattr(context, "compiled", None)
+        found = getattr(compiled, "shardkit_kind", None) if compiled is not None else None
+        if found is None:
+            found = _kind_and_table(context, compiled)
+        rowcount = -1 if error is not None else getattr(cursor, "rowcount", -1)
         obs.statement(
             StatementEvent(
                 alias,
-                table,
-                kind,
-                rowcount if isinstance(rowcount, int) and rowcount >= 0 else None,
+                found[1],
+                found[0],
+                rowcount if type(rowcount) is int and rowcount >= 0 else None,
                 seconds,
-                None,
+                error,
                 statement,
-                getattr(_fanout_shard, "alias", None) is not None,
-                started[1],
+                getattr(local, "alias", None) is not None,
+                start_ns,
             )
         )
 
-    def failed(ctx: Any) -> None:
-        context = ctx.execution_context
-        started = getattr(context, "shardkit_started", None)
-        if started is None or not obs.watching_statements:
-            return
-        kind, table = _kind_and_table(context)
-        obs.statement(
-            StatementEvent(
-                alias,
-                table,
-                kind,
-                None,
-                perf() - started[0],
-                ctx.original_exception,
-                ctx.statement or "",
-                getattr(_fanout_shard, "alias", None) is not None,
-                started[1],
-            )
-        )
+    def do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        start, start_ns = perf(), wall()
+        try:
+            dialect.do_execute(cursor, statement, parameters, context)
+        except BaseException as exc:
+            tell(cursor, statement, context, start, start_ns, exc)
+            raise
+        tell(cursor, statement, context, start, start_ns, None)
+        return True
 
-    event.listen(engine, "before_cursor_execute", before)
-    event.listen(engine, "after_cursor_execute", after)
-    event.listen(engine, "handle_error", failed)
+    def do_executemany(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        start, start_ns = perf(), wall()
+        try:
+            dialect.do_executemany(cursor, statement, parameters, context)
+        except BaseException as exc:
+            tell(cursor, statement, context, start, start_ns, exc)
+            raise
+        tell(cursor, statement, context, start, start_ns, None)
+        return True
+
+    def do_execute_no_params(cursor: Any, statement: str, context: Any) -> bool:
+        start, start_ns = perf(), wall()
+        try:
+            dialect.do_execute_no_params(cursor, statement, context)
+        except BaseException as exc:
+            tell(cursor, statement, context, start, start_ns, exc)
+            raise
+        tell(cursor, statement, context, start, start_ns, None)
+        return True
+
+    event.listen(engine, "do_execute", do_execute)
+    event.listen(engine, "do_executemany", do_executemany)
+    event.listen(engine, "do_execute_no_params", do_execute_no_params)
 
 
-def _kind_and_table(context: Any) -> tuple[str, str | None]:
-    compiled = getattr(context, "compiled", None)
+def _kind_and_table(context: Any, compiled: Any) -> tuple[str, str | None]:
+    """The statement kind and table of an execution; kept on the compiled statement (which
+    SQLAlchemy caches) as ``shardkit_kind``, so it is worked out once per statement shape."""
     if compiled is None:
         return _kind_of_sql(getattr(context, "statement", "") or ""), None
-    try:
-        return _KINDS[compiled]
-    except (KeyError, TypeError):
-        pass
     found = _kind_of_compiled(context, compiled)
-    with contextlib.suppress(TypeError):  # a compiled object that takes no weak reference
-        _KINDS[compiled] = found
+    with contextlib.suppress(AttributeError):  # a compiled class with __slots__: work it out each time
+        compiled.shardkit_kind = found
     return found
 
 
