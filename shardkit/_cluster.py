@@ -318,6 +318,8 @@ class Cluster:
         """The tables of ``target`` (MetaData or declarative base) that allow_migrate puts on ``alias``."""
         alias = self.check_alias(alias)
         metadata, models = _tables_of(target)
+        if self._specs[alias].replica_of is not None:  # read-only: it gets its primary's tables by replication
+            return []
         return [
             table
             for table in metadata.sorted_tables

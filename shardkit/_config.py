@@ -18,13 +18,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
 from sqlalchemy import URL, Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from ._replicas import check_replica_graph, parse_replica_options
 from .errors import ConfigError, UnknownEngineError
 
 __all__ = ["DEFAULT_DB_ALIAS", "AliasSpec", "parse_databases"]
@@ -64,7 +65,7 @@ _DJANGO_KEYS = frozenset(
         "CONN_HEALTH_CHECKS", "TIME_ZONE", "DISABLE_SERVER_SIDE_CURSORS",
     }
 )  # fmt: skip
-_SHARDKIT_KEYS = frozenset({"ENGINE_OPTIONS"})
+_SHARDKIT_KEYS = frozenset({"ENGINE_OPTIONS", "REPLICAS", "REPLICA_POLICY", "MAX_REPLICA_LAG"})  # see _replicas
 # ENGINE_OPTIONS create_engine() takes as numbers without checking them.
 _NUMERIC_ENGINE_OPTIONS = frozenset({"pool_size", "max_overflow", "pool_timeout", "pool_recycle"})
 
@@ -77,6 +78,9 @@ class AliasSpec:
     :param url: the SQLAlchemy URL (its repr hides the password).
     :param connect_args: ``OPTIONS``, passed to the DBAPI's ``connect()``.
     :param engine_options: ``ENGINE_OPTIONS``, passed to ``create_engine()``.
+    :param replicas: ``REPLICAS``: the aliases of its read replicas (see :mod:`shardkit._replicas`),
+        with ``replica_weights``, ``replica_policy`` and ``max_replica_lag``; ``replica_of``: the
+        primary of a replica alias.
     """
 
     alias: str
@@ -84,6 +88,11 @@ class AliasSpec:
     connect_args: Mapping[str, Any] = field(default_factory=dict)
     engine_options: Mapping[str, Any] = field(default_factory=dict)
     engine: Engine | None = None
+    replicas: tuple[str, ...] = ()
+    replica_weights: tuple[float, ...] = ()
+    replica_policy: str = "round_robin"
+    max_replica_lag: float | None = None
+    replica_of: str | None = None
 
     @property
     def dialect_name(self) -> str:
@@ -240,7 +249,17 @@ def _spec_from_dict(alias: str, entry: Mapping[str, Any]) -> AliasSpec:
         port=port,
         database=str(name) if name is not None else None,
     )
-    return AliasSpec(alias, url, MappingProxyType(dict(options)), MappingProxyType(dict(engine_options)))
+    replicas, weights, policy, lag = parse_replica_options(alias, entry)
+    return AliasSpec(
+        alias,
+        url,
+        MappingProxyType(dict(options)),
+        MappingProxyType(dict(engine_options)),
+        replicas=replicas,
+        replica_weights=weights,
+        replica_policy=policy,
+        max_replica_lag=lag,
+    )
 
 
 def _spec(alias: Any, entry: Any) -> AliasSpec:
@@ -280,4 +299,7 @@ def parse_databases(databases: Mapping[str, Any]) -> dict[str, AliasSpec]:
             f"{', '.join(map(repr, databases)) or 'none'})",
             alias=DEFAULT_DB_ALIAS,
         )
-    return {alias: _spec(alias, entry) for alias, entry in databases.items()}
+    specs = {alias: _spec(alias, entry) for alias, entry in databases.items()}
+    for replica, primary in check_replica_graph(specs).items():  # REPLICAS name aliases, no chains
+        specs[replica] = replace(specs[replica], replica_of=primary)
+    return specs

@@ -328,5 +328,12 @@ def _build(
                 f"(aliases: {', '.join(cluster.aliases)})",
                 aliases=missing,
             )
+        replicas = [alias for alias in ring if cluster.spec(alias).replica_of is not None]
+        if replicas:  # a replica is read-only: it serves its primary's reads, it is not a shard
+            raise ConfigError(
+                f"{source}: ring shard(s) {', '.join(replicas)} are replicas (of "
+                f"{', '.join(str(cluster.spec(a).replica_of) for a in replicas)}), not shards",
+                aliases=replicas,
+            )
     logger.debug("settings %s: aliases %s, ring: %s", source, ", ".join(cluster.aliases), ring is not None)
     return Settings(cluster=cluster, ring=ring, metadata=metadata, source=source)
