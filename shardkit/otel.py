@@ -49,6 +49,7 @@ class TracingListener(Listener):
         self.tracer = trace.get_tracer("shardkit", __version__, tracer_provider=tracer_provider)
         self.statement_text = statement_text
         self._base: dict[str, dict[str, Any]] = {}
+        self._cache: dict[tuple[str, str, str | None], dict[str, Any]] = {}
         for alias in cluster.aliases:
             spec = cluster.spec(alias)
             system = _SYSTEMS.get(spec.dialect_name, spec.dialect_name)
@@ -58,20 +59,28 @@ class TracingListener(Listener):
             self._base[alias] = attrs
 
     def _attributes(self, alias: str, kind: str, table: str | None) -> dict[str, Any]:
-        attrs = dict(self._base.get(alias) or {"shardkit.alias": alias})
-        attrs["db.operation.name"] = kind.upper()
-        if table:
-            attrs["db.collection.name"] = table
+        """The attributes every span of ``kind`` on ``table`` at ``alias`` has (made once)."""
+        key = (alias, kind, table)
+        attrs = self._cache.get(key)
+        if attrs is None:
+            attrs = dict(self._base.get(alias) or {"shardkit.alias": alias})
+            attrs["db.operation.name"] = kind.upper()
+            if table:
+                attrs["db.collection.name"] = table
+            if len(self._cache) < 4096:
+                self._cache[key] = attrs
         return attrs
 
     def on_statement(self, event: StatementEvent) -> None:
         if event.in_fanout:  # the fan-out's shard spans stand for these
             return
         attrs = self._attributes(event.alias, event.kind, event.table)
-        if self.statement_text and event.sql:
-            attrs["db.query.text"] = event.sql
-        if event.rows is not None:
-            attrs["db.response.returned_rows"] = event.rows
+        if (self.statement_text and event.sql) or event.rows is not None:
+            attrs = dict(attrs)
+            if self.statement_text and event.sql:
+                attrs["db.query.text"] = event.sql
+            if event.rows is not None:
+                attrs["db.response.returned_rows"] = event.rows
         span = self.tracer.start_span(
             _name(event.kind, event.table), kind=SpanKind.CLIENT, attributes=attrs, start_time=event.start_ns
         )
@@ -103,7 +112,7 @@ class TracingListener(Listener):
         )
         context = trace.set_span_in_context(parent)
         for alias, timing in event.shards.items():
-            child_attrs = self._attributes(alias, "select", event.table)
+            child_attrs = dict(self._attributes(alias, "select", event.table))
             if timing.rows is not None:
                 child_attrs["db.response.returned_rows"] = timing.rows
             start = timing.start_ns or event.start_ns
