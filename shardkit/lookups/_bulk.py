@@ -58,7 +58,7 @@ def _claim(
     explicit: bool,
     pinned: Any = None,
 ) -> None:
-    router = _store.ring_router(session.cluster)
+    router = _store.ring_router(session.cluster)  # (settles each lookup's shard key first)
     first = next(iter(lookups.values()))
     if pinned:
         aliases = [str(pinned)] * len(rows)

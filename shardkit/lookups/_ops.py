@@ -88,7 +88,9 @@ class VerifyReport:
         }
 
 
-def _resolve(lookup: Lookup | str) -> Lookup:
+def _resolve(lookup: Lookup | str, cluster: Any = None) -> Lookup:
+    if cluster is not None:
+        _store.ring_router(cluster)  # settles each lookup's shard key with the router's
     return lookup if isinstance(lookup, Lookup) else lookup_for(lookup)
 
 
@@ -192,7 +194,7 @@ def backfill(
     :param lookup: a :class:`Lookup` or its name, ``"User.email"``.
     :returns: one :class:`BackfillProgress` per shard.
     """
-    lk = _resolve(lookup)
+    lk = _resolve(lookup, cluster)
     name = lk.label
     done = {} if restart else _load_progress(cluster, name)
     if restart:
@@ -240,7 +242,7 @@ def verify(cluster: Any, lookup: Lookup | str, *, batch: int = 1000, repair: boo
     writer of that row is in flight (the same test a writer takes over a unique value by);
     younger ones are reported in ``young``.
     """
-    lk = _resolve(lookup)
+    lk = _resolve(lookup, cluster)
     router = _store.ring_router(cluster)
     report = VerifyReport(lookup=lk.label)
     table = lk.model.__table__

@@ -122,6 +122,7 @@ def plan_lookup_route(session: ShardSession, model: Any, statement: Any, params:
     found = _conditions(statement, columns)
     if not found:
         return None
+    _store.ring_router(session.cluster)  # settles each lookup's shard key with the router's
     mapping = params if isinstance(params, Mapping) else None
     first = found[0][0]
     keyed: list[tuple[Lookup, bool, BindParameter[Any]]] = []

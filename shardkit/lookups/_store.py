@@ -61,6 +61,7 @@ def ring_router(cluster: Any) -> HashRingRouter:
     found = ring_router_of(cluster)
     if found is None:
         raise ConfigError("lookups need a HashRingRouter in the cluster's routers (lookup rows live on its ring)")
+    _agree(found)
     with contextlib.suppress(TypeError):  # a chain that cannot be weakly referenced: not kept
         _routers[chain] = found
     return found
@@ -81,6 +82,18 @@ def reader(engine: Any) -> Any:
     if found is None:
         found = _AUTOCOMMIT[engine] = engine.execution_options(isolation_level="AUTOCOMMIT")
     return found
+
+
+def _agree(router: HashRingRouter) -> None:
+    """A lookup declared on a model that names no ``__shard_key__`` took its primary key; the
+    router may shard the model by another attribute (``shard_keys={User: "tenant_id"}``): the
+    router's wins."""
+    from ._declare import registered
+
+    for lookup in registered():
+        named = router.shard_key_column(lookup.model)
+        if named is not None and named[0] != lookup.key_attr:
+            lookup.key_attr, lookup.key_column = named[0], named[1]
 
 
 def alias_of(router: HashRingRouter, lookup: Lookup, value: Any) -> str:

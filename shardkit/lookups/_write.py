@@ -300,6 +300,7 @@ def _lookups_before_flush(session: Any, flush_context: Any, instances: Any) -> N
     placed = [(st, alias) for st, alias in session.flush_aliases.items() if lookups_of(st.class_)]
     if not placed:
         return
+    _store.ring_router(session.cluster)  # settles each lookup's shard key with the router's
     deleted = {id(obj) for obj in session.deleted}
     items: list[tuple[Lookup, Any, Any, str]] = []
     removals: list[tuple[Lookup, Any, Any]] = []

@@ -44,6 +44,17 @@ class Account(Base):
     number: Mapped[str] = mapped_column(String(40))
 
 
+class Ticket(Base):
+    """``__lookups__`` on a model whose shard key only the router names (not its primary key)."""
+
+    __tablename__ = "lk_tickets"
+    __lookups__ = {"code": {"unique": True}}
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    tenant: Mapped[int] = mapped_column(BigInteger)
+    code: Mapped[str] = mapped_column(String(40))
+
+
 SHARDS = ("s0", "s1", "s2", "s3")
 
 
@@ -51,6 +62,6 @@ def make_cluster(urls: dict[str, str], **kwargs: object) -> shardkit.Cluster:
     """A cluster of ``default`` + the ring's shards, with Account sharded by tenant and looked up by number."""
     ring = shardkit.HashRing([a for a in urls if a != "default"])
     router = shardkit.HashRingRouter(
-        ring, shard_keys={Account: "tenant"}, lookups={"lk_accounts": {"number": {"unique": True}}}
+        ring, shard_keys={Account: "tenant", Ticket: "tenant"}, lookups={"lk_accounts": {"number": {"unique": True}}}
     )
     return shardkit.Cluster(urls, [router], **kwargs)  # type: ignore[arg-type]

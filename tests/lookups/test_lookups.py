@@ -313,3 +313,20 @@ def test_lookups_are_not_a_cross_shard_write(make_urls: Any) -> None:
         assert verify(cluster, "lk_users.email").ok
     finally:
         cluster.dispose()
+
+
+def test_lookup_on_a_model_the_router_shards_by_another_column(cluster: shardkit.Cluster) -> None:
+    from .models import Ticket
+
+    router = cluster.router.routers[0]
+    with cluster.session() as s:
+        s.add_all([Ticket(id=i, tenant=1000 + i % 5, code=f"T{i}") for i in range(20)])
+        s.commit()
+        t = s.scalars(select(Ticket).where(Ticket.code == "T7")).one()
+        assert shardkit.db_of(t) == router.shard_for(Ticket, 1007)
+        s.add(Ticket(id=99, tenant=5000, code="T7"))
+        with pytest.raises(UniqueLookupError):
+            s.commit()
+        s.rollback()
+    assert lookup_for("lk_tickets.code").key_attr == "tenant"
+    assert verify(cluster, "lk_tickets.code").ok
