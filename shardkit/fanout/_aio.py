@@ -42,8 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from sqlalchemy.util import await_only, greenlet_spawn
 
-from ..errors import FanoutTimeoutError, ShardQueryError, brief
-from ._execute import FanoutOutcome
+from ._execute import FanoutOutcome, outcome
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -199,28 +198,8 @@ def run_on_loop(
         for alias in abandoned:
             _let_go(session, tasks[alias])
     elapsed = time.monotonic() - start
-    if errors and (not partial or not results):
-        ordered = {a: errors[a] for a in tasks if a in errors}
-        slow = [a for a, e in ordered.items() if isinstance(e, TimeoutError)]
-        if deadline is not None and slow and len(slow) == len(ordered):
-            raise FanoutTimeoutError(
-                f"fan-out deadline of {deadline}s passed; no answer from shard(s) "
-                + ", ".join(f"{a!r}{stages.get(a) or _stage(tasks[a])}" for a in slow),
-                errors=ordered,
-                aliases=tuple(slow),
-            )
-        failed = [a for a in ordered if a not in late]
-        detail = "; ".join(f"{a}{'' if a in late else _stage(tasks[a])}: {brief(e)}" for a, e in ordered.items())
-        raise ShardQueryError(
-            f"fan-out failed on shard(s) {_names(failed)}"
-            + (f", no answer from {_names(late)}" if late else "")
-            + f" ({detail})",
-            errors=ordered,
-            aliases=tuple(ordered),
-        )
-    return FanoutOutcome(
-        {a: results[a] for a in tasks if a in results}, {a: errors[a] for a in tasks if a in errors}, elapsed
-    )
+    stage_of = {a: stages.get(a) or _stage(task) for a, task in tasks.items()}
+    return outcome(tasks, results, errors, late, stage_of, deadline, partial, elapsed)
 
 
 class DollarCursor:

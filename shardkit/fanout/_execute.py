@@ -38,7 +38,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Executor, Future, wait
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -332,6 +332,51 @@ def _names(aliases: Any) -> str:
     return ", ".join(repr(a) for a in aliases)
 
 
+def outcome(
+    tasks: Mapping[str, Any],
+    results: Mapping[str, T],
+    errors: Mapping[str, BaseException],
+    late: Iterable[str],
+    stages: Mapping[str, str],
+    deadline: float | None,
+    partial: bool,
+    elapsed: float,
+) -> FanoutOutcome[T]:
+    """What a fan-out's shard answers add up to, for both executors (threads and the event loop):
+    the answers in the order of ``tasks``, or the one error that says what failed.
+
+    :param late: the shards still running at the deadline.
+    :param stages: each shard's stage suffix (`` (connecting)`` ...) for the messages.
+    :raises FanoutTimeoutError: every failure is a timeout.
+    :raises ShardQueryError: a shard failed, and partial answers were not asked for (or none came).
+    """
+    late = set(late)
+    if errors and (not partial or not results):
+        ordered = {a: errors[a] for a in tasks if a in errors}
+        # A task may itself report the deadline (a server-side statement timeout set from
+        # ``remaining_seconds``, a pool checkout cut to the time left): that is a timeout too.
+        slow = [a for a, e in ordered.items() if isinstance(e, TimeoutError)]
+        if deadline is not None and slow and len(slow) == len(ordered):
+            raise FanoutTimeoutError(
+                f"fan-out deadline of {deadline}s passed; no answer from shard(s) "
+                + ", ".join(f"{a!r}{stages.get(a, '')}" for a in slow),
+                errors=ordered,
+                aliases=tuple(slow),
+            )
+        failed = [a for a in ordered if a not in late]
+        detail = "; ".join(f"{a}{'' if a in late else stages.get(a, '')}: {brief(e)}" for a, e in ordered.items())
+        raise ShardQueryError(
+            f"fan-out failed on shard(s) {_names(failed)}"
+            + (f", no answer from {_names([a for a in tasks if a in late])}" if late else "")
+            + f" ({detail})",
+            errors=ordered,
+            aliases=tuple(ordered),
+        )
+    ordered_results = {a: results[a] for a in tasks if a in results}
+    ordered_errors = {a: errors[a] for a in tasks if a in errors}
+    return FanoutOutcome(ordered_results, ordered_errors, elapsed)
+
+
 def run_parallel(
     tasks: Mapping[str, ShardTask[T]],
     *,
@@ -418,30 +463,7 @@ def run_parallel(
     if timed_out:
         for alias in late:
             errors[alias] = TimeoutError(f"shard {alias!r} did not answer within {deadline}s{stages[alias]}")
-    if errors and (not partial or not results):
-        ordered = {a: errors[a] for a in tasks if a in errors}
-        # A task may itself report the deadline (a server-side statement timeout set from
-        # ``remaining_seconds``, a pool checkout cut to the time left): that is a timeout too.
-        slow = [a for a, e in ordered.items() if isinstance(e, TimeoutError)]
-        if deadline is not None and slow and len(slow) == len(ordered):
-            raise FanoutTimeoutError(
-                f"fan-out deadline of {deadline}s passed; no answer from shard(s) "
-                + ", ".join(f"{a!r}{stages[a]}" for a in slow),
-                errors=ordered,
-                aliases=tuple(slow),
-            )
-        failed = [a for a in ordered if a not in late] if timed_out else list(ordered)
-        detail = "; ".join(f"{a}{'' if a in late else stages[a]}: {brief(e)}" for a, e in ordered.items())
-        raise ShardQueryError(
-            f"fan-out failed on shard(s) {_names(failed)}"
-            + (f", no answer from {_names(late)}" if timed_out and late else "")
-            + f" ({detail})",
-            errors=ordered,
-            aliases=tuple(ordered),
-        )
-    ordered_results = {a: results[a] for a in tasks if a in results}
-    ordered_errors = {a: errors[a] for a in tasks if a in errors}
-    return FanoutOutcome(ordered_results, ordered_errors, elapsed)
+    return outcome(tasks, results, errors, late if timed_out else (), stages, deadline, partial, elapsed)
 
 
 def pg_statement_timeout_sql(remaining_seconds: float | None) -> str:
