@@ -153,6 +153,7 @@ def test_otel_spans_from_events(spans: tuple[TracerProvider, InMemorySpanExporte
     listener.on_statement(StatementEvent("s0", "things", "select", 1, 0.002, sql="SELECT ...", start_ns=10**18))
     listener.on_statement(StatementEvent("s0", "things", "select", 1, 0.002, in_fanout=True))  # not a span
     listener.on_statement(StatementEvent("default", "things", "update", None, 0.001, error=ValueError("bad")))
+    assert listener.flush(5)
     got = exporter.get_finished_spans()
     assert [s.name for s in got] == ["SELECT things", "UPDATE things"]
     first = got[0]
@@ -174,6 +175,7 @@ def test_otel_spans_from_events(spans: tuple[TracerProvider, InMemorySpanExporte
             start_ns=1,
         )
     )
+    assert listener.flush(5)
     got = exporter.get_finished_spans()
     parent = next(s for s in got if s.name == "shardkit.fanout things")
     children = [s for s in got if s is not parent]
@@ -192,3 +194,26 @@ def test_shardkit_does_not_import_opentelemetry() -> None:
     code = "import sys, shardkit, shardkit.observe; print(any(m.startswith('opentelemetry') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_otel_span_parent_is_the_callers_span(
+    spans: tuple[TracerProvider, InMemorySpanExporter], background: bool
+) -> None:
+    from shardkit import otel
+
+    provider, exporter = spans
+    cluster = shardkit.Cluster({"default": "sqlite://"})
+    listener = otel.instrument(cluster, tracer_provider=provider, background=background)
+    with provider.get_tracer("app").start_as_current_span("request") as request:
+        listener.on_statement(StatementEvent("default", "things", "select", 1, 0.001, sql="SELECT 1"))
+    listener.on_statement(StatementEvent("default", "things", "select", 1, 0.001))  # no parent: a root
+    assert listener.flush(5)
+    got = {s.name: s for s in exporter.get_finished_spans() if s.name != "request"}
+    inner = [s for s in exporter.get_finished_spans() if s.name == "SELECT things"]
+    assert len(inner) == 2 and len(got) == 1
+    under = [s for s in inner if s.parent is not None]
+    assert len(under) == 1 and under[0].parent is not None
+    assert under[0].parent.span_id == request.get_span_context().span_id
+    assert under[0].context.trace_id == request.get_span_context().trace_id
+    otel.uninstrument(cluster)
