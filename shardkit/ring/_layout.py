@@ -21,15 +21,17 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from math import sqrt
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._ring import HashRing
 
 __all__ = [
     "HASH_SPACE",
+    "balance",
     "bucket_ranges",
     "bucket_table",
     "describe_movement",
@@ -38,6 +40,9 @@ __all__ = [
     "hash_ranges",
     "ideal_shares",
     "layout_points",
+    "memory",
+    "movement_on_add",
+    "movement_on_remove",
     "owner_of_hash",
     "pieces",
     "runs",
@@ -197,3 +202,43 @@ def bucket_ranges(numbers: Iterable[int]) -> list[tuple[int, int]]:
     for n in numbers:
         _join(out, n, n)
     return out
+
+
+def balance(loads: Mapping[str, Any], weights: Mapping[str, Any] | None = None) -> tuple[float, float]:
+    """``(peak / mean, coefficient of variation)`` of per-shard loads (key counts, or shares).
+
+    With ``weights``, each load is first divided by the shard's ideal share, so a shard of
+    weight 2 carrying twice the keys counts as balanced; ``(0.0, 0.0)`` for no load at all.
+    The coefficient of variation is the population standard deviation over the mean."""
+    if not loads:
+        return 0.0, 0.0
+    ideal = ideal_shares(dict(weights)) if weights else None
+    values = [float(Fraction(v) / ideal[a]) if ideal else float(v) for a, v in loads.items()]
+    mean = sum(values) / len(values)
+    if mean == 0:
+        return 0.0, 0.0
+    cv = sqrt(sum((v - mean) ** 2 for v in values) / len(values)) / mean
+    return max(values) / mean, cv
+
+
+def movement_on_add(ring: HashRing, alias: str, weight: int | float = 1) -> tuple[HashRing, Fraction, Fraction]:
+    """``(the ring after adding alias, exact share of the hash space that moves, ideal share)``;
+    the ideal is the new shard's weight over the new total weight (``1/(n+1)`` for equal weights)."""
+    new = ring.copy()
+    new.add(alias, weight)
+    moved = sum(exact_movement(ring, new)[0].values(), Fraction(0))
+    return new, moved, ideal_shares(new.weights)[alias]
+
+
+def movement_on_remove(ring: HashRing, alias: str) -> tuple[HashRing, Fraction, Fraction]:
+    """``(the ring after removing alias, exact share of the hash space that moves, ideal share)``;
+    the ideal is the removed shard's weight over the old total weight."""
+    new = ring.copy()
+    new.remove(alias)
+    moved = sum(exact_movement(ring, new)[0].values(), Fraction(0))
+    return new, moved, ideal_shares(ring.weights)[alias]
+
+
+def memory(ring: HashRing) -> dict[str, Any]:
+    """The ring's own memory accounting: lookup entries (points or buckets), their bytes, bytes per entry."""
+    return {"entries": ring.npoints, "bytes": ring.nbytes, "bytes_per_entry": ring.memory_per_point()}
