@@ -25,16 +25,10 @@ This module imports ``opentelemetry`` only when it is imported itself; shardkit 
 
 from __future__ import annotations
 
-import atexit
-import logging
-import queue
-import threading
-import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
-from opentelemetry.trace import NonRecordingSpan, SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .observe import FanoutEvent, Listener, StatementEvent, add_listener, listeners_of, remove_listener
 
@@ -43,28 +37,14 @@ if TYPE_CHECKING:
 
 __all__ = ["TracingListener", "instrument", "uninstrument"]
 
-logger = logging.getLogger(__name__)
-
 _SYSTEMS = {"postgresql": "postgresql", "sqlite": "sqlite", "mysql": "mysql", "mariadb": "mariadb"}
 
 
 class TracingListener(Listener):
     """The :mod:`shardkit.observe` listener that turns events into OpenTelemetry spans."""
 
-    def __init__(
-        self,
-        cluster: Cluster,
-        tracer_provider: Any = None,
-        *,
-        statement_text: bool = True,
-        background: bool = True,
-    ) -> None:
+    def __init__(self, cluster: Cluster, tracer_provider: Any = None, *, statement_text: bool = True) -> None:
         from . import __version__
-
-        self._queue: queue.SimpleQueue[tuple[Any, Any, Any]] | None = queue.SimpleQueue() if background else None
-        self._cond = threading.Condition()
-        self._pending = 0
-        self._worker: threading.Thread | None = None
 
         self.tracer = trace.get_tracer("shardkit", __version__, tracer_provider=tracer_provider)
         self.statement_text = statement_text
@@ -91,83 +71,34 @@ class TracingListener(Listener):
                 self._cache[key] = attrs
         return attrs
 
-    # -- the listener: capture the parent span now, build the spans now or in the background --
+    def flush(self, timeout: float | None = None) -> bool:
+        """Spans are made and ended in the thread that ran the statement: nothing to wait for
+        here (a ``BatchSpanProcessor`` has its own ``force_flush``)."""
+        return True
 
     def on_statement(self, event: StatementEvent) -> None:
         if event.in_fanout:  # the fan-out's shard spans stand for these
             return
-        if self._queue is None:
-            self._statement_span(event, None)
-        else:
-            self._submit(self._statement_span, event)
-
-    def on_fanout(self, event: FanoutEvent) -> None:
-        if self._queue is None:
-            self._fanout_spans(event, None)
-        else:
-            self._submit(self._fanout_spans, event)
-
-    def _submit(self, build: Callable[[Any, Any], None], event: Any) -> None:
-        parent = trace.get_current_span().get_span_context()
-        queue = self._queue
-        assert queue is not None
-        with self._cond:
-            self._pending += 1
-        queue.put((build, event, parent if parent.is_valid else None))
-        if self._worker is None or not self._worker.is_alive():
-            self._start_worker()
-
-    def _start_worker(self) -> None:
-        with self._cond:
-            if self._worker is not None and self._worker.is_alive():
-                return
-            self._worker = threading.Thread(target=self._work, name="shardkit-otel", daemon=True)
-            self._worker.start()
-
-    def _work(self) -> None:
-        queue = self._queue
-        assert queue is not None
-        while True:
-            build, event, parent = queue.get()
-            try:
-                build(event, trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None)
-            except Exception:
-                logger.exception("shardkit.otel could not make a span")
-            finally:
-                with self._cond:
-                    self._pending -= 1
-                    if not self._pending:
-                        self._cond.notify_all()
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Wait until the spans of every event so far were made and ended (handed to the span
-        processors); ``False`` if ``timeout`` seconds passed first.  Nothing to wait for with
-        ``background=False``."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._pending, timeout)
-
-    # -- the spans ------------------------------------------------------------------------------
-
-    def _statement_span(self, event: StatementEvent, context: Any) -> None:
         attrs = self._attributes(event.alias, event.kind, event.table)
         if (self.statement_text and event.sql) or event.rows is not None:
-            attrs = dict(attrs)
+            attrs = attrs.copy()
             if self.statement_text and event.sql:
                 attrs["db.query.text"] = event.sql
             if event.rows is not None:
                 attrs["db.response.returned_rows"] = event.rows
         span = self.tracer.start_span(
             _name(event.kind, event.table),
-            context=context,
             kind=SpanKind.CLIENT,
             attributes=attrs,
             start_time=event.start_ns,
+            record_exception=False,
+            set_status_on_exception=False,
         )
         if event.error is not None:
             _failed(span, event.error)
         span.end(end_time=event.start_ns + int(event.seconds * 1e9))
 
-    def _fanout_spans(self, event: FanoutEvent, context: Any) -> None:
+    def on_fanout(self, event: FanoutEvent) -> None:
         attrs: dict[str, Any] = {
             "shardkit.fanout.width": event.width,
             "shardkit.fanout.rows": event.rows,
@@ -185,12 +116,11 @@ class TracingListener(Listener):
             attrs["shardkit.fanout.failed_shards"] = list(event.errors)
         parent = self.tracer.start_span(
             f"shardkit.fanout {event.table}" if event.table else "shardkit.fanout",
-            context=context,
             kind=SpanKind.INTERNAL,
             attributes=attrs,
             start_time=event.start_ns,
         )
-        inner = trace.set_span_in_context(parent)
+        context = trace.set_span_in_context(parent)
         for alias, timing in event.shards.items():
             child_attrs = dict(self._attributes(alias, "select", event.table))
             if timing.rows is not None:
@@ -198,7 +128,7 @@ class TracingListener(Listener):
             start = timing.start_ns or event.start_ns
             child = self.tracer.start_span(
                 _name("select", event.table),
-                context=inner,
+                context=context,
                 kind=SpanKind.CLIENT,
                 attributes=child_attrs,
                 start_time=start,
@@ -213,9 +143,18 @@ class TracingListener(Listener):
         parent.end(end_time=event.start_ns + int(event.seconds * 1e9))
 
 
+_NAMES: dict[tuple[str, str | None], str] = {}
+
+
 def _name(kind: str, table: str | None) -> str:
-    op = kind.upper()
-    return f"{op} {table}" if table else op
+    """``SELECT users``: the span name the database semantic conventions give."""
+    name = _NAMES.get((kind, table))
+    if name is None:
+        op = kind.upper()
+        name = f"{op} {table}" if table else op
+        if len(_NAMES) < 4096:
+            _NAMES[(kind, table)] = name
+    return name
 
 
 def _failed(span: Any, error: BaseException) -> None:
@@ -224,37 +163,18 @@ def _failed(span: Any, error: BaseException) -> None:
     span.record_exception(error)
 
 
-def instrument(
-    cluster: Cluster, tracer_provider: Any = None, *, statement_text: bool = True, background: bool = True
-) -> TracingListener:
+def instrument(cluster: Cluster, tracer_provider: Any = None, *, statement_text: bool = True) -> TracingListener:
     """Trace ``cluster``'s statements and fan-outs (see the module docstring); returns the
     listener (also a normal :mod:`shardkit.observe` listener).  Instrumenting twice replaces
-    the first.
-
-    :param background: make the spans in a background thread (the parent span is taken in
-        the caller's thread, the times are the measured ones); ``False``: in the caller's
-        thread, before the statement returns.  ``listener.flush()`` waits for the background.
-    """
+    the first."""
     uninstrument(cluster)
-    listener = TracingListener(cluster, tracer_provider, statement_text=statement_text, background=background)
+    listener = TracingListener(cluster, tracer_provider, statement_text=statement_text)
     add_listener(cluster, listener)
-    _LIVE.add(listener)
     return listener
 
 
 def uninstrument(cluster: Cluster) -> None:
-    """Stop tracing ``cluster`` (nothing happens if it was not traced); the spans of what ran
-    before are made first."""
+    """Stop tracing ``cluster`` (nothing happens if it was not traced)."""
     for listener in listeners_of(cluster):
         if isinstance(listener, TracingListener):
             remove_listener(cluster, listener)
-            listener.flush(5.0)
-
-
-_LIVE: weakref.WeakSet[TracingListener] = weakref.WeakSet()
-
-
-@atexit.register
-def _flush_at_exit() -> None:  # the background spans of the last statements are not lost
-    for listener in list(_LIVE):
-        listener.flush(2.0)

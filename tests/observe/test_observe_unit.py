@@ -196,15 +196,12 @@ def test_shardkit_does_not_import_opentelemetry() -> None:
     assert out.strip() == "False"
 
 
-@pytest.mark.parametrize("background", [True, False])
-def test_otel_span_parent_is_the_callers_span(
-    spans: tuple[TracerProvider, InMemorySpanExporter], background: bool
-) -> None:
+def test_otel_span_parent_is_the_callers_span(spans: tuple[TracerProvider, InMemorySpanExporter]) -> None:
     from shardkit import otel
 
     provider, exporter = spans
     cluster = shardkit.Cluster({"default": "sqlite://"})
-    listener = otel.instrument(cluster, tracer_provider=provider, background=background)
+    listener = otel.instrument(cluster, tracer_provider=provider)
     with provider.get_tracer("app").start_as_current_span("request") as request:
         listener.on_statement(StatementEvent("default", "things", "select", 1, 0.001, sql="SELECT 1"))
     listener.on_statement(StatementEvent("default", "things", "select", 1, 0.001))  # no parent: a root
