@@ -31,7 +31,7 @@ from . import _store
 from ._declare import Lookup, any_declared, lookups_of
 from ._write import tx_state
 
-__all__ = ["LookupRoute", "lookup_step", "plan_lookup_route"]
+__all__ = ["LookupRoute", "fast_path_route", "lookup_step", "plan_lookup_route"]
 
 
 @dataclass
@@ -322,3 +322,22 @@ def _named_statement(session: ShardSession, statement: Any) -> bool:
     if _sqla.statement_execution_options(statement).get("shardkit_using") is not None:
         return True
     return any(isinstance(opt, using) for opt in _sqla.statement_options(statement))
+
+
+def fast_path_route(
+    session: ShardSession, listeners: list[Any], subject: Any, statement: Any, params: Any
+) -> str | ShardTargets | bool | None:
+    """For ``ShardSession``'s fast path of plain SELECTs (which builds no ``ORMExecuteState``):
+    ``False`` when a ``do_orm_execute`` listener before shardkit's is not this module's (the
+    listeners' path must run), ``None`` when no lookup applies (route as usual: by the shard key,
+    or every shard), else where the lookup sends the statement."""
+    for fn in listeners:
+        if fn is not _route_by_lookup:
+            return False
+    if not any_declared() or subject is None:
+        return None
+    mapper = getattr(subject, "mapper", None)
+    if mapper is None or not _columns_of(mapper.class_):
+        return None
+    route = plan_lookup_route(session, mapper.class_, statement, params)
+    return None if route is None else route.target
