@@ -366,24 +366,6 @@ class Observer:
     def watching_statements(self) -> bool:
         return bool(self.statement_fns) or self.slow_statement is not None
 
-    def statement(self, ev: StatementEvent) -> None:
-        threshold = self.slow_statement
-        if threshold is not None and ev.seconds >= threshold:
-            logger.warning(
-                "slow statement on %r: %.3fs (threshold %ss), %s %s: %s",
-                ev.alias,
-                ev.seconds,
-                threshold,
-                ev.kind,
-                ev.table or "-",
-                _short(ev.sql),
-            )
-        for fn in self.statement_fns:
-            try:
-                fn(ev)
-            except Exception:
-                logger.exception("shardkit statement listener %r failed", fn)
-
     def fanout(self, ev: FanoutEvent) -> None:
         for fn in self.fanout_fns:
             try:
@@ -463,28 +445,38 @@ def watch_engine(cluster: Cluster, alias: str, engine: Engine) -> None:
     wall = time.time_ns
     local = _fanout_shard
 
+    cluster_ref = weakref.ref(cluster)
+
     def tell(cursor: Any, statement: str, context: Any, start: float, start_ns: int, error: Any) -> None:
         seconds = perf() - start
-        if not obs.watching_statements:
+        fns = obs.statement_fns
+        owner = cluster_ref()
+        threshold = getattr(owner, "slow_statement", None)
+        if not fns and threshold is None:
             return
         compiled = getattr(context, "compiled", None)
         found = getattr(compiled, "shardkit_kind", None) if compiled is not None else None
         if found is None:
             found = _kind_and_table(context, compiled)
         rowcount = -1 if error is not None else getattr(cursor, "rowcount", -1)
-        obs.statement(
-            StatementEvent(
-                alias,
-                found[1],
-                found[0],
-                rowcount if type(rowcount) is int and rowcount >= 0 else None,
-                seconds,
-                error,
-                statement,
-                getattr(local, "alias", None) is not None,
-                start_ns,
-            )
+        ev = StatementEvent(
+            alias,
+            found[1],
+            found[0],
+            rowcount if type(rowcount) is int and rowcount >= 0 else None,
+            seconds,
+            error,
+            statement,
+            getattr(local, "alias", None) is not None,
+            start_ns,
         )
+        if threshold is not None and seconds >= threshold:
+            _log_slow(ev, threshold)
+        for fn in fns:
+            try:
+                fn(ev)
+            except Exception:
+                logger.exception("shardkit statement listener %r failed", fn)
 
     def do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
         start, start_ns = perf(), wall()
@@ -519,6 +511,18 @@ def watch_engine(cluster: Cluster, alias: str, engine: Engine) -> None:
     event.listen(engine, "do_execute", do_execute)
     event.listen(engine, "do_executemany", do_executemany)
     event.listen(engine, "do_execute_no_params", do_execute_no_params)
+
+
+def _log_slow(ev: StatementEvent, threshold: float) -> None:
+    logger.warning(
+        "slow statement on %r: %.3fs (threshold %ss), %s %s: %s",
+        ev.alias,
+        ev.seconds,
+        threshold,
+        ev.kind,
+        ev.table or "-",
+        _short(ev.sql),
+    )
 
 
 def _kind_and_table(context: Any, compiled: Any) -> tuple[str, str | None]:
