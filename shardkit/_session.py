@@ -524,8 +524,9 @@ class ShardSession(Session):
         if not identity_map:
             return None
         cls, ident, _token = mapper.identity_key_from_primary_key(primary_key_identity)
+        held = _sqla.identity_dict(identity_map)  # a dict lookup per alias, not a method call
         for alias in self.cluster.aliases:
-            if (cls, ident, alias) not in identity_map:
+            if (cls, ident, alias) not in held:
                 continue
             obj = super()._identity_lookup(
                 mapper, primary_key_identity, identity_token=alias, lazy_loaded_from=lazy_loaded_from, **kw
@@ -810,10 +811,19 @@ class ShardSession(Session):
         if _parent_execute_state is None and _add_event is None and not kw and type(statement) is Select:
             fast = self._fast_route(statement, params, execution_options, bind_arguments)
             if fast is not None:
-                target, events = fast
+                target, events, is_orm = fast
                 if isinstance(target, str):
                     bind_arguments = {"shard_id": target}
-                    execution_options = {**execution_options, "identity_token": target, "shardkit_alias": target}
+                    if events or not is_orm:  # listeners see the options the listeners' path gives
+                        execution_options = {**execution_options, "identity_token": target, "shardkit_alias": target}
+                    else:  # the same identity token, given straight in the load options
+                        load = _sqla.LOAD_OPTIONS
+                        given = execution_options.get(load) or self.execution_options.get(load)
+                        execution_options = {
+                            **execution_options,
+                            load: _sqla.load_options_with_token(given, target),
+                            "shardkit_alias": target,
+                        }
                 else:  # a fan-out: routed once, here; run by the listener's own code
                     events = [lambda orm_context: self._fanout(orm_context, target), *events]
                 return _sqla.execute_with_events(
@@ -845,9 +855,10 @@ class ShardSession(Session):
 
     def _fast_route(
         self, statement: Select[Any], params: Any, execution_options: Any, bind_arguments: Any
-    ) -> tuple[str | ShardTargets, list[Any]] | None:
+    ) -> tuple[str | ShardTargets, list[Any], bool] | None:
         """Where a SELECT runs, decided as :meth:`_route` would decide it, and the
-        ``do_orm_execute`` listeners that would run after shardkit's; ``None`` when the statement
+        ``do_orm_execute`` listeners that would run after shardkit's, and whether it is an ORM
+        statement; ``None`` when the statement
         is not one the fast path takes: one that names its shard (:meth:`_named`: ``using()``,
         ``shardkit_*`` execution options, a ``shard_id`` bind argument, a pinned session), a
         refresh, lazy or post-load (the object it comes from decides), a statement given an
@@ -866,18 +877,18 @@ class ShardSession(Session):
             mine = listeners.index(_on_execute)
         except ValueError:
             return None
-        _is_orm, subject = _sqla.orm_subject(statement)
+        is_orm, subject = _sqla.orm_subject(statement)
         if mine and not _lookups_idle(listeners[:mine], subject):
             return None
         model = subject.mapper.class_ if subject else _core_statement_model(statement)
         router = self.cluster.router
         if model is None:
-            return router.default, listeners[mine + 1 :]
+            return router.default, listeners[mine + 1 :], is_orm
         if params and isinstance(params, Mapping):  # values bound only at execution (get() does this)
             target = router.db_for_read(model, statement=statement, session=self, parameters=params)
         else:
             target = router.db_for_read(model, statement=statement, session=self)
-        return target, listeners[mine + 1 :]
+        return target, listeners[mine + 1 :], is_orm
 
     def _execute_routed(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         """Route one execution.  A SELECT on one alias goes on as SQLAlchemy's own execution (the

@@ -493,6 +493,33 @@ def routes_by_statement(load_options: Any) -> bool:
     )
 
 
+def identity_dict(identity_map: Any) -> Mapping[Any, Any]:
+    """The plain dict behind a session's identity map: identity key -> instance state (a state
+    whose object is gone may still be there; the map's own lookups skip it)."""
+    return identity_map._dict  # type: ignore[no-any-return]
+
+
+_TOKEN_LOAD_OPTIONS: dict[Any, Any] = {}  # identity token -> the default load options with it
+
+
+def load_options_with_token(load_options: Any, token: Any) -> Any:
+    """ORM load options (SQLAlchemy's defaults when ``None``) under which the objects a SELECT
+    loads are keyed by ``token`` in the identity map: what the ``identity_token`` execution
+    option gives, without SQLAlchemy merging it into the options on every execution."""
+    if load_options is None:
+        found = _TOKEN_LOAD_OPTIONS.get(token)
+        if found is None:
+            from sqlalchemy.orm.context import QueryContext
+
+            found = _TOKEN_LOAD_OPTIONS[token] = QueryContext.default_load_options + {"_identity_token": token}
+        return found
+    return load_options + {"_identity_token": token}
+
+
+#: the execution option SQLAlchemy reads ORM load options from
+LOAD_OPTIONS = "_sa_orm_load_options"
+
+
 class _EventsLeft:
     """What ``Session._execute_internal`` takes as ``_parent_execute_state``: it only asks it for
     the ``do_orm_execute`` listeners still to run (none: SQLAlchemy builds no ORMExecuteState)."""
