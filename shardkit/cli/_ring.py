@@ -20,20 +20,32 @@ from pathlib import Path
 from typing import Any
 
 import click
-from sqlalchemy import MetaData, Table, inspect, select
+from sqlalchemy import MetaData, Table, func, inspect, select, text, union_all
 from sqlalchemy.exc import DBAPIError
 
 from .._settings import Settings, import_object
 from ..errors import ConfigError
 from ..ring import IMPLEMENTATION, HashRing
-from ..ring._layout import bucket_ranges, exact_movement, exact_shares, ideal_shares, units
+from ..ring._layout import (
+    balance,
+    bucket_ranges,
+    exact_movement,
+    exact_shares,
+    ideal_shares,
+    memory,
+    movement_on_add,
+    movement_on_remove,
+    units,
+)
 from ._common import (
     CliError,
     echo_json,
     json_option,
     load,
     not_in_ring,
+    one_line,
     progress,
+    scrub,
     settings_option,
     unreachable,
     unreachable_error,
@@ -254,53 +266,206 @@ def _resolve_table(settings: Settings, hr: HashRing, target: str, column: str | 
     return (table if table is not None else target), column
 
 
-def _table_keys(
+def _column_on(settings: Settings, alias: str, table: Any, column_name: str) -> Any:
+    """The shard-key column of ``table`` (a Table, or a table name reflected on ``alias``)."""
+    engine = settings.cluster.engine(alias)
+    if isinstance(table, str):
+        names = _tables_on(settings, alias)
+        if table not in names:
+            raise _no_table(table, f"on shard {alias!r}", names)
+        reflected = Table(table, MetaData(), autoload_with=engine)
+        if column_name not in reflected.c:
+            raise CliError(
+                f"table {table!r} on shard {alias!r} has no column {column_name!r} "
+                f"(columns: {', '.join(reflected.c.keys())})"
+            )
+        return reflected.c[column_name]
+    if not inspect(engine).has_table(table.name, schema=table.schema):
+        raise CliError(f"shard {alias!r} has no table {table.name!r} (run shardkit migrate?)")
+    return table.c[column_name]
+
+
+def _scan_keys(
     settings: Settings, hr: HashRing, target: str, column: str | None, kind: str | None
-) -> tuple[Counter[str], Counter[str], int, int]:
-    """Read the shard-key column on every shard: (keys per owner, rows per shard, misplaced, nulls)."""
+) -> Iterator[tuple[str, list[Any], int]]:
+    """Stream the shard-key column of ``target`` on every shard: ``(alias, keys, NULLs)`` per chunk."""
     cluster = settings.cluster
     table, column_name = _resolve_table(settings, hr, target, column)
     convert = _coerce(kind)
-    owners: Counter[str] = Counter()
-    found: Counter[str] = Counter()
-    misplaced = nulls = 0
     with progress(list(hr), label="reading shards") as bar:
         for alias in bar:
             engine = cluster.engine(alias)
             try:
-                if isinstance(table, str):
-                    names = _tables_on(settings, alias)
-                    if table not in names:
-                        raise _no_table(table, f"on shard {alias!r}", names)
-                    reflected = Table(table, MetaData(), autoload_with=engine)
-                    if column_name not in reflected.c:
-                        raise CliError(
-                            f"table {table!r} on shard {alias!r} has no column {column_name!r} "
-                            f"(columns: {', '.join(reflected.c.keys())})"
-                        )
-                    col: Any = reflected.c[column_name]
-                else:
-                    if not inspect(engine).has_table(table.name, schema=table.schema):
-                        raise CliError(f"shard {alias!r} has no table {table.name!r} (run shardkit migrate?)")
-                    col = table.c[column_name]
-                stmt = select(col)
+                col = _column_on(settings, alias, table, column_name)
                 with engine.connect() as conn:
-                    result = conn.execution_options(stream_results=True, yield_per=_CHUNK).execute(stmt)
+                    result = conn.execution_options(stream_results=True, yield_per=_CHUNK).execute(select(col))
                     for part in result.partitions():
                         keys = []
+                        nulls = 0
                         for (value,) in part:
                             if value is None:
                                 nulls += 1
                             else:
                                 keys.append(convert(value))
-                        placed = hr.get_many(keys)
-                        owners.update(placed)
-                        found[alias] += len(keys)
-                        misplaced += sum(1 for a in placed if a != alias)
+                        yield alias, keys, nulls
             except DBAPIError as exc:
                 _raise_if_down(settings, alias, exc)
                 raise
+
+
+def _table_keys(
+    settings: Settings, hr: HashRing, target: str, column: str | None, kind: str | None
+) -> tuple[Counter[str], Counter[str], int, int]:
+    """Read the shard-key column on every shard: (keys per owner, rows per shard, misplaced, nulls)."""
+    owners: Counter[str] = Counter()
+    found: Counter[str] = Counter()
+    misplaced = nulls = 0
+    for alias, keys, part_nulls in _scan_keys(settings, hr, target, column, kind):
+        nulls += part_nulls
+        placed = hr.get_many(keys)
+        owners.update(placed)
+        found[alias] += len(keys)
+        misplaced += sum(1 for a in placed if a != alias)
     return owners, found, misplaced, nulls
+
+
+# ---------------------------------------------------------------- bytes, top keys
+_SIZE_SQL = {
+    "postgresql": (
+        "pg_total_relation_size",
+        "SELECT c.relname, pg_total_relation_size(c.oid) FROM pg_class AS c "
+        "JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('r', 'p') AND n.nspname = current_schema()",
+    ),
+    "sqlite": (
+        "dbstat",
+        "SELECT m.tbl_name, SUM(d.pgsize) FROM dbstat AS d JOIN sqlite_master AS m ON m.name = d.name "
+        "WHERE m.type IN ('table', 'index') GROUP BY m.tbl_name",
+    ),
+    "mysql": (
+        "information_schema",
+        "SELECT table_name, COALESCE(data_length, 0) + COALESCE(index_length, 0) FROM information_schema.tables "
+        "WHERE table_schema = DATABASE() AND table_type = 'BASE TABLE'",
+    ),
+}
+_SIZE_SQL["mariadb"] = _SIZE_SQL["mysql"]
+
+
+def _shard_bytes(settings: Settings, alias: str) -> tuple[str | None, dict[str, int] | None]:
+    """``(method, table -> bytes with its indexes and TOAST)`` of the tables on ``alias``;
+    ``(None, None)`` where the database cannot say (an SQLite build without ``dbstat``)."""
+    engine = settings.cluster.engine(alias)
+    method, sql = _SIZE_SQL.get(engine.dialect.name, (None, None))
+    if sql is None:
+        return None, None
+    names = _tables_on(settings, alias)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text(sql)).all()
+    except DBAPIError as exc:
+        _raise_if_down(settings, alias, exc)
+        if engine.dialect.name == "sqlite":  # built without SQLITE_ENABLE_DBSTAT_VTAB
+            return None, None
+        raise CliError(f"cannot read table sizes on shard {alias!r}: {scrub(one_line(exc), settings)}") from None
+    sizes = {str(name): int(size or 0) for name, size in rows}
+    return method, {name: sizes.get(name, 0) for name in names}
+
+
+def _bytes_report(settings: Settings, hr: HashRing) -> dict[str, Any]:
+    """Bytes per shard and per table (``None``: unknown on that shard)."""
+    methods: dict[str, str | None] = {}
+    per_table: dict[str, dict[str, int | None]] = {}
+    per_shard: dict[str, int | None] = {}
+    known: dict[str, dict[str, int] | None] = {}
+    with progress(list(hr), label="sizing tables") as bar:
+        for alias in bar:
+            methods[alias], known[alias] = _shard_bytes(settings, alias)
+    names = sorted({name for sizes in known.values() if sizes for name in sizes})
+    for name in names:
+        per_table[name] = {a: (None if known[a] is None else known[a].get(name)) for a in hr}  # type: ignore[union-attr]
+    for alias in hr:
+        sizes = known[alias]
+        per_shard[alias] = None if sizes is None else sum(sizes.values())
+    values = list(per_shard.values())
+    return {
+        "method": methods,
+        "shards": per_shard,
+        "tables": per_table,
+        "total": None if any(v is None for v in values) else sum(v for v in values if v is not None),
+    }
+
+
+def _parse_colocated(spec: str) -> tuple[str, str | None]:
+    target, sep, column = spec.partition("=")
+    return target.strip(), (column.strip() or None) if sep else None
+
+
+def _top_keys(
+    settings: Settings, hr: HashRing, sources: list[tuple[str, str | None]], top: int, kind: str | None
+) -> dict[str, Any]:
+    """The ``top`` shard keys by rows over the co-located ``sources`` (MODEL_OR_TABLE, column):
+    per shard one ``GROUP BY key ORDER BY count DESC LIMIT top`` over the union of the tables,
+    merged (a key lives on one shard), then each winner's rows per table."""
+    resolved = [(target, *_resolve_table(settings, hr, target, column)) for target, column in sources]
+    convert = _coerce(kind)
+    totals: Counter[Any] = Counter()
+    where: dict[Any, set[str]] = {}
+    with progress(list(hr), label="counting keys") as bar:
+        for alias in bar:
+            engine = settings.cluster.engine(alias)
+            try:
+                cols = [_column_on(settings, alias, table, name) for _, table, name in resolved]
+                keyed = union_all(*[select(c.label("k")).where(c.is_not(None)) for c in cols]).subquery()
+                n = func.count().label("n")
+                stmt = select(keyed.c.k, n).group_by(keyed.c.k).order_by(n.desc(), keyed.c.k).limit(top)
+                with engine.connect() as conn:
+                    for key, count in conn.execute(stmt):
+                        totals[key] += int(count)
+                        where.setdefault(key, set()).add(alias)
+            except DBAPIError as exc:
+                _raise_if_down(settings, alias, exc)
+                raise CliError(f"cannot count keys on shard {alias!r}: {scrub(one_line(exc), settings)}") from None
+    ranked = sorted(totals.items(), key=lambda kv: (-kv[1], str(kv[0])))[:top]
+    per_table: dict[Any, Counter[str]] = {key: Counter() for key, _ in ranked}
+    for alias in hr:
+        mine = [key for key, _ in ranked if alias in where[key]]
+        if not mine:
+            continue
+        engine = settings.cluster.engine(alias)
+        with engine.connect() as conn:
+            for target, table, name in resolved:
+                col = _column_on(settings, alias, table, name)
+                stmt = select(col, func.count()).where(col.in_(mine)).group_by(col)
+                for key, count in conn.execute(stmt):
+                    if key in per_table:
+                        per_table[key][target] += int(count)
+    rows = []
+    for key, count in ranked:
+        try:
+            owner: str | None = hr.get(convert(key))
+        except (TypeError, ValueError):
+            owner = None
+        rows.append(
+            {
+                "key": key,
+                "rows": count,
+                "shards": sorted(where[key]),
+                "owner": owner,
+                "tables": {target: per_table[key].get(target, 0) for target, _, _ in resolved},
+            }
+        )
+    return {"tables": [target for target, _, _ in resolved], "top": top, "keys": rows}
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:,.0f} {unit}" if unit == "B" else f"{size:,.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
 
 
 # --------------------------------------------------------------------- distribution
@@ -360,6 +525,26 @@ def _histogram(stats: dict[str, Any], width: int = 40) -> list[str]:
 @click.option("--from-table", "from_table", metavar="MODEL_OR_TABLE", help="Keys from a table on every shard.")
 @click.option("--column", help="The shard-key column for --from-table (default: the model's __shard_key__).")
 @click.option(
+    "--bytes/--no-bytes",
+    "with_bytes",
+    default=True,
+    show_default=True,
+    help="With --from-table: bytes per shard and per table (tables with their indexes).",
+)
+@click.option(
+    "--top",
+    type=click.IntRange(0, 100_000),
+    default=0,
+    help="With --from-table: the N shard keys with the most rows (over --colocated tables too).",
+)
+@click.option(
+    "--colocated",
+    "colocated",
+    multiple=True,
+    metavar="MODEL_OR_TABLE[=COLUMN]",
+    help="With --top: another table sharded by the same key (repeatable); its rows count for the key.",
+)
+@click.option(
     "--plot", type=click.Path(dir_okay=False, path_type=Path), help="Write a histogram PNG (needs matplotlib)."
 )
 @json_option
@@ -372,6 +557,9 @@ def distribution(
     from_file: Path | None,
     from_table: str | None,
     column: str | None,
+    with_bytes: bool,
+    top: int,
+    colocated: tuple[str, ...],
     plot: Path | None,
     as_json: bool,
 ) -> None:
@@ -379,12 +567,17 @@ def distribution(
 
     Synthetic keys (--keys N --kind int|uuid|str: ints 1..N, strs "user:1".., random
     uuids), a file of keys (--from-file), or the shard-key column of a table read
-    over every shard (--from-table; also counts rows sitting on the wrong shard).
+    over every shard (--from-table; also counts rows sitting on the wrong shard,
+    gives bytes per shard and per table, and with --top N the heaviest keys).
     """
     if from_file and from_table:
         raise click.UsageError("give --from-file or --from-table, not both")
     if nkeys is not None and (from_file or from_table):
         raise click.UsageError("--keys is for synthetic keys; --from-file/--from-table read every key")
+    if (top or colocated) and not from_table:
+        raise click.UsageError("--top and --colocated read tables: give --from-table")
+    if colocated and not top:
+        raise click.UsageError("--colocated goes with --top N")
     if plot is not None:
         from ._plot import require_matplotlib
 
@@ -401,6 +594,11 @@ def distribution(
             "misplaced": misplaced,
             "null_keys": nulls,
         }
+        if with_bytes:
+            extra["bytes"] = _bytes_report(settings, hr)
+        if top:
+            sources = [(from_table, column), *map(_parse_colocated, colocated)]
+            extra["top_keys"] = _top_keys(settings, hr, sources, top, kind)
     else:
         hr, _ = _get_ring(settings_path, ring_path)
         owners = Counter()
@@ -442,8 +640,39 @@ def distribution(
     )
     if extra:
         click.echo(f"rows on a shard the ring does not give them: {misplaced:,}; NULL keys skipped: {nulls:,}")
+    if "bytes" in extra:
+        _echo_bytes(extra["bytes"])
+    if "top_keys" in extra:
+        _echo_top(extra["top_keys"])
     if plot is not None:
         click.echo(f"histogram written to {plot}")
+
+
+def _echo_bytes(report: dict[str, Any]) -> None:
+    shards: dict[str, int | None] = report["shards"]
+    tables: dict[str, dict[str, int | None]] = report["tables"]
+    names = list(tables)
+    width = max([5, *(len(a) for a in shards)])
+    cols = [max(12, len(n)) for n in names]
+    click.echo("bytes (tables with their indexes):")
+    header = "".join(f"  {n:>{w}}" for n, w in zip(names, cols, strict=True))
+    click.echo(f"  {'shard':<{width}}  {'total':>12}{header}")
+    for alias, total in shards.items():
+        cells = "".join(f"  {_human_bytes(tables[n][alias]):>{w}}" for n, w in zip(names, cols, strict=True))
+        click.echo(f"  {alias:<{width}}  {_human_bytes(total):>12}{cells}")
+    click.echo(f"  {'all':<{width}}  {_human_bytes(report['total']):>12}")
+
+
+def _echo_top(report: dict[str, Any]) -> None:
+    rows = report["keys"]
+    click.echo(f"top {len(rows)} shard keys by rows over {', '.join(report['tables'])}:")
+    if not rows:
+        click.echo("  (no keys)")
+        return
+    kw = max([3, *(len(str(r["key"])) for r in rows)])
+    for r in rows:
+        split = "" if len(r["tables"]) < 2 else "  (" + ", ".join(f"{t} {n:,}" for t, n in r["tables"].items()) + ")"
+        click.echo(f"  {r['key']!s:<{kw}}  {r['rows']:>10,} rows  on {', '.join(r['shards'])}{split}")
 
 
 # ------------------------------------------------------------------------------ diff
@@ -568,3 +797,244 @@ def diff(
             more = "" if len(shown) == len(ranges) else f" ... ({len(ranges) - len(shown)} more ranges, --all-buckets)"
             click.echo(f"  {'':<{width}}  buckets: {', '.join(shown)}{more}")
     click.echo(f"moved between shards that stay: exact {_pct(float(between_exact))}, sampled {between_sampled:,} keys")
+
+
+# --------------------------------------------------------------------------- compare
+def _parse_layout(spec: str, base: HashRing) -> HashRing:
+    """One ``--layout``: a ring JSON file, or comma-separated ``vnodes=N``, ``buckets=N``,
+    ``shards=N`` and ``ALIAS:WEIGHT`` items (``weights=`` may prefix the first weight)."""
+    text_ = spec.strip()
+    if text_.endswith(".json") or Path(text_).is_file():
+        try:
+            return HashRing.from_dict(json.loads(Path(text_).read_text()))
+        except (OSError, ValueError) as exc:
+            raise CliError(f"--layout {spec!r}: not a JSON ring description ({exc})") from None
+        except ConfigError as exc:
+            raise CliError(f"--layout {spec!r}: {exc}") from None
+    mode, vnodes, buckets = base.mode, base.vnodes, base.buckets
+    weights: dict[str, int | float] = dict(base.weights)
+    for raw in text_.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        name, eq, value = item.partition("=")
+        name = name.strip().lower()
+        try:
+            if eq and name == "weights":
+                item = value.strip()
+            elif eq and name in ("vnodes", "buckets", "shards"):
+                number = int(value)
+                if name == "vnodes":
+                    mode, vnodes = "ring", number
+                elif name == "buckets":
+                    mode, buckets = "buckets", number
+                else:
+                    if number < 1:
+                        raise ValueError("shards must be at least 1")
+                    weights = {f"s{i}": 1 for i in range(number)}
+                continue
+            elif eq:
+                raise ValueError(f"unknown item {name!r} (vnodes=, buckets=, shards=, weights=, ALIAS:WEIGHT)")
+            alias, colon, weight = item.rpartition(":")
+            if not colon or not alias:
+                raise ValueError(f"{item!r} is not ALIAS:WEIGHT")
+            number_w = float(weight)
+            weights[alias.strip()] = int(number_w) if number_w.is_integer() else number_w
+        except ValueError as exc:
+            raise CliError(f"--layout {spec!r}: {exc}") from None
+    try:
+        return HashRing(weights, mode=mode, vnodes=vnodes, buckets=buckets)
+    except ConfigError as exc:
+        raise CliError(f"--layout {spec!r}: {exc}") from None
+
+
+def _new_alias(hr: HashRing) -> str:
+    n = len(hr)
+    while f"s{n}" in hr:
+        n += 1
+    return f"s{n}"
+
+
+@ring.command()
+@settings_option
+@_ring_option
+@click.option(
+    "--layout",
+    "layouts",
+    multiple=True,
+    required=True,
+    metavar="SPEC",
+    help="A layout (repeat to compare): vnodes=N | buckets=N, shards=N, ALIAS:WEIGHT,... or a ring JSON file.",
+)
+@click.option("--shards", "nshards", type=click.IntRange(1, 10_000), default=None, help="Start from s0..sN-1.")
+@click.option("--keys", "nkeys", type=click.IntRange(1, 100_000_000), default=None, help="Synthetic keys  [100000].")
+@click.option("--kind", type=click.Choice(KINDS), default=None, help="Synthetic key type [int], or how to read keys.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Random seed for synthetic uuid keys.")
+@click.option("--from-table", "from_table", metavar="MODEL_OR_TABLE", help="Real keys: a table on every shard.")
+@click.option("--column", help="The shard-key column for --from-table (default: the model's __shard_key__).")
+@click.option("--add", "add", metavar="ALIAS", default=None, help="The shard added for movement [s<n>].")
+@click.option("--remove", "remove", metavar="ALIAS", default=None, help="The shard removed [each layout's last].")
+@click.option(
+    "--png", "--plot", "png", type=click.Path(dir_okay=False, path_type=Path), help="Write one PNG (needs matplotlib)."
+)
+@json_option
+def compare(
+    settings_path: str | None,
+    ring_path: Path | None,
+    layouts: tuple[str, ...],
+    nshards: int | None,
+    nkeys: int | None,
+    kind: str | None,
+    seed: int,
+    from_table: str | None,
+    column: str | None,
+    add: str | None,
+    remove: str | None,
+    png: Path | None,
+    as_json: bool,
+) -> None:
+    """Lay two or more layouts side by side on the same keys: balance, movement, memory.
+
+    Each --layout starts from the base shards (the settings' ring, --ring FILE or
+    --shards N) and changes what it names: "vnodes=160", "buckets=4096",
+    "vnodes=512,weights=s0:2,s1:1", "shards=8,buckets=4096", or a ring JSON file.
+    Balance is peak/mean and the coefficient of variation of keys per shard (over
+    the weights), exact (hash-space shares) and over the keys; movement is the
+    share of keys that move on adding --add (weight 1) and on removing --remove,
+    over the ideal (1/(n+1) on add, the removed shard's share on remove); memory is
+    the ring's lookup arrays.
+    """
+    if nkeys is not None and from_table:
+        raise click.UsageError("--keys is for synthetic keys; --from-table reads every key")
+    if png is not None:
+        from ._plot import require_matplotlib
+
+        require_matplotlib("--png")
+    settings: Settings | None = None
+    if from_table is not None:
+        if ring_path is not None:
+            raise click.UsageError("--from-table reads the shards of the settings: drop --ring")
+        settings = load(settings_path)
+        base = settings.require_ring()
+    elif nshards is not None and ring_path is None and settings_path is None:
+        base = HashRing([f"s{i}" for i in range(nshards)])
+    else:
+        base, _ = _get_ring(settings_path, ring_path)
+    if nshards is not None:
+        base = HashRing([f"s{i}" for i in range(nshards)], mode=base.mode, vnodes=base.vnodes, buckets=base.buckets)
+    rings = [_parse_layout(spec, base) for spec in layouts]
+    adds: list[tuple[str, HashRing, Fraction, Fraction]] = []
+    removes: list[tuple[str, HashRing, Fraction, Fraction]] = []
+    for spec, hr in zip(layouts, rings, strict=True):
+        if not len(hr):
+            raise CliError(f"--layout {spec!r}: no shards")
+        alias = add or _new_alias(hr)
+        if alias in hr:
+            raise CliError(f"--add {alias!r}: already a shard of layout {spec!r}")
+        adds.append((alias, *movement_on_add(hr, alias)))
+        gone = remove or list(hr)[-1]
+        if gone not in hr:
+            raise not_in_ring(gone, hr)
+        if len(hr) < 2:
+            raise CliError(f"--layout {spec!r}: one shard, nothing to remove")
+        removes.append((gone, *movement_on_remove(hr, gone)))
+
+    counts: list[Counter[str]] = [Counter() for _ in rings]
+    moved_add = [0] * len(rings)
+    moved_remove = [0] * len(rings)
+    total = 0
+
+    def count(chunk: list[Any]) -> None:
+        for i, hr in enumerate(rings):
+            before = hr.get_many(chunk)
+            counts[i].update(before)
+            moved_add[i] += sum(a != b for a, b in zip(before, adds[i][1].get_many(chunk), strict=True))
+            moved_remove[i] += sum(a != b for a, b in zip(before, removes[i][1].get_many(chunk), strict=True))
+
+    if from_table is not None:
+        assert settings is not None
+        source = f"table {from_table}"
+        for _, keys, _ in _scan_keys(settings, base, from_table, column, kind):
+            for chunk in _chunks(iter(keys)):
+                count(chunk)
+                total += len(chunk)
+    else:
+        nkeys = nkeys or 100_000
+        source = f"{nkeys} synthetic {kind or 'int'} keys"
+        with progress(length=nkeys, label="hashing keys") as bar:
+            for chunk in _chunks(_synthetic(kind or "int", nkeys, seed)):
+                count(chunk)
+                total += len(chunk)
+                bar.update(len(chunk))
+
+    def move(entry: tuple[str, HashRing, Fraction, Fraction], keys_moved: int) -> dict[str, Any]:
+        alias, _, exact, ideal = entry
+        fraction = keys_moved / total if total else None
+        return {
+            "alias": alias,
+            "ideal": float(ideal),
+            "exact": float(exact),
+            "exact_ratio": float(exact / ideal) if ideal else None,
+            "keys_moved": keys_moved,
+            "keys_fraction": fraction,
+            "keys_ratio": fraction / float(ideal) if fraction is not None and ideal else None,
+        }
+
+    out: list[dict[str, Any]] = []
+    for i, (spec, hr) in enumerate(zip(layouts, rings, strict=True)):
+        per_shard = {a: counts[i].get(a, 0) for a in hr}
+        exact_pm, exact_cv = balance(exact_shares(hr), hr.weights)
+        keys_pm, keys_cv = balance(per_shard, hr.weights)
+        entry: dict[str, Any] = {"label": spec, "mode": hr.mode}
+        entry["vnodes" if hr.mode == "ring" else "buckets"] = hr.vnodes if hr.mode == "ring" else hr.buckets
+        entry.update(
+            {
+                "shards": len(hr),
+                "weights": dict(hr.weights),
+                "version": hr.version,
+                "balance": {
+                    "exact_peak_mean": exact_pm,
+                    "exact_cv": exact_cv,
+                    "keys_peak_mean": keys_pm,
+                    "keys_cv": keys_cv,
+                },
+                "keys_per_shard": per_shard,
+                "add": move(adds[i], moved_add[i]),
+                "remove": move(removes[i], moved_remove[i]),
+                "memory": memory(hr),
+            }
+        )
+        out.append(entry)
+    data: dict[str, Any] = {"source": source, "keys": total, "layouts": out}
+    if png is not None:
+        from ._plot import plot_compare
+
+        plot_compare(data, png)
+        data["png"] = str(png)
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(f"{total:,} keys from {source}; {len(out)} layouts")
+    lw = max([6, *(len(e["label"]) for e in out)])
+    click.echo(
+        f"  {'layout':<{lw}}  {'entries':>8}  {'memory':>10}  {'peak/mean':>9}  {'cv':>7}  "
+        f"{'keys p/m':>8}  {'keys cv':>7}  {'add/ideal':>9}  {'remove/ideal':>12}"
+    )
+
+    def ratio(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    for e in out:
+        b = e["balance"]
+        click.echo(
+            f"  {e['label']:<{lw}}  {e['memory']['entries']:>8,}  {_human_bytes(e['memory']['bytes']):>10}  "
+            f"{b['exact_peak_mean']:>9.4f}  {b['exact_cv']:>7.4f}  {b['keys_peak_mean']:>8.4f}  "
+            f"{b['keys_cv']:>7.4f}  {ratio(e['add']['keys_ratio']):>9}  {ratio(e['remove']['keys_ratio']):>12}"
+        )
+    first = out[0]
+    click.echo(
+        f"movement: add {first['add']['alias']} (ideal {_pct(first['add']['ideal'])}), "
+        f"remove {first['remove']['alias']} (ideal {_pct(first['remove']['ideal'])}); ratios are keys moved / ideal"
+    )
+    if png is not None:
+        click.echo(f"chart written to {png}")
