@@ -168,6 +168,7 @@ class ReplicaHealth:
     checked_at: float = float("-inf")
     reason: str = ""
     checking: bool = False
+    check_started: float = float("-inf")
 
 
 class ReplicaSet:
@@ -259,11 +260,15 @@ class Replicas:
         another thread's check of it runs, its last state counts (down if that check has hung)."""
         state = self.health[alias]
         with self._lock:
-            if state.checking:
+            now = time.monotonic()
+            # a check that hangs (a replica that accepts and never answers) blocks no reader, and
+            # after ten timeouts it no longer blocks the next check either
+            if state.checking and now - state.check_started < 10 * self.check_timeout:
                 return state
-            state.checking = True
+            state.checking, state.check_started = True, now
         found: list[Any] = []
         done = threading.Event()
+        started = state.check_started
 
         def probe() -> None:
             try:
@@ -272,7 +277,8 @@ class Replicas:
                 found.append(exc)
             finally:
                 done.set()
-                state.checking = False
+                if state.check_started == started:
+                    state.checking = False
 
         worker = threading.Thread(target=probe, name=f"shardkit-replica-check-{alias}", daemon=True)
         worker.start()

@@ -53,6 +53,7 @@ from ._placement import db_of_or_none as _db_of_or_none
 from ._placement import info_get as _info_get
 from ._placement import set_db as _set_db
 from ._relations import check_flush_relations
+from ._replicas import replicas_of
 from ._twophase import CommitOrder
 from .errors import CommitError, InvalidRouteError, RoutingError, ShardkitError, brief
 from .fanout._orm import execute_fanout, reads_rows
@@ -97,18 +98,21 @@ class using(ORMOption):
 
     :param alias: a key of DATABASES.
     :param propagate_to_loaders: also route lazy loads of the loaded objects there.
+    :param primary: read from ``alias`` itself, never from one of its replicas (see
+        :mod:`shardkit._replicas`).
     """
 
-    __slots__ = ("alias", "propagate_to_loaders")
+    __slots__ = ("alias", "primary", "propagate_to_loaders")
 
-    def __init__(self, alias: str, propagate_to_loaders: bool = True) -> None:
+    def __init__(self, alias: str, propagate_to_loaders: bool = True, *, primary: bool = False) -> None:
         if not isinstance(alias, str) or not alias:
             raise InvalidRouteError(f"using() needs an alias name, got {alias!r}", alias=alias)
         self.alias = alias
         self.propagate_to_loaders = propagate_to_loaders
+        self.primary = primary
 
     def __repr__(self) -> str:
-        return f"using({self.alias!r})"
+        return f"using({self.alias!r}, primary=True)" if self.primary else f"using({self.alias!r})"
 
 
 _using_option = using
@@ -813,7 +817,7 @@ class ShardSession(Session):
             if fast is not None:
                 target, events, is_orm = fast
                 if isinstance(target, str):
-                    bind_arguments = {"shard_id": target}
+                    bind_arguments = {"shard_id": self.read_on(target)}
                     if events or not is_orm:  # listeners see the options the listeners' path gives
                         execution_options = {**execution_options, "identity_token": target, "shardkit_alias": target}
                     else:  # the same identity token, given straight in the load options
@@ -900,7 +904,7 @@ class ShardSession(Session):
                 # One alias for a SELECT: name it in the bind arguments and let SQLAlchemy go
                 # on with this same execution (no second pass through Session.execute); the
                 # alias is kept in the execution options for the identity key and shards_of().
-                orm_context.bind_arguments["shard_id"] = target
+                orm_context.bind_arguments["shard_id"] = self.read_on(target, orm_context)
                 orm_context.update_execution_options(identity_token=target, shardkit_alias=target)
                 return None
             return self._fanout(orm_context, target)
@@ -918,6 +922,24 @@ class ShardSession(Session):
         if isinstance(target, str):
             return _writes.invoke_on(self, orm_context, target)
         return self._fanout(orm_context, target)
+
+    def read_on(self, alias: str, orm_context: ORMExecuteState | None = None) -> str:
+        """The alias a SELECT routed to ``alias`` runs on: one of its replicas by its policy
+        (:mod:`shardkit._replicas`), or ``alias`` itself when it has none, when this transaction
+        wrote to it (read your writes), when the session holds changes the autoflush is about to
+        write, or when the statement asks for the primary (``using(alias, primary=True)``, the
+        ``shardkit_primary`` execution option).  The identity token stays ``alias``."""
+        replicas = replicas_of(self.cluster)
+        if replicas is None or alias not in replicas.sets or alias in self._tx_write_aliases:
+            return alias
+        if self.autoflush and (self.new or self.deleted or self.dirty):
+            return alias
+        if orm_context is not None and (
+            orm_context.execution_options.get("shardkit_primary")
+            or any(isinstance(opt, using) and opt.primary for opt in _sqla.orm_options(orm_context))
+        ):
+            return alias
+        return replicas.read_alias(alias)
 
     def check_writes(self, aliases: Iterable[str]) -> None:
         """A statement is about to write on each of ``aliases``: check the cross-shard setting for

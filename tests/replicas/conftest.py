@@ -6,6 +6,7 @@ is skipped with a loud reason -- and under ``CI=true`` that is a failure, never 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -36,7 +37,5 @@ def pg_replica() -> Iterator[PgReplica]:
 def replica(pg_replica: PgReplica) -> Iterator[PgReplica]:
     """The session's replica, replaying again after each test (a test may pause it)."""
     yield pg_replica
-    try:
+    with contextlib.suppress(Exception):  # the replica may be gone; the session's teardown removes it
         pg_replica.resume()
-    except Exception:  # noqa: S110 - the replica may be gone; teardown of the session removes it
-        pass

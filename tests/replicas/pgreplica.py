@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from sqlalchemy import create_engine, make_url, text
@@ -46,6 +47,9 @@ class PgReplica:
         self.bindir: Path | None = None
         self._root: Path | None = None
         self._copied: dict[str, str] = {}
+        # a replication slot keeps the primary's WAL until the replica has it (a busy primary
+        # recycles its segments fast); dropped at stop
+        self.slot = f"shardkit_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
 
     # ------------------------------------------------------------------ set up
 
@@ -117,6 +121,7 @@ class PgReplica:
             str(bindir / "pg_basebackup"),
             "-h", url.host or "127.0.0.1", "-p", str(url.port or 5432), "-U", url.username or PG_USER,
             "-D", str(self.datadir), "-R", "-X", "stream", "-c", "fast", "--no-sync",
+            "-C", "-S", self.slot,
         )  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"pg_basebackup failed: {done.stderr.strip()[-500:]}")
@@ -205,3 +210,15 @@ class PgReplica:
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = None
+        engine = create_engine(self.primary_url, connect_args={"connect_timeout": 3})
+        try:
+            with engine.connect() as conn:
+                conn.execute(
+                    text("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = :s"),
+                    {"s": self.slot},
+                )
+                conn.commit()
+        except Exception:  # best effort: the primary may be gone
+            pass
+        finally:
+            engine.dispose()
