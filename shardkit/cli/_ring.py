@@ -1,10 +1,11 @@
-"""``shardkit ring show | distribution | diff``: look at a hash ring's layout, load and movement.
+"""``shardkit ring show | distribution | diff | compare``: a hash ring's layout, load and movement.
 
 The ring comes from the settings (``SHARDKIT_RING``, a TOML ``[ring]`` table or
 the ``HashRingRouter`` in ``DATABASE_ROUTERS``) or from ``--ring FILE.json``
 (the JSON of ``HashRing.to_dict()``).  Shares are exact (arc lengths of the
 classic ring, bucket counts in buckets mode); key distributions are counted
-with ``ring.get_many``.
+with ``ring.get_many``.  ``distribution --from-table`` also sizes every table on every
+shard and finds the heaviest shard keys; ``compare`` lays layouts side by side.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _pct(x: float) -> str:
 
 @click.group()
 def ring() -> None:
-    """Inspect the hash ring: layout, key distribution, movement on add/remove."""
+    """Inspect the hash ring: layout, key distribution, movement on add/remove, layouts compared."""
 
 
 # ----------------------------------------------------------------------------- show
@@ -371,6 +372,11 @@ def _shard_bytes(settings: Settings, alias: str) -> tuple[str | None, dict[str, 
     return method, {name: sizes.get(name, 0) for name in names}
 
 
+def _size_of(sizes: dict[str, int] | None, table: str) -> int | None:
+    """A table's bytes on one shard: ``None`` when unknown there, 0 when the table is not there."""
+    return None if sizes is None else sizes.get(table, 0)
+
+
 def _bytes_report(settings: Settings, hr: HashRing) -> dict[str, Any]:
     """Bytes per shard and per table (``None``: unknown on that shard)."""
     methods: dict[str, str | None] = {}
@@ -382,7 +388,7 @@ def _bytes_report(settings: Settings, hr: HashRing) -> dict[str, Any]:
             methods[alias], known[alias] = _shard_bytes(settings, alias)
     names = sorted({name for sizes in known.values() if sizes for name in sizes})
     for name in names:
-        per_table[name] = {a: (None if known[a] is None else known[a].get(name)) for a in hr}  # type: ignore[union-attr]
+        per_table[name] = {a: _size_of(known[a], name) for a in hr}
     for alias in hr:
         sizes = known[alias]
         per_shard[alias] = None if sizes is None else sum(sizes.values())
@@ -533,7 +539,7 @@ def _histogram(stats: dict[str, Any], width: int = 40) -> list[str]:
 )
 @click.option(
     "--top",
-    type=click.IntRange(0, 100_000),
+    type=click.IntRange(0, 10_000),
     default=0,
     help="With --from-table: the N shard keys with the most rows (over --colocated tables too).",
 )

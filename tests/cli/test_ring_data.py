@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, insert, text
+from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, create_engine, insert, text
 
 from shardkit.cli import _ring
 from shardkit.ring import HashRing
 from shardkit.ring import _layout as layout
 
 from ..conftest import IN_CI
+from ..faults import proxied_url, tcp_proxy
 from .conftest import assert_one_line_error, parse
 
 TENANT_SETTINGS = """
@@ -75,8 +76,6 @@ def _tenant_cluster(workdir: Path, run: Callable[..., Any], urls: dict[str, str]
             orders[alias].append({"tenant_id": tenant, "note": "n" * 120})
         per_table["users"][tenant] += n_users
         per_table["orders"][tenant] += n_orders
-    from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table
-
     meta = MetaData()
     users_t = Table(
         "users", meta, Column("id", Integer, primary_key=True), Column("tenant_id", BigInteger), Column("name", String)
@@ -209,6 +208,30 @@ def test_bytes_mariadb(databases, run, workdir: Path) -> None:
         assert sizes["shards"][alias] > 0
         assert sum(sizes["tables"][t][alias] for t in sizes["tables"]) == sizes["shards"][alias]
     assert [k["key"] for k in data["top_keys"]["keys"]] == [1, 2]
+
+
+def test_shard_down_while_sizing_or_counting(databases, run, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shard cut (a real proxy in front of PostgreSQL) after the row count, before the bytes or
+    the top keys: one line naming the alias, exit code 1, no password; compare names it too."""
+    urls = {a: databases.url("postgresql", a) for a in ("default", "s0", "s1", "s2")}
+    with tcp_proxy(urls["s1"]) as proxy:
+        urls["s1"] = proxied_url(urls["s1"], proxy)
+        name, _, _ = _tenant_cluster(workdir, run, urls)
+        counted = _ring._table_keys
+
+        def count_then_cut(*args: Any) -> Any:
+            out = counted(*args)
+            proxy.cut()
+            return out
+
+        monkeypatch.setattr(_ring, "_table_keys", count_then_cut)
+        for extra in ([], ["--no-bytes", "--top", "3"]):
+            proxy.restore()
+            result = run("ring", "distribution", "--settings", name, "--from-table", "users", *extra)
+            assert_one_line_error(result, code=1, contains="alias 's1' is unreachable")
+        proxy.cut()
+        result = run("ring", "compare", "--settings", name, "--from-table", "users", "--layout", "vnodes=8")
+        assert_one_line_error(result, code=1, contains="alias 's1' is unreachable")
 
 
 # --------------------------------------------------------------------------- compare
