@@ -1023,7 +1023,7 @@ def compare(
     click.echo(f"{total:,} keys from {source}; {len(out)} layouts")
     lw = max([6, *(len(e["label"]) for e in out)])
     click.echo(
-        f"  {'layout':<{lw}}  {'entries':>8}  {'memory':>10}  {'peak/mean':>9}  {'cv':>7}  "
+        f"  {'layout':<{lw}}  {'entries':>8}  {'memory':>10}  {'exact p/m':>9}  {'exact cv':>8}  "
         f"{'keys p/m':>8}  {'keys cv':>7}  {'add/ideal':>9}  {'remove/ideal':>12}"
     )
 
@@ -1034,7 +1034,7 @@ def compare(
         b = e["balance"]
         click.echo(
             f"  {e['label']:<{lw}}  {e['memory']['entries']:>8,}  {_human_bytes(e['memory']['bytes']):>10}  "
-            f"{b['exact_peak_mean']:>9.4f}  {b['exact_cv']:>7.4f}  {b['keys_peak_mean']:>8.4f}  "
+            f"{b['exact_peak_mean']:>9.4f}  {b['exact_cv']:>8.4f}  {b['keys_peak_mean']:>8.4f}  "
             f"{b['keys_cv']:>7.4f}  {ratio(e['add']['keys_ratio']):>9}  {ratio(e['remove']['keys_ratio']):>12}"
         )
     first = out[0]

@@ -298,7 +298,7 @@ def test_compare_matches_layout(run, workdir: Path) -> None:
 
     text_out = run(*[a for a in args if a != "--json"])
     assert text_out.exit_code == 0, text_out.output
-    assert "peak/mean" in text_out.stdout and all(spec in text_out.stdout for spec in LAYOUTS)
+    assert "exact p/m" in text_out.stdout and all(spec in text_out.stdout for spec in LAYOUTS)
 
 
 def test_compare_ring_file_and_errors(run, workdir: Path) -> None:
