@@ -8,6 +8,7 @@ import struct
 import sys
 from collections import Counter
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -387,3 +388,23 @@ def test_compare_png_without_matplotlib(run, workdir: Path, monkeypatch: pytest.
     result = run("ring", "compare", "--shards", "3", "--keys", "10", "--layout", "vnodes=8", "--png", "x.png")
     assert_one_line_error(result, contains="--png needs matplotlib: pip install 'shardkit[plot]'")
     assert not (workdir / "x.png").exists()
+
+
+def test_layout_balance_and_movement_by_hand() -> None:
+    """The ``_layout`` figures compare reports, on cases whose answer is known."""
+    assert layout.balance({"a": 10, "b": 10}) == (1.0, 0.0)
+    pm, cv = layout.balance({"a": 30, "b": 10})
+    assert pm == 1.5 and cv == pytest.approx(0.5)
+    # weighted: a weight-3 shard with 3x the keys is balanced
+    assert layout.balance({"a": 30, "b": 10}, {"a": 3, "b": 1}) == (1.0, 0.0)
+    assert layout.balance({}) == (0.0, 0.0) and layout.balance({"a": 0, "b": 0}) == (0.0, 0.0)
+    buckets = HashRing([f"s{i}" for i in range(4)], mode="buckets", buckets=4096)
+    after, moved, ideal = layout.movement_on_add(buckets, "s4")
+    assert "s4" in after and "s4" not in buckets  # the ring given is left alone
+    assert ideal == Fraction(1, 5) and moved == Fraction(round(4096 / 5), 4096)
+    _, gone, share = layout.movement_on_remove(buckets, "s2")
+    assert share == Fraction(1, 4) and gone == layout.exact_shares(buckets)["s2"]
+    ring = HashRing({"a": 1, "b": 2}, vnodes=50)
+    after, moved, ideal = layout.movement_on_add(ring, "c", 2)
+    assert ideal == Fraction(2, 5) and moved == layout.exact_shares(after)["c"]
+    assert layout.memory(ring) == {"entries": 150, "bytes": ring.nbytes, "bytes_per_entry": ring.nbytes / 150}
