@@ -408,3 +408,15 @@ def test_layout_balance_and_movement_by_hand() -> None:
     after, moved, ideal = layout.movement_on_add(ring, "c", 2)
     assert ideal == Fraction(2, 5) and moved == layout.exact_shares(after)["c"]
     assert layout.memory(ring) == {"entries": 150, "bytes": ring.nbytes, "bytes_per_entry": ring.nbytes / 150}
+
+
+def test_progress_on_stderr_only_on_a_terminal(run, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long scans draw a progress bar on stderr when it is a terminal; stdout stays pure JSON."""
+    args = ["ring", "compare", "--shards", "3", "--keys", "120000", "--layout", "vnodes=8", "--json"]
+    quiet = run(*args)
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    monkeypatch.setattr("shardkit.cli._common.stderr_is_terminal", lambda: True)
+    drawn = run(*args)
+    assert drawn.exit_code == 0, drawn.output
+    assert "hashing keys" in drawn.stderr
+    assert parse(drawn) == parse(quiet)
