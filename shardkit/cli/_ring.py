@@ -925,7 +925,10 @@ def compare(
     elif nshards is not None and ring_path is None and settings_path is None:
         base = HashRing([f"s{i}" for i in range(nshards)])
     else:
-        base, _ = _get_ring(settings_path, ring_path)
+        try:
+            base, _ = _get_ring(settings_path, ring_path)
+        except ConfigError as exc:
+            raise CliError(f"{exc}; or give --shards N to compare layouts of the shards s0..sN-1") from None
     if nshards is not None:
         base = HashRing([f"s{i}" for i in range(nshards)], mode=base.mode, vnodes=base.vnodes, buckets=base.buckets)
     rings = [_parse_layout(spec, base) for spec in layouts]

@@ -328,6 +328,10 @@ def test_compare_ring_file_and_errors(run, workdir: Path) -> None:
         (["--layout", "vnodes=8", "--add", "a"], "--add 'a': already a shard"),
     ):
         assert_one_line_error(run("ring", "compare", "--ring", "base.json", "--keys", "10", *bad), contains=contains)
+    assert_one_line_error(
+        run("ring", "compare", "--layout", "vnodes=8", "--keys", "10"), contains="or give --shards N"
+    )  # no settings at all
+    assert_one_line_error(run("ring", "compare", "--shards", "1", "--layout", "vnodes=8"), contains="nothing to remove")
 
 
 def test_compare_from_table(make_urls, run, workdir: Path) -> None:
