@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import struct
 import sys
 from collections import Counter
@@ -147,6 +148,13 @@ def test_bytes_and_top_keys(make_urls, run, workdir: Path) -> None:
             assert sizes["tables"][table][alias] > 0
             assert sizes["tables"][table][alias] == _direct_bytes(urls[alias], table)
     assert sizes["total"] == sum(sizes["shards"].values())
+    if method == "dbstat":  # every page of the file but page 1 and free pages belongs to a table
+        for alias in RING:
+            with sqlite3.connect(urls[alias].removeprefix("sqlite:///")) as db:
+                page = db.execute("PRAGMA page_size").fetchone()[0]
+                pages = db.execute("PRAGMA page_count").fetchone()[0]
+                free = db.execute("PRAGMA freelist_count").fetchone()[0]
+            assert sizes["shards"][alias] == (pages - 1 - free) * page
 
     # top keys: a brute-force count over both tables
     top = data["top_keys"]
