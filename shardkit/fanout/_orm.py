@@ -178,8 +178,10 @@ def _runner(
     base_bind_args: dict[str, Any],
     deadline: float | None,
     before: Callable[[Connection], None] | None = None,
+    on: str | None = None,
 ) -> Callable[[Connection, float | None], Result[Any]]:
     """The body of ``alias``'s task: run its statement on the session's connection of the shard
+    (of ``on``, its replica, when one reads for it: rows keep ``alias`` as identity token)
     (on PostgreSQL with the time left as ``statement_timeout``); ``before`` first reads what the
     merge needs to know of the shard (its text collations), once per engine."""
 
@@ -195,7 +197,7 @@ def _runner(
                 statement=statement,
                 execution_options={"identity_token": alias, "autoflush": False, "prebuffer_rows": False},
                 # flushed by the caller; an AsyncSession's prebuffer is done on the merged rows (below)
-                bind_arguments={**base_bind_args, "shard_id": alias},
+                bind_arguments={**base_bind_args, "shard_id": on or alias},
             )
             if remaining is not None and pg:
                 conn.exec_driver_sql("SET LOCAL statement_timeout = DEFAULT")
@@ -285,6 +287,8 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     # taking each shard's connection from the session's transaction.
     if _sqla.wants_autoflush(orm_context):
         _sqla.autoflush(session)
+    # each shard is read where a routed read of it would be: a replica (shardkit._replicas) or itself
+    on = {alias: session.read_on(alias, orm_context) for alias in shard_statements}
     # Getting each shard's connection counts against the deadline: a shard the session holds
     # no connection for yet is checked out (and maybe connected) in its worker, and the
     # connection adopted into the session's transaction there; a shard that hangs in its
@@ -297,21 +301,23 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     # Text the merge compares (ORDER BY, MIN/MAX, GROUP BY/DISTINCT keys): each shard's
     # collation of it, read once per engine by the shard's task when not yet known.
     compared = text_keys(plan.text_exprs) if plan.text_exprs else ()
-    befores = {a: lookups(session.cluster.engine(a), compared) for a in shard_statements} if compared else {}
+    befores = {a: lookups(session.cluster.engine(on[a]), compared) for a in shard_statements} if compared else {}
     rules: dict[int, str] | None = None
     if compared and not any(befores.values()):  # all known (the usual case): decide before running
-        rules = effective(compared, {a: session.cluster.engine(a) for a in shard_statements})
+        rules = effective(compared, {a: session.cluster.engine(on[a]) for a in shard_statements})
     # Under an AsyncSession: the shards run as coroutines on the event loop (fanout._aio)
-    on_loop = on_event_loop(session.cluster.engine(a) for a in shard_statements)
+    on_loop = on_event_loop(session.cluster.engine(on[a]) for a in shard_statements)
     for alias in shard_statements:
-        engine = session.cluster.engine(alias)
-        body = _runner(orm_context, alias, shard_statements[alias], base_bind_args, deadline, befores.get(alias))
+        engine = session.cluster.engine(on[alias])
+        body = _runner(
+            orm_context, alias, shard_statements[alias], base_bind_args, deadline, befores.get(alias), on[alias]
+        )
         if _sqla.held_connection(session, engine) is None and (on_loop or not thread_bound(engine)):
             tasks[alias] = ConnectionTask(alias, body, checkout=engine.connect, adopt=adopt)
             continue
         # Held already (no I/O), or a connection only the calling thread may use: as before.
         try:
-            conn = session.connection(bind_arguments={"shard_id": alias})
+            conn = session.connection(bind_arguments={"shard_id": on[alias]})
         except sa_exc.DBAPIError as exc:
             # A shard that cannot be reached is a shard failure like any other (named, or
             # skipped in partial mode), not a bare driver error.
@@ -327,7 +333,7 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
             errors=unreachable,
             aliases=tuple(unreachable),
         )
-    executor = calling_thread_executor((session.cluster.engine(a) for a in tasks), deadline)
+    executor = calling_thread_executor((session.cluster.engine(on[a]) for a in tasks), deadline)
     if on_loop:
         outcome = run_on_loop(tasks, deadline=deadline, partial=partial, session=session)
     else:
@@ -347,7 +353,7 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     merge = plan.merge
     if compared and rules is None:
         try:
-            rules = effective(compared, {a: session.cluster.engine(a) for a in answered})
+            rules = effective(compared, {a: session.cluster.engine(on[a]) for a in answered})
         except UnsupportedQueryError:
             for part in outcome.results.values():
                 part.close()
