@@ -687,7 +687,7 @@ def recover(cluster: Cluster, *, min_age: float = 60.0, dry_run: bool = False) -
     seen_databases: set[str] = set()
     for alias in cluster.aliases:
         spec = cluster.spec(alias)
-        if spec.dialect_name != "postgresql":
+        if spec.dialect_name != "postgresql" or spec.replica_of is not None:  # a replica only replays them
             continue
         where = spec.url.set(password=None).render_as_string()
         if where in seen_databases:  # two aliases on one database: resolve its transactions once
