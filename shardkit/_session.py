@@ -698,9 +698,12 @@ class ShardSession(Session):
         return self.pinned
 
     def _named_by(self, orm_context: ORMExecuteState) -> str | ShardTargets | None:
-        """:meth:`_named` for an execution."""
+        """:meth:`_named` for an execution (with the options earlier listeners set: SQLAlchemy 2.1's
+        ``ORMExecuteState.execution_options`` does not show ``update_execution_options()``)."""
         return self._named(
-            _sqla.orm_options(orm_context), orm_context.execution_options, orm_context.bind_arguments.get("shard_id")
+            _sqla.orm_options(orm_context),
+            _sqla.current_execution_options(orm_context),
+            orm_context.bind_arguments.get("shard_id"),
         )
 
     def _route(self, orm_context: ORMExecuteState) -> str | ShardTargets:
@@ -815,7 +818,7 @@ class ShardSession(Session):
         if _parent_execute_state is None and _add_event is None and not kw and type(statement) is Select:
             fast = self._fast_route(statement, params, execution_options, bind_arguments)
             if fast is not None:
-                target, events, is_orm = fast
+                target, events, is_orm, by_lookup = fast
                 if isinstance(target, str):
                     bind_arguments = {"shard_id": self.read_on(target)}
                     if events or not is_orm:  # listeners see the options the listeners' path gives
@@ -830,6 +833,8 @@ class ShardSession(Session):
                         }
                 else:  # a fan-out: routed once, here; run by the listener's own code
                     events = [lambda orm_context: self._fanout(orm_context, target), *events]
+                    if by_lookup is not None:  # as shardkit.lookups' listener names the shards
+                        execution_options = {**execution_options, "shardkit_using": by_lookup}
                 return _sqla.execute_with_events(
                     super()._execute_internal,
                     statement,
@@ -859,15 +864,16 @@ class ShardSession(Session):
 
     def _fast_route(
         self, statement: Select[Any], params: Any, execution_options: Any, bind_arguments: Any
-    ) -> tuple[str | ShardTargets, list[Any], bool] | None:
+    ) -> tuple[str | ShardTargets, list[Any], bool, Any] | None:
         """Where a SELECT runs, decided as :meth:`_route` would decide it, and the
-        ``do_orm_execute`` listeners that would run after shardkit's, and whether it is an ORM
-        statement; ``None`` when the statement
+        ``do_orm_execute`` listeners that would run after shardkit's, whether it is an ORM
+        statement, and the ``shardkit_using`` a lookup names the shards with (else ``None``);
+        ``None`` when the statement
         is not one the fast path takes: one that names its shard (:meth:`_named`: ``using()``,
         ``shardkit_*`` execution options, a ``shard_id`` bind argument, a pinned session), a
         refresh, lazy or post-load (the object it comes from decides), a statement given an
         identity token, bind arguments or a model; a session whose listeners before shardkit's
-        are not only a lookup router with nothing to do for this model."""
+        are not only :mod:`shardkit.lookups`' router (a lookup column routes here as it would)."""
         if bind_arguments or not self._fast_path_ok():
             return None
         for opts in (execution_options, _sqla.statement_execution_options(statement), self.execution_options):
@@ -882,17 +888,25 @@ class ShardSession(Session):
         except ValueError:
             return None
         is_orm, subject = _sqla.orm_subject(statement)
-        if mine and not _lookups_idle(listeners[:mine], subject):
-            return None
+        after = listeners[mine + 1 :]
+        if mine:  # listeners before shardkit's: only shardkit.lookups' may be, and it routes here
+            found = _lookup_route(self, listeners[:mine], subject, statement, params)
+            if found is False:
+                return None
+            if isinstance(found, str):
+                return self.cluster.check_alias(found), after, is_orm, None
+            if found is not None:  # the listener names the shards with shardkit_using
+                named = tuple(found.statements) if all(s is None for s in found.statements.values()) else found
+                return self._using_targets(named), after, is_orm, named
         model = subject.mapper.class_ if subject else _core_statement_model(statement)
         router = self.cluster.router
         if model is None:
-            return router.default, listeners[mine + 1 :], is_orm
+            return router.default, after, is_orm, None
         if params and isinstance(params, Mapping):  # values bound only at execution (get() does this)
             target = router.db_for_read(model, statement=statement, session=self, parameters=params)
         else:
             target = router.db_for_read(model, statement=statement, session=self)
-        return target, listeners[mine + 1 :], is_orm
+        return target, after, is_orm, None
 
     def _execute_routed(self, orm_context: ORMExecuteState) -> Result[Any] | None:
         """Route one execution.  A SELECT on one alias goes on as SQLAlchemy's own execution (the
@@ -1167,22 +1181,18 @@ def _routes_by_statement(options: Mapping[str, Any]) -> bool:
     return True
 
 
-_LOOKUP_ROUTER: list[Any] = []  # shardkit.lookups' do_orm_execute listener and its two questions
+_LOOKUP_ROUTE: list[Any] = []  # shardkit.lookups.fast_path_route, imported at first use
 
 
-def _lookups_idle(listeners: list[Any], subject: Any) -> bool:
-    """Whether the ``do_orm_execute`` listeners that run before shardkit's are only
-    :mod:`shardkit.lookups`' router, with no lookup to route this SELECT's model by."""
-    if not _LOOKUP_ROUTER:
-        from .lookups._declare import any_declared
-        from .lookups._route import _columns_of, _route_by_lookup
+def _lookup_route(session: ShardSession, listeners: list[Any], subject: Any, statement: Any, params: Any) -> Any:
+    """What :mod:`shardkit.lookups`' listener would do with a SELECT (see its ``fast_path_route``):
+    ``False`` when another listener runs before shardkit's, ``None`` when no lookup applies,
+    else where the lookup sends the statement."""
+    if not _LOOKUP_ROUTE:
+        from .lookups._route import fast_path_route
 
-        _LOOKUP_ROUTER[:] = [_route_by_lookup, any_declared, _columns_of]
-    route_by_lookup, any_declared, columns_of = _LOOKUP_ROUTER
-    for fn in listeners:
-        if fn is not route_by_lookup:
-            return False
-    return not any_declared() or not subject or not columns_of(subject.mapper.class_)
+        _LOOKUP_ROUTE.append(fast_path_route)
+    return _LOOKUP_ROUTE[0](session, listeners, subject, statement, params)
 
 
 # -- events, registered once for every ShardSession ----------------------------

@@ -499,6 +499,15 @@ def identity_dict(identity_map: Any) -> Mapping[Any, Any]:
     return identity_map._dict  # type: ignore[no-any-return]
 
 
+def current_execution_options(orm_context: Any) -> Mapping[str, Any]:
+    """An execution's options as they are now: the statement's, then the execution's own with
+    what listeners added (``ORMExecuteState.execution_options`` is computed once, at its start,
+    on SQLAlchemy 2.1)."""
+    own = orm_context.statement._execution_options
+    local = orm_context.local_execution_options
+    return own.union(local) if own else local  # type: ignore[no-any-return]
+
+
 _TOKEN_LOAD_OPTIONS: dict[Any, Any] = {}  # identity token -> the default load options with it
 
 

@@ -299,3 +299,62 @@ def test_autoflush_before_a_fast_read(world: tuple[shardkit.Cluster, CountingRou
             u = s.get(User, K2[0])
             u.name = "not yet"
             assert s.scalar(select(User.name).where(User.id == K2[0])) == f"u{K2[0]}"
+
+
+class LookupBase(DeclarativeBase):
+    pass
+
+
+class Member(LookupBase):
+    __tablename__ = "fp_members"
+    __shard_key__ = "id"
+    __lookups__ = {"email": {"unique": True}}
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    email: Mapped[str] = mapped_column(String(80))
+
+
+@pytest.fixture
+def lookup_cluster(tmp_path: Path) -> Iterator[shardkit.Cluster]:
+    settings = {a: {"ENGINE": "sqlite", "NAME": str(tmp_path / f"{a}.db")} for a in ["default", *SHARDS]}
+    cluster = shardkit.Cluster(settings, routers=[HashRingRouter(RING)])
+    cluster.create_all(LookupBase)
+    with cluster.session() as s:
+        s.add_all([Member(id=k, email=f"m{k}@x") for k in ALL_KEYS])
+        s.commit()
+    try:
+        yield cluster
+    finally:
+        cluster.dispose()
+
+
+LOOKUP_CASES: dict[str, Callable[[ShardSession], Any]] = {
+    "by lookup": lambda s: s.scalars(select(Member).where(Member.email == f"m{K1[0]}@x")).all(),
+    "by lookup, none": lambda s: s.scalars(select(Member).where(Member.email == "nobody@x")).all(),
+    "by lookup in": lambda s: s.scalars(
+        select(Member).where(Member.email.in_([f"m{K0[0]}@x", f"m{K2[0]}@x"])).order_by(Member.id)
+    ).all(),
+    "by shard key": lambda s: s.scalars(select(Member).where(Member.id == K2[1])).all(),
+    "get": lambda s: s.get(Member, K0[1]),
+    "neither": lambda s: s.scalars(select(Member).order_by(Member.id)).all(),
+}
+
+
+@pytest.mark.parametrize("name", list(LOOKUP_CASES))
+def test_lookup_reads_same_as_the_listeners_path(lookup_cluster: shardkit.Cluster, name: str) -> None:
+    case = LOOKUP_CASES[name]
+    statements: list[tuple[str, str]] = []
+
+    def log(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        statements.append((conn.engine.url.database.rsplit("/", 1)[-1], statement.split()[0]))
+
+    for alias in ["default", *SHARDS]:
+        event.listen(lookup_cluster.engine(alias), "before_cursor_execute", log)
+    with SlowSession(lookup_cluster) as slow:
+        expected = _run(slow, case)
+        slow_statements = sorted(statements)
+    statements.clear()
+    with ShardSession(lookup_cluster) as fast:
+        got = _run(fast, case)
+        fast_statements = sorted(statements)
+    assert got == expected
+    assert fast_statements == slow_statements  # the same lookup reads, on the same databases
