@@ -654,13 +654,22 @@ def distribution(
         click.echo(f"histogram written to {plot}")
 
 
+_BYTES_COLUMNS = 6
+
+
 def _echo_bytes(report: dict[str, Any]) -> None:
     shards: dict[str, int | None] = report["shards"]
     tables: dict[str, dict[str, int | None]] = report["tables"]
-    names = list(tables)
+    # the largest tables, at most _BYTES_COLUMNS of them, in name order (all of them in --json)
+    largest = sorted(tables, key=lambda n: -sum(v or 0 for v in tables[n].values()))[:_BYTES_COLUMNS]
+    names = sorted(largest)
     width = max([5, *(len(a) for a in shards)])
     cols = [max(12, len(n)) for n in names]
-    click.echo("bytes (tables with their indexes):")
+    more = len(tables) - len(names)
+    click.echo(
+        "bytes (tables with their indexes"
+        + (f"; the {len(names)} largest of {len(tables)} tables shown, all in --json):" if more else "):")
+    )
     header = "".join(f"  {n:>{w}}" for n, w in zip(names, cols, strict=True))
     click.echo(f"  {'shard':<{width}}  {'total':>12}{header}")
     for alias, total in shards.items():
