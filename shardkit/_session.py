@@ -946,7 +946,7 @@ class ShardSession(Session):
         replicas = replicas_of(self.cluster)
         if replicas is None or alias not in replicas.sets or alias in self._tx_write_aliases:
             return alias
-        if self.autoflush and (self.new or self.deleted or self.dirty):
+        if self.autoflush and not _sqla.is_clean(self):
             return alias
         if orm_context is not None and (
             orm_context.execution_options.get("shardkit_primary")

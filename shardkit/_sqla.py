@@ -561,3 +561,8 @@ def execute_with_events(
         _parent_execute_state=_EventsLeft(events),
         _scalar_result=scalar_result,
     )
+
+
+def is_clean(session: Any) -> bool:
+    """Whether ``session`` holds no new, deleted or modified object (nothing an autoflush would write)."""
+    return bool(session._is_clean())
