@@ -23,6 +23,7 @@ from sqlalchemy import Engine, MetaData, Table
 from sqlalchemy.orm import DeclarativeBase, registry
 
 from . import _sqla
+from . import observe as _observe
 from ._config import DEFAULT_DB_ALIAS, AliasSpec, parse_databases
 from ._placement import db_of_or_none
 from ._session import ShardSession
@@ -149,6 +150,11 @@ class Cluster:
     :param async_driver: the async driver of :meth:`async_session`'s engines, for every alias
         (``"psycopg"``) or per alias or backend (``{"postgresql": "psycopg"}``); default: the
         URL's own when async, else asyncpg, aiosqlite, aiomysql (see :mod:`shardkit._async`).
+    :param scatter: ``"allow"``, ``"warn"`` or ``"refuse"`` a statement the routers send to every
+        shard (no shard key): see :mod:`shardkit.observe` (sessions and statements may override it).
+    :param max_rows: a fan-out read that gets more rows raises
+        :class:`~shardkit.errors.MaxRowsError`, the other shards cancelled (``None``: no limit).
+    :param slow_statement: seconds; a statement that takes longer is logged at WARNING.
 
     >>> cluster = Cluster({"default": "sqlite://"})
     >>> cluster.aliases
@@ -165,6 +171,9 @@ class Cluster:
         partial: bool = False,
         cross_shard_writes: str = "allow",
         async_driver: str | Mapping[str, str] | None = None,
+        scatter: str = "allow",
+        max_rows: int | None = None,
+        slow_statement: float | None = None,
     ) -> None:
         self._specs: dict[str, AliasSpec] = parse_databases(databases)
         self._engine_options = dict(engine_options or {})
@@ -185,6 +194,10 @@ class Cluster:
         self.cross_shard_writes = cross_shard_writes
         self._autocommit = threading.local()
         self.async_driver = async_driver  # see shardkit._async
+        # shardkit.observe: scatter guard, fan-out row limit, slow-statement WARNING threshold
+        self.scatter = _observe.check_scatter_mode(scatter) or "allow"
+        self.max_rows = _observe.check_max_rows(max_rows)
+        self.slow_statement = None if slow_statement is None else float(slow_statement)
 
     @classmethod
     def from_settings(cls, settings: str | os.PathLike[str] | ModuleType | None = None, **kwargs: Any) -> Cluster:
@@ -235,8 +248,19 @@ class Cluster:
                 if spec.engine is None:  # one shardkit made: bounded sockets (psycopg2; see fanout._connect)
                     bound_sockets(engine, lambda: self.deadline)
                 instrument(engine)  # a reshard's database-side fence refusal -> ShardMovingError
+                _observe.engine_created(self, alias, engine)  # listeners, slow statements
                 self._engines[alias] = engine
         return engine
+
+    def add_listener(self, listener: Any) -> None:
+        """Call ``listener.on_statement(event)`` after every statement an alias runs and
+        ``listener.on_fanout(event)`` once per fan-out read (see :mod:`shardkit.observe`;
+        :class:`~shardkit.observe.MetricsListener` is a ready-made one)."""
+        _observe.add_listener(self, listener)
+
+    def remove_listener(self, listener: Any) -> None:
+        """Stop calling ``listener``."""
+        _observe.remove_listener(self, listener)
 
     def created_engine(self, alias: str) -> Engine | None:
         """The engine of ``alias`` if one was created already, else ``None`` (creates nothing)."""
@@ -271,7 +295,8 @@ class Cluster:
         """A new :class:`ShardSession` (a ``sqlalchemy.orm.Session``) routed by this cluster.
 
         :param using: pin every statement and flush of the session to one alias.
-        :param kwargs: any :class:`~sqlalchemy.orm.Session` argument (``expire_on_commit`` ...).
+        :param kwargs: any :class:`~sqlalchemy.orm.Session` argument (``expire_on_commit`` ...),
+            and ``scatter=`` / ``max_rows=`` for this session's statements (see :mod:`shardkit.observe`).
 
         Used as a context manager, it is also the session ``Model.objects`` uses
         inside the block.

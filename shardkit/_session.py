@@ -48,6 +48,7 @@ from sqlalchemy.orm.base import PASSIVE_NO_INITIALIZE
 from sqlalchemy.orm.interfaces import MANYTOONE, ORMOption
 
 from . import _events, _sqla, _writes
+from . import observe as _observe
 from ._placement import DB, USING, db_of, many_to_ones
 from ._placement import db_of_or_none as _db_of_or_none
 from ._placement import info_get as _info_get
@@ -196,10 +197,20 @@ class ShardSession(Session):
 
     cluster: Cluster
 
-    def __init__(self, cluster: Cluster, *, using: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        *,
+        using: str | None = None,
+        scatter: str | None = None,
+        max_rows: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("query_cls", ShardQuery)
         super().__init__(**kwargs)
         self.cluster = cluster
+        self.scatter = _observe.check_scatter_mode(scatter)  # None: the cluster's (shardkit.observe)
+        self.max_rows = _observe.check_max_rows(max_rows)
         self.pinned = cluster.check_alias(using) if using is not None else None
         self._flush_aliases: dict[InstanceState[Any], str] = {}
         self._tx_write_aliases: set[str] = set()  # aliases written in the current transaction
@@ -985,6 +996,7 @@ class ShardSession(Session):
             self._bulk_alias = previous
 
     def _fanout(self, orm_context: ORMExecuteState, targets: ShardTargets) -> Result[Any]:
+        _observe.check_scatter(self, orm_context.statement, orm_context.execution_options, targets)
         if _writes.is_write(orm_context):
             return _writes.run_on_targets(self, orm_context, targets)
         return execute_fanout(self, orm_context, targets)
@@ -1011,8 +1023,13 @@ class ShardSession(Session):
                 return found.target
         return target
 
-    def explain(self, statement: Any) -> str:
-        """What ``statement`` would do: the alias it runs on, or the SQL each shard gets and the merge plan."""
+    def explain(self, statement: Any, *, analyze: bool = False) -> str:
+        """What ``statement`` would do: the alias it runs on, or the SQL each shard gets and the merge plan.
+
+        With ``analyze=True`` it is run (every row read) and each shard's rows and time and the
+        merge time follow (see :func:`shardkit.observe.format_analyze`)."""
+        if analyze:
+            return _observe.explain_analyze(self, statement, self.explain(statement))
         from .fanout import plan_select
         from .lookups import lookup_step
 

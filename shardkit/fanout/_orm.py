@@ -39,6 +39,7 @@ from sqlalchemy.sql.lambdas import StatementLambdaElement
 
 from .. import _sqla
 from ..errors import ShardQueryError, UnsupportedQueryError, brief
+from ..observe import fanout_probe
 from ..typing import ShardTargets
 from ._aio import on_event_loop, run_on_loop
 from ._collation import effective, lookups, text_keys
@@ -282,6 +283,9 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
     shard_statements = _pin_null_order(session, shard_statements, plan, dialect_name)
     partial = bool(options.get("shardkit_partial", session.cluster.partial))
     deadline = _deadline(session, options)
+    probe = fanout_probe(session, statement, options, targets)  # listeners, max_rows, explain(analyze=True)
+    if probe is not None:
+        partial = probe.partial(partial)
     # The session is not thread-safe: anything that changes it happens here, in the calling
     # thread, before the workers start: the autoflush the shard executions would each do, and
     # taking each shard's connection from the session's transaction.
@@ -312,6 +316,8 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
         body = _runner(
             orm_context, alias, shard_statements[alias], base_bind_args, deadline, befores.get(alias), on[alias]
         )
+        if probe is not None:
+            body = probe.shard(alias, body)
         if _sqla.held_connection(session, engine) is None and (on_loop or not thread_bound(engine)):
             tasks[alias] = ConnectionTask(alias, body, checkout=engine.connect, adopt=adopt)
             continue
@@ -334,10 +340,15 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
             aliases=tuple(unreachable),
         )
     executor = calling_thread_executor((session.cluster.engine(on[a]) for a in tasks), deadline)
-    if on_loop:
-        outcome = run_on_loop(tasks, deadline=deadline, partial=partial, session=session)
-    else:
-        outcome = run_parallel(tasks, deadline=deadline, partial=partial, executor=executor)
+    try:
+        if on_loop:
+            outcome = run_on_loop(tasks, deadline=deadline, partial=partial, session=session)
+        else:
+            outcome = run_parallel(tasks, deadline=deadline, partial=partial, executor=executor)
+    except BaseException as exc:
+        if probe is not None:
+            probe.failed(exc)  # tells the listeners; a max_rows stop is raised as MaxRowsError
+        raise
     outcome.errors.update(unreachable)
     answered = tuple(a for a in shard_statements if a in outcome.results)
     if outcome.errors:
@@ -382,6 +393,8 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
             shard_result = shard_result.yield_per(lazy_chunk)
         streams.append(shard_result)
     rows = merge_rows(merge, streams, dialect_name=dialect_name, batch=yield_per)
+    if probe is not None:
+        rows = probe.merged(iter(rows), outcome.errors)
     if options.get("prebuffer_rows"):  # AsyncSession.execute(): the merged rows, read in its greenlet
         rows = iter(list(rows))
     result = ShardedResult(SimpleResultMetaData(plan.output_keys), rows)
