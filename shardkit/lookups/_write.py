@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["claim_rows", "tx_state"]
 
-logger = logging.getLogger("shardkit.lookups")
+logger = logging.getLogger(__name__)
 
 _INFO = "shardkit.lookups"
 
