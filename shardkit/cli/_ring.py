@@ -365,7 +365,7 @@ def _shard_bytes(settings: Settings, alias: str) -> tuple[str | None, dict[str, 
             rows = conn.execute(text(sql)).all()
     except DBAPIError as exc:
         _raise_if_down(settings, alias, exc)
-        if engine.dialect.name == "sqlite":  # built without SQLITE_ENABLE_DBSTAT_VTAB
+        if engine.dialect.name == "sqlite" and "dbstat" in str(exc.orig):  # built without SQLITE_ENABLE_DBSTAT_VTAB
             return None, None
         raise CliError(f"cannot read table sizes on shard {alias!r}: {scrub(one_line(exc), settings)}") from None
     sizes = {str(name): int(size or 0) for name, size in rows}
