@@ -358,7 +358,11 @@ def replicas_of(cluster: Cluster) -> Replicas | None:
         return _REGISTRY[cluster]
     except KeyError:
         pass
-    found = Replicas(cluster) if any(cluster.spec(a).replicas for a in cluster.aliases) else None
+    real = cluster.__dict__.get("_cluster", cluster)  # an async session's view: the cluster's own (sync checks)
+    if real is not cluster:
+        found = replicas_of(real)
+    else:
+        found = Replicas(cluster) if any(cluster.spec(a).replicas for a in cluster.aliases) else None
     _REGISTRY[cluster] = found
     return found
 

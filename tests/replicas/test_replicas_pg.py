@@ -329,3 +329,24 @@ def test_the_seeds_primary_replica_router_keeps_working(databases: DatabaseFacto
             assert s.execute(select(Person.name, IN_RECOVERY)).one() == ("uno", True)
     finally:
         made.dispose()
+
+
+def test_async_sessions_read_on_replicas_too(cluster: shardkit.Cluster, replica: PgReplica) -> None:
+    import asyncio
+
+    async def main() -> None:
+        try:
+            async with cluster.async_session() as s:
+                row = (await s.execute(select(Person.name, IN_RECOVERY).where(Person.id == 9))).one()
+                assert (row[0], bool(row[1])) == ("p9", True)
+                fan = (await s.execute(select(func.count(Person.id), IN_RECOVERY).group_by(IN_RECOVERY))).all()
+                assert [(n, bool(flag)) for n, flag in fan] == [(N, True)]
+                s.add(Person(id=200, name="async"))
+                await s.flush()
+                row = (await s.execute(select(Person.name, IN_RECOVERY).where(Person.id == 200))).one()
+                assert (row[0], bool(row[1])) == ("async", False)  # its own write: the primary
+                await s.rollback()
+        finally:
+            await cluster.adispose()
+
+    asyncio.run(main())
