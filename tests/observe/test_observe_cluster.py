@@ -153,7 +153,7 @@ def test_fanout_event_width_shards_merge_and_spans(world: World) -> None:
     [span] = exporter.get_finished_spans()
     attrs = dict(span.attributes or {})
     assert span.name == "SELECT obs_users" and attrs["db.collection.name"] == "obs_users"
-    assert attrs["db.system.name"] == world.backend and attrs["shardkit.alias"] in SHARDS
+    assert attrs["db.system"] == world.backend and attrs["shardkit.alias"] in SHARDS
     shardkit.otel.uninstrument(cluster)
     cluster.dispose()
 

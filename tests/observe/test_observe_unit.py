@@ -159,7 +159,7 @@ def test_otel_spans_from_events(spans: tuple[TracerProvider, InMemorySpanExporte
     first = got[0]
     assert first.kind is SpanKind.CLIENT
     attrs = dict(first.attributes or {})
-    assert attrs["db.system.name"] == "postgresql" and attrs["db.namespace"] == "shard0"
+    assert attrs["db.system"] == "postgresql" and attrs["db.namespace"] == "shard0"
     assert attrs["shardkit.alias"] == "s0" and attrs["db.collection.name"] == "things"
     assert attrs["db.response.returned_rows"] == 1 and attrs["db.operation.name"] == "SELECT"
     assert first.start_time == 10**18 and first.end_time == 10**18 + 2_000_000
