@@ -93,7 +93,7 @@ def _names(aliases: Iterable[str]) -> str:
 
 
 async def _gather(
-    tasks: Mapping[str, ShardTask[T]], deadline: float | None, partial: bool, start: float
+    tasks: Mapping[str, ShardTask[T]], deadline: float | None, partial: bool, start: float, unfinished: list[str]
 ) -> tuple[dict[str, T], dict[str, BaseException], list[str], dict[str, str], list[str]]:
     deadline_at = None if deadline is None else start + deadline
     running: dict[asyncio.Task[Any], str] = {}
@@ -157,21 +157,27 @@ async def _gather(
         # the caller itself was cancelled (its own timeout, a client gone): so are its shards
         for fut in running:
             if not fut.done():
+                unfinished.append(running[fut])
                 fut.cancel()
                 fut.add_done_callback(_retrieve)
         raise
 
 
-def _let_go(session: Any, task: Any) -> None:
-    """A psycopg shard still running after its cancel (its server does not answer): psycopg
-    waits up to 5 s for the cancel, holding the connection's lock, then closes the connection.
-    Invalidated now in the caller's session (psycopg's close does not wait), the session's
-    rollback skips it instead of waiting for that lock and meeting a closed connection."""
+def _let_go(session: Any, task: Any, *, any_driver: bool = False) -> None:
+    """A shard whose query was cancelled before it ended is invalidated in the caller's
+    session, so the session's rollback skips it (and still returns every other shard's
+    connection to its pool) instead of meeting a closed or busy connection.
+
+    psycopg waits up to 5 s for a cancel, holding the connection's lock, then closes the
+    connection: always let go of it.  asyncpg's cancelled call ends by itself when the
+    fan-out waits for it (``close(timeout=2)`` in the task); when the caller itself was
+    cancelled nothing waits, and its connection is closed under the session (``any_driver``)."""
     from .._sqla import held_connection
 
     engine = getattr(task, "lane", None)  # a ConnectionTask's lane is its engine
-    if getattr(getattr(engine, "dialect", None), "driver", None) not in ("psycopg", "psycopg_async"):
-        return  # asyncpg: its cancelled call ends by itself (close(timeout=2) in the task)
+    driver = getattr(getattr(engine, "dialect", None), "driver", None)
+    if not any_driver and driver not in ("psycopg", "psycopg_async"):
+        return
     conn = held_connection(session, engine)
     if conn is not None and not conn.invalidated:
         with contextlib.suppress(Exception):
@@ -193,7 +199,14 @@ def run_on_loop(
     start = time.monotonic()
     if not tasks:
         return FanoutOutcome()
-    results, errors, late, stages, abandoned = await_only(_gather(tasks, deadline, partial, start))
+    unfinished: list[str] = []
+    try:
+        results, errors, late, stages, abandoned = await_only(_gather(tasks, deadline, partial, start, unfinished))
+    except BaseException:
+        if session is not None:  # the caller was cancelled: its shards' queries were too
+            for alias in unfinished:
+                _let_go(session, tasks[alias], any_driver=True)
+        raise
     if session is not None:
         for alias in abandoned:
             _let_go(session, tasks[alias])
