@@ -831,7 +831,7 @@ class ShardSession(Session):
             if fast is not None:
                 target, events, is_orm, by_lookup = fast
                 if isinstance(target, str):
-                    bind_arguments = {"shard_id": self.read_on(target)}
+                    bind_arguments = {"shard_id": self.read_on(target, statement=statement)}
                     if events or not is_orm:  # listeners see the options the listeners' path gives
                         execution_options = {**execution_options, "identity_token": target, "shardkit_alias": target}
                     else:  # the same identity token, given straight in the load options
@@ -948,16 +948,20 @@ class ShardSession(Session):
             return _writes.invoke_on(self, orm_context, target)
         return self._fanout(orm_context, target)
 
-    def read_on(self, alias: str, orm_context: ORMExecuteState | None = None) -> str:
+    def read_on(self, alias: str, orm_context: ORMExecuteState | None = None, statement: Any = None) -> str:
         """The alias a SELECT routed to ``alias`` runs on: one of its replicas by its policy
         (:mod:`shardkit._replicas`), or ``alias`` itself when it has none, when this transaction
         wrote to it (read your writes), when the session holds changes the autoflush is about to
-        write, or when the statement asks for the primary (``using(alias, primary=True)``, the
-        ``shardkit_primary`` execution option).  The identity token stays ``alias``."""
+        write, when the statement asks for the primary (``using(alias, primary=True)``, the
+        ``shardkit_primary`` execution option) or locks rows (``FOR UPDATE``, which a standby
+        refuses).  The identity token stays ``alias``."""
         replicas = replicas_of(self.cluster)
         if replicas is None or alias not in replicas.sets or alias in self._tx_write_aliases:
             return alias
         if self.autoflush and not _sqla.is_clean(self):
+            return alias
+        stmt = orm_context.statement if orm_context is not None else statement
+        if isinstance(stmt, Select) and _sqla.for_update(stmt) is not None:
             return alias
         if orm_context is not None and (
             orm_context.execution_options.get("shardkit_primary")

@@ -197,3 +197,13 @@ def test_unreachable_replica_is_skipped_with_a_warning(tmp_path: Path, caplog: p
     assert any("replica s0_r1 of s0 skipped: unreachable (OSError: s0_r1 is down)" in m for m in messages), messages
     assert len(messages) == 2  # once per replica, not once per read
     cluster.dispose()
+
+
+def test_locking_reads_go_to_the_primary(tmp_path: Path) -> None:
+    cluster, used = spread_cluster(tmp_path, REPLICAS=["s0_r1"])
+    with cluster.session() as s:
+        s.scalars(select(Item).where(Item.id == 1).with_for_update()).one()  # the fast path
+        s.scalars(select(Item).where(Item.id == 1).with_for_update().options(shardkit.using("s0"))).one()
+        s.scalars(select(Item).where(Item.id == 1)).one()
+    assert used == ["s0", "s0", "s0_r1"], used
+    cluster.dispose()
