@@ -201,6 +201,7 @@ def async_engine(cluster: Cluster, alias: str = DEFAULT_DB_ALIAS) -> AsyncEngine
     if engine is not None:
         return engine
     spec = cluster.spec(alias)
+    from .observe import engine_created
     from .reshard._dbfence import instrument
 
     with state.lock:
@@ -214,6 +215,7 @@ def async_engine(cluster: Cluster, alias: str = DEFAULT_DB_ALIAS) -> AsyncEngine
                 choice = getattr(cluster, "async_driver", None)
                 engine = create_async_engine_for(spec, getattr(cluster, "_engine_options", {}), choice)
             instrument(engine.sync_engine)  # a reshard's database-side fence refusal -> ShardMovingError
+            engine_created(cluster, alias, engine.sync_engine)  # shardkit.observe: listeners, slow statements
             state.engines[alias] = engine
     return engine
 

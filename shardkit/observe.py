@@ -377,12 +377,18 @@ class Observer:
 _OBSERVER = "_shardkit_observer"
 
 
+def _real(cluster: Any) -> Any:
+    """The cluster itself for an async session's view of it (``shardkit._async``)."""
+    return cluster.__dict__.get("_cluster", cluster)
+
+
 def observer_of(cluster: Any) -> Observer | None:
     """The cluster's :class:`Observer`, ``None`` when nothing was ever set up."""
-    return cluster.__dict__.get(_OBSERVER)  # type: ignore[no-any-return]
+    return _real(cluster).__dict__.get(_OBSERVER)  # type: ignore[no-any-return]
 
 
 def _observer(cluster: Cluster) -> Observer:
+    cluster = _real(cluster)
     obs = observer_of(cluster)
     if obs is None:
         obs = Observer(cluster)
@@ -402,6 +408,9 @@ def add_listener(cluster: Cluster, listener: Any) -> None:
         engine = cluster.created_engine(alias)
         if engine is not None:
             watch_engine(cluster, alias, engine)
+    made_async = _real(cluster).__dict__.get("_shardkit_async")  # shardkit._async's engines so far
+    for alias, async_engine in dict(getattr(made_async, "engines", None) or {}).items():
+        watch_engine(cluster, alias, async_engine.sync_engine)
 
 
 def remove_listener(cluster: Cluster, listener: Any) -> None:
