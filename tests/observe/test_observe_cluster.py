@@ -345,3 +345,20 @@ def test_listener_threads_do_not_share_events(world: World) -> None:
     assert sum(metrics.shards[a].statements for a in SHARDS if a in metrics.shards) == 80
     assert sum(metrics.shards[a].latency.count for a in SHARDS if a in metrics.shards) == 80
     cluster.dispose()
+
+
+def test_a_failing_listener_is_logged_not_raised(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        def on_statement(self, event: StatementEvent) -> None:
+            raise RuntimeError("listener bug")
+
+        def on_fanout(self, event: FanoutEvent) -> None:
+            raise RuntimeError("listener bug")
+
+    cluster = world.cluster()
+    cluster.add_listener(Broken())
+    with caplog.at_level(logging.ERROR, logger="shardkit.observe"), cluster.session() as s:
+        assert s.get(ObsUser, 2) is not None
+        assert len(s.scalars(select(ObsUser)).all()) == N
+    assert any("listener" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+    cluster.dispose()
