@@ -1,12 +1,15 @@
 """Replica routing (issue 16): what choosing a replica adds to a routed point read, as paired ratios.
 
-Two clusters over the same two PostgreSQL shards of the local server (``SHARDKIT_BENCH_REPLICA_USERS``
-rows, default 20_000): ``plain`` has no replicas; ``replicas`` declares each shard's replica -- a REAL
-streaming replica of the local server started for the run (``tests/replicas/pgreplica.py``), healthy,
-``MAX_REPLICA_LAG`` on, so every read goes through the policy and the cached lag check.  Each side runs
-``session.scalars(select(User).where(User.id == k)).one()`` over the same keys in one session, the
-two sides alternating (each first in every other round); the figure is the median of the per-round
-ratios (replicas / plain), so load from elsewhere on the machine falls on both sides of a pair.
+Three clusters over the same two PostgreSQL shards of the local server
+(``SHARDKIT_BENCH_REPLICA_USERS`` rows, default 20_000): ``plain`` has no replicas; ``replicas``
+declares each shard's replica -- a REAL streaming replica of the local server started for the run
+(``tests/replicas/pgreplica.py``), healthy, ``MAX_REPLICA_LAG`` on, so every read goes through the
+policy and the cached lag check; ``routing`` declares replica aliases that name the primary's own
+databases (routing's cost without a second server).  Each side runs
+``session.scalars(select(User).where(User.id == k)).one()`` over the same keys in one session,
+``SHARDKIT_BENCH_OPS`` reads (60) per round, ``SHARDKIT_BENCH_ROUNDS`` rounds (151), in a rotating
+order; the figure is the median of the per-round ratios (replicas / plain), so load from elsewhere
+on the machine falls on both sides of a pair.
 
 * routed point read with replicas / without: <= 1.05x
 
@@ -37,8 +40,8 @@ from tests.replicas.pgreplica import PgReplica
 
 SHARDS = ["s0", "s1"]
 USERS = int(os.environ.get("SHARDKIT_BENCH_REPLICA_USERS", "20000"))
-ROUNDS = int(os.environ.get("SHARDKIT_BENCH_ROUNDS", "45"))
-OPS = int(os.environ.get("SHARDKIT_BENCH_OPS", "200"))
+ROUNDS = int(os.environ.get("SHARDKIT_BENCH_ROUNDS", "151"))
+OPS = int(os.environ.get("SHARDKIT_BENCH_OPS", "60"))
 TARGET = 1.05
 
 _FIGURES: list[tuple[str, str, str, str]] = []
