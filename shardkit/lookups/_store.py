@@ -172,6 +172,28 @@ def claim_one(engine: Any, lookup: Lookup, row: dict[str, Any]) -> bool:
         raw.close()
 
 
+UNNEST_CHUNK = 10_000  # lookup rows per statement when many are claimed at once (PostgreSQL)
+_UNNEST_SQL: dict[tuple[Any, Any], str] = {}
+
+
+def _unnest_sql(lookup: Lookup, dialect: Any) -> str:
+    """Many lookup rows in one statement: three arrays unnested on the server (psycopg2 sends a
+    list as an array), ``ON CONFLICT DO NOTHING RETURNING value, shard_key``."""
+    key = (lookup.table, dialect)
+    sql = _UNNEST_SQL.get(key)
+    if sql is None:
+        table = lookup.table
+        name = dialect.identifier_preparer.format_table(table)
+        value_type = table.c.value.type.compile(dialect=dialect)
+        key_type = table.c.shard_key.type.compile(dialect=dialect)
+        sql = _UNNEST_SQL[key] = (
+            f"INSERT INTO {name} (value, shard_key, created_ms) "
+            f"SELECT * FROM unnest(%s::{value_type}[], %s::{key_type}[], %s::BIGINT[]) "
+            "ON CONFLICT DO NOTHING RETURNING value, shard_key"
+        )
+    return sql
+
+
 def insert_claims(conn: Connection, lookup: Lookup, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Insert lookup rows; returns those that were not inserted (the value, or for a non-unique
     lookup the pair, was already there)."""
@@ -189,6 +211,12 @@ def insert_claims(conn: Connection, lookup: Lookup, rows: list[dict[str, Any]]) 
         return left
     if len(rows) == 1:
         got = {tuple(r) for r in conn.execute(stmt, rows[0])}
+    elif lookup.plain_types and raw_ok(conn.engine):
+        got = set()
+        sql = _unnest_sql(lookup, conn.dialect)
+        for part in chunks(rows, UNNEST_CHUNK):
+            arrays = ([r["value"] for r in part], [r["shard_key"] for r in part], [r["created_ms"] for r in part])
+            got.update(tuple(r) for r in conn.exec_driver_sql(sql, arrays))
     else:
         got = {tuple(r) for r in conn.execute(stmt, rows)}
     if len(got) == len(rows):
