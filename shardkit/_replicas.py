@@ -21,10 +21,13 @@ session reads its own writes), a read named with ``shardkit.using("s0", primary=
 
 A replica is healthy when it answers, and, with ``MAX_REPLICA_LAG``, when its replay lag (PostgreSQL:
 ``now() - pg_last_xact_replay_timestamp()`` while WAL it received is not replayed yet, else 0) is
-within the limit.  The answer is cached ``check_interval`` seconds (default 1) per replica; a check
-waits at most ``check_timeout`` seconds (default 1) -- a hung replica is then skipped, never waited
-for.  A replica skipped is logged at WARNING by this module's logger, once per change of state.
-A connection error on a replica (a read that failed) marks it down at once, until its next check.
+within the limit.  The answer is cached ``check_interval`` seconds (default 1) per replica.  The
+first check (and the first after :meth:`Replicas.forget`) is waited for, at most ``check_timeout``
+seconds (default 1); later ones run in the background while reads go on with the last answer, and
+one that has not answered after ``check_timeout`` marks the replica down -- a hung replica is
+skipped, never waited for longer than that.  A replica skipped is logged at WARNING by this
+module's logger, once per change of state.  A connection error on a replica (a read that failed)
+marks it down at once, until its next check.
 """
 
 from __future__ import annotations
@@ -213,7 +216,9 @@ class ReplicaSet:
         for alias in self.aliases:
             state = health[alias]
             if now - state.checked_at > interval:
-                state = self.owner.check(alias, self.max_lag)
+                # never checked (or forgotten): wait for the answer; else refresh in the background
+                # and go on with the last answer (it is at most one interval older)
+                state = self.owner.check(alias, self.max_lag, wait=state.checked_at == float("-inf"))
             if state.ok:
                 candidates.append(alias)
         if not candidates:
@@ -255,47 +260,43 @@ class Replicas:
 
     # -- health ------------------------------------------------------------------
 
-    def check(self, alias: str, max_lag: float | None) -> ReplicaHealth:
-        """Check ``alias`` now (at most ``check_timeout`` seconds) and return its state; while
-        another thread's check of it runs, its last state counts (down if that check has hung)."""
+    def check(self, alias: str, max_lag: float | None, *, wait: bool = True) -> ReplicaHealth:
+        """Check ``alias`` in a worker thread and return its state.  With ``wait``, wait for the
+        answer at most ``check_timeout`` seconds (no answer: down); without, return the last state
+        at once and let the check update it when it ends.  While another check of it runs, its
+        last state counts (a hung check stops counting after ten timeouts)."""
         state = self.health[alias]
         with self._lock:
             now = time.monotonic()
-            # a check that hangs (a replica that accepts and never answers) blocks no reader, and
-            # after ten timeouts it no longer blocks the next check either
-            if state.checking and now - state.check_started < 10 * self.check_timeout:
-                return state
-            state.checking, state.check_started = True, now
-        found: list[Any] = []
+            busy = state.checking and now - state.check_started < 10 * self.check_timeout
+            if not busy:
+                state.checking, state.check_started = True, now
+        if busy:
+            if state.ok and now - state.check_started > self.check_timeout:  # a background check hangs
+                self._set(state, False, None, f"no answer within {self.check_timeout}s")
+            return state
         done = threading.Event()
         started = state.check_started
 
         def probe() -> None:
             try:
-                found.append(self._measure(alias))
+                in_recovery, lag = self._measure(alias)
             except Exception as exc:  # any failure to reach or query the replica: unreachable
-                found.append(exc)
+                first = str(exc).splitlines()[0][:200] if str(exc) else ""
+                self._set(state, False, None, f"unreachable ({type(exc).__name__}: {first})")
+            else:
+                if max_lag is not None and lag is not None and lag > max_lag:
+                    self._set(state, False, lag, f"lag {lag:.1f}s exceeds max_replica_lag={max_lag}s")
+                else:
+                    self._set(state, True, lag, "" if in_recovery is not False else "not in recovery")
             finally:
-                done.set()
                 if state.check_started == started:
                     state.checking = False
+                done.set()
 
-        worker = threading.Thread(target=probe, name=f"shardkit-replica-check-{alias}", daemon=True)
-        worker.start()
-        if not done.wait(self.check_timeout):
+        threading.Thread(target=probe, name=f"shardkit-replica-check-{alias}", daemon=True).start()
+        if wait and not done.wait(self.check_timeout):
             self._set(state, False, None, f"no answer within {self.check_timeout}s")
-            return state
-        outcome = found[0]
-        if isinstance(outcome, BaseException):
-            self._set(
-                state, False, None, f"unreachable ({type(outcome).__name__}: {str(outcome).splitlines()[0][:200]})"
-            )
-        else:
-            in_recovery, lag = outcome
-            if max_lag is not None and lag is not None and lag > max_lag:
-                self._set(state, False, lag, f"lag {lag:.1f}s exceeds max_replica_lag={max_lag}s")
-            else:
-                self._set(state, True, lag, "" if in_recovery is not False else "not in recovery")
         return state
 
     def _measure(self, alias: str) -> tuple[bool | None, float | None]:
