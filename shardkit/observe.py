@@ -727,8 +727,10 @@ class FanoutProbe:
             start_ns = time.time_ns()
             if self.max_rows is not None:
                 cancel_sql = _cancel_sql(conn)
-                if cancel_sql is not None:
-                    with self._lock:
+                with self._lock:
+                    if self.over is not None:  # another shard crossed max_rows already: do not start
+                        raise self.over
+                    if cancel_sql is not None:
                         self._running[alias] = (conn, cancel_sql)
             previous = getattr(_fanout_shard, "alias", None)
             _fanout_shard.alias = alias
@@ -749,11 +751,14 @@ class FanoutProbe:
                 with self._lock:
                     self.rows_seen += rows
                     total = self.rows_seen
-                if total > self.max_rows:
+                    err = self._over(total, alias) if total > self.max_rows and self.over is None else None
+                if err is not None:
                     result.close()
-                    err = self._over(total, alias)
                     self._cancel_others()
                     raise err
+                if total > self.max_rows:  # another shard stopped the fan-out first
+                    result.close()
+                    raise self.over or self._over(total, alias)
             return result
 
         return run
