@@ -171,3 +171,58 @@ def test_replica_point_read(clusters: dict[str, Any]) -> None:
     _FIGURES.append(("  the session's whole read decision (ShardSession.read_on)", f"{read_on_us:.2f} us", "", ""))
     print(f"\nreplica point read ratio {ratio:.3f} (rounds {spread}); choice {choose_us:.2f} us")
     assert ratio <= TARGET * 1.5, f"replica routing costs {ratio:.3f}x a read without replicas"
+
+
+def test_replica_point_read_sqlite(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The same read on SQLite files (replica aliases naming the shard's own file): no server to
+    schedule, so what remains is routing's CPU cost, paired the same way."""
+    folder = tmp_path_factory.mktemp("replica-bench-sqlite")
+    ring = HashRing(SHARDS)
+    files = {alias: {"ENGINE": "sqlite", "NAME": str(folder / f"{alias}.db")} for alias in ["default", *SHARDS]}
+    plain = shardkit.Cluster(files, routers=[HashRingRouter(ring)])
+    plain.create_all(Base)
+    rows: dict[str, list[dict[str, Any]]] = {a: [] for a in SHARDS}
+    for i in range(1, USERS + 1):
+        rows[ring.get(i)].append({"id": i, "name": f"user{i}"})
+    for alias in SHARDS:
+        with plain.engine(alias).begin() as conn:
+            conn.execute(insert(RUser), rows[alias])
+    databases: dict[str, Any] = dict(files)
+    for alias in SHARDS:
+        databases[alias] = {**files[alias], "REPLICAS": [f"{alias}_r1"]}
+        databases[f"{alias}_r1"] = dict(files[alias])
+    with_replicas = shardkit.Cluster(databases, routers=[HashRingRouter(ring)])
+    keys = list(range(1, USERS + 1, max(1, USERS // OPS)))[:OPS]
+    sessions = {"plain": plain.session(), "replicas": with_replicas.session()}
+
+    def run(side: str) -> float:
+        s = sessions[side]
+        started = time.perf_counter()
+        for k in keys:
+            s.scalars(select(RUser).where(RUser.id == k)).one()
+        s.rollback()
+        return (time.perf_counter() - started) / len(keys)
+
+    for side in ("plain", "replicas") * 3:
+        run(side)
+    ratios, plain_t = [], []
+    for r in range(ROUNDS):
+        order = ("plain", "replicas") if r % 2 == 0 else ("replicas", "plain")
+        got = {side: run(side) for side in order}
+        plain_t.append(got["plain"])
+        ratios.append(got["replicas"] / got["plain"])
+    for s in sessions.values():
+        s.close()
+    plain.dispose()
+    with_replicas.dispose()
+    ratio = statistics.median(ratios)
+    _FIGURES.append(
+        (
+            "SQLite point read: replicas / no replicas (paired)",
+            f"{ratio:.3f}x",
+            f"<={TARGET}x",
+            "yes" if ratio <= TARGET else "NO",
+        )
+    )
+    _FIGURES.append(("  median read, no replicas (SQLite)", f"{statistics.median(plain_t) * 1e6:.0f} us", "", ""))
+    assert ratio <= TARGET * 1.5, f"replica routing costs {ratio:.3f}x a read without replicas"
