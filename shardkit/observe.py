@@ -436,7 +436,10 @@ def engine_created(cluster: Cluster, alias: str, engine: Engine) -> None:
 
 # -- statements, from the engines' events --------------------------------------------------------
 
-_fanout_shard = threading.local()  # .alias while a fan-out's shard statement runs in this thread
+# the alias while a fan-out's shard statement runs: a context variable, not a thread-local, since
+# under an AsyncSession the shards' bodies run interleaved in greenlets of one thread (each has
+# its own context)
+_fanout_shard: contextvars.ContextVar[str | None] = contextvars.ContextVar("shardkit_fanout_shard", default=None)
 
 
 def watch_engine(cluster: Cluster, alias: str, engine: Engine) -> None:
@@ -452,7 +455,7 @@ def watch_engine(cluster: Cluster, alias: str, engine: Engine) -> None:
     dialect = engine.dialect
     perf = time.perf_counter
     wall = time.time_ns
-    local = _fanout_shard
+    in_fanout = _fanout_shard.get
 
     cluster_ref = weakref.ref(cluster)
 
@@ -476,7 +479,7 @@ def watch_engine(cluster: Cluster, alias: str, engine: Engine) -> None:
             seconds,
             error,
             statement,
-            getattr(local, "alias", None) is not None,
+            in_fanout() is not None,
             start_ns,
         )
         if threshold is not None and seconds >= threshold:
@@ -732,15 +735,14 @@ class FanoutProbe:
                         raise self.over
                     if cancel_sql is not None:
                         self._running[alias] = (conn, cancel_sql)
-            previous = getattr(_fanout_shard, "alias", None)
-            _fanout_shard.alias = alias
+            token = _fanout_shard.set(alias)
             try:
                 result = body(conn, *args)
             except BaseException as exc:
                 self.timings[alias] = ShardTiming(alias, time.perf_counter() - start, None, exc, start_ns)
                 raise
             finally:
-                _fanout_shard.alias = previous
+                _fanout_shard.reset(token)
                 if self._running:
                     with self._lock:
                         self._running.pop(alias, None)
