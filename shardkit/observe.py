@@ -9,6 +9,7 @@ object with one or both of these methods (each is optional)::
         def on_statement(self, event: StatementEvent) -> None: ...   # every statement sent to an alias
         def on_fanout(self, event: FanoutEvent) -> None: ...         # every fan-out read, once merged
 
+A plain callable ``fn(event)`` is called with both kinds of event.
 ``on_statement`` is called for every statement a cluster engine runs (routed reads and writes,
 flushes, each shard's statement of a fan-out: ``event.in_fanout`` tells), right after the
 database answered or failed, in the thread that ran it.  ``on_fanout`` is called once per
@@ -357,10 +358,8 @@ class Observer:
         return None if value is None else float(value)
 
     def refresh(self) -> None:
-        self.statement_fns = tuple(
-            fn for fn in (getattr(x, "on_statement", None) for x in self.listeners) if callable(fn)
-        )
-        self.fanout_fns = tuple(fn for fn in (getattr(x, "on_fanout", None) for x in self.listeners) if callable(fn))
+        self.statement_fns = tuple(fn for fn in (_method(x, "on_statement") for x in self.listeners) if fn)
+        self.fanout_fns = tuple(fn for fn in (_method(x, "on_fanout") for x in self.listeners) if fn)
 
     @property
     def watching_statements(self) -> bool:
@@ -396,11 +395,24 @@ def _observer(cluster: Cluster) -> Observer:
     return obs
 
 
+def _method(listener: Any, name: str) -> Callable[[Any], Any] | None:
+    """``listener.<name>``; a plain callable (no such methods) is called with every event."""
+    fn = getattr(listener, name, None)
+    if callable(fn):
+        return fn  # type: ignore[no-any-return]
+    if callable(listener) and not any(callable(getattr(listener, n, None)) for n in ("on_statement", "on_fanout")):
+        return listener  # type: ignore[no-any-return]
+    return None
+
+
 def add_listener(cluster: Cluster, listener: Any) -> None:
     """Call ``listener.on_statement`` / ``listener.on_fanout`` for this cluster's statements and
-    fan-outs (see the module docstring); what :meth:`Cluster.add_listener` does."""
-    if not callable(getattr(listener, "on_statement", None)) and not callable(getattr(listener, "on_fanout", None)):
-        raise ConfigError(f"a shardkit listener needs an on_statement or on_fanout method, got {listener!r}")
+    fan-outs (see the module docstring); what :meth:`Cluster.add_listener` does.  A plain
+    callable is called with every event (a :class:`StatementEvent` or a :class:`FanoutEvent`)."""
+    if _method(listener, "on_statement") is None and _method(listener, "on_fanout") is None:
+        raise ConfigError(
+            f"a shardkit listener is a callable or has an on_statement or on_fanout method, got {listener!r}"
+        )
     obs = _observer(cluster)
     obs.listeners.append(listener)
     obs.refresh()

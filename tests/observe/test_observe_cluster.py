@@ -362,3 +362,16 @@ def test_a_failing_listener_is_logged_not_raised(world: World, caplog: pytest.Lo
         assert len(s.scalars(select(ObsUser)).all()) == N
     assert any("listener" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
     cluster.dispose()
+
+
+def test_a_plain_callable_hears_every_event(world: World) -> None:
+    cluster = world.cluster()
+    seen: list[Any] = []
+    cluster.add_listener(seen.append)
+    with cluster.session() as s:
+        s.get(ObsUser, 4)
+        s.scalars(select(ObsUser)).all()
+    assert any(isinstance(e, StatementEvent) and e.table == "obs_users" for e in seen)
+    assert [e.width for e in seen if isinstance(e, FanoutEvent)] == [len(SHARDS)]
+    cluster.remove_listener(seen.append)
+    cluster.dispose()
