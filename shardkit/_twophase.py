@@ -539,7 +539,8 @@ def _transaction_connections(session: ShardSession) -> list[tuple[str, Connectio
     # aliases this transaction is not known to have written to first: if one of them fails,
     # nothing that matters is committed yet and every write can still be rolled back
     written = session.tx_write_aliases
-    return sorted(found, key=lambda item: (item[0] in written, rank.get(item[0], len(rank))))
+    first = session.info.get("shardkit.commit_first") or ()  # shardkit.lookups: lookups before their rows
+    return sorted(found, key=lambda item: (item[0] in written, item[0] not in first, rank.get(item[0], len(rank))))
 
 
 def _commit_twophase(session: ShardSession) -> None:

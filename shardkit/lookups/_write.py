@@ -44,6 +44,7 @@ __all__ = ["claim_rows", "tx_state"]
 logger = logging.getLogger(__name__)
 
 _INFO = "shardkit.lookups"
+COMMIT_FIRST = "shardkit.commit_first"  # aliases the ordered commit commits first among those written
 
 
 @dataclass
@@ -102,6 +103,7 @@ def claim_rows(session: ShardSession, items: list[tuple[Lookup, Any, Any, str]])
     groups: dict[tuple[str, bool], dict[Lookup, list[dict[str, Any]]]] = {}
     marks: dict[str, dict[Lookup, list[Any]]] = {}
     seen: dict[tuple[Lookup, Any], Any] = {}
+    commit_first: set[str] = set()  # lookups written in the session's transaction for a row elsewhere
     for lookup, value, key, row_alias in items:
         if lookup.unique:
             other = seen.get((lookup, value), key)
@@ -110,6 +112,8 @@ def claim_rows(session: ShardSession, items: list[tuple[Lookup, Any, Any, str]])
             seen[(lookup, value)] = key
         alias = _store.alias_of(router, lookup, value)
         inline = _inline(session, alias, row_alias)
+        if inline and alias != row_alias and session.cluster.cross_shard_writes != "twophase":
+            commit_first.add(alias)
         groups.setdefault((alias, inline), {}).setdefault(lookup, []).append(
             {"value": value, "shard_key": key, "created_ms": ms}
         )
@@ -135,6 +139,8 @@ def claim_rows(session: ShardSession, items: list[tuple[Lookup, Any, Any, str]])
                     session.note_writes((alias,))
                 conn = session.connection(bind_arguments={"shard_id": alias})
                 state.inline_aliases.add(alias)
+                if alias in commit_first:  # a row elsewhere: this commits before it (_twophase.CommitOrder)
+                    session.info.setdefault(COMMIT_FIRST, set()).add(alias)
             else:
                 engine = session.cluster.engine(alias)
                 if len(by_lookup) == 1 and alias not in own and _store.raw_ok(engine):
@@ -347,6 +353,7 @@ def _lookups_before_flush(session: Any, flush_context: Any, instances: Any) -> N
 @event.listens_for(ShardSession, "after_commit")
 def _lookups_after_commit(session: Any) -> None:
     state = session.info.pop(_INFO, None)
+    session.info.pop(COMMIT_FIRST, None)
     if state is None or not isinstance(session, ShardSession):
         return
     removals = list(state.removals)
@@ -375,6 +382,7 @@ def _lookups_after_rollback(session: Any, transaction: Any) -> None:
     rows it committed on their own connections (``after_commit`` already took the state of a commit)."""
     if transaction.parent is not None or transaction.nested:  # a savepoint or an inner transaction
         return
+    session.info.pop(COMMIT_FIRST, None)
     state = session.info.pop(_INFO, None)
     if state is None or not isinstance(session, ShardSession):
         return

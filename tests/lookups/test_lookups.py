@@ -334,3 +334,28 @@ def test_lookup_on_a_model_the_router_shards_by_another_column(cluster: shardkit
         s.rollback()
     assert lookup_for("lk_tickets.code").key_attr == "tenant"
     assert verify(cluster, "lk_tickets.code").ok
+
+
+def test_sqlite_lookup_in_the_transaction_commits_before_its_row(cluster: shardkit.Cluster, backend: str) -> None:
+    """SQLite: a transaction that already wrote to the lookup's shard writes the lookup there (a
+    second connection would wait on its own lock); the ordered commit then commits that shard first."""
+    from sqlalchemy import event
+
+    if backend != "sqlite":
+        pytest.skip("SQLite's file lock is what makes the lookup join the transaction")
+    router = cluster.router.routers[0]
+    # the row's shard comes first in DATABASES: without the hint it would commit first
+    email = next(e for e in (f"ordered{n}@x.org" for n in range(100)) if router.shard_for(EMAIL.cls, e) != "s0")
+    lookup_alias, row_alias = router.shard_for(EMAIL.cls, email), "s0"
+    first_id = next(i for i in range(1, 1000) if router.shard_for(User, i) == lookup_alias)
+    row_id = next(i for i in range(1, 1000) if router.shard_for(User, i) == row_alias)
+    order: list[str] = []
+    for alias in SHARDS:
+        event.listen(cluster.engine(alias), "commit", lambda conn, alias=alias: order.append(alias))
+    with cluster.session() as s:
+        s.add(User(id=first_id, email="first@x.org"))  # the transaction writes on the lookup's shard
+        s.flush()
+        s.add(User(id=row_id, email=email))
+        s.commit()
+    assert order.index(lookup_alias) < order.index(row_alias), (order, lookup_alias, row_alias)
+    assert verify(cluster, "lk_users.email").ok
