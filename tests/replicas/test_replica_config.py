@@ -207,3 +207,33 @@ def test_locking_reads_go_to_the_primary(tmp_path: Path) -> None:
         s.scalars(select(Item).where(Item.id == 1)).one()
     assert used == ["s0", "s0", "s0_r1"], used
     cluster.dispose()
+
+
+def test_replicas_in_a_toml_settings_file(tmp_path: Path) -> None:
+    settings = tmp_path / "shardkit.toml"
+    settings.write_text(
+        textwrap.dedent(
+            f"""
+            ring = {{shards = ["s0"]}}
+            [databases.default]
+            ENGINE = "sqlite"
+            NAME = "{tmp_path}/d.db"
+            [databases.s0]
+            ENGINE = "sqlite"
+            NAME = "{tmp_path}/s0.db"
+            REPLICAS = {{s0_r1 = 3, s0_r2 = 1}}
+            MAX_REPLICA_LAG = 2.5
+            [databases.s0_r1]
+            ENGINE = "sqlite"
+            NAME = "{tmp_path}/s0.db"
+            [databases.s0_r2]
+            ENGINE = "sqlite"
+            NAME = "{tmp_path}/s0.db"
+            """
+        )
+    )
+    cluster = shardkit.load_settings(str(settings)).cluster
+    spec = cluster.spec("s0")
+    assert spec.replicas == ("s0_r1", "s0_r2") and spec.replica_weights == (3.0, 1.0)
+    assert spec.replica_policy == "weighted" and spec.max_replica_lag == 2.5
+    assert cluster.spec("s0_r2").replica_of == "s0"
