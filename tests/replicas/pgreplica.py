@@ -96,6 +96,30 @@ class PgReplica:
             engine.dispose()
         time.sleep(0.5)
 
+    def _drop_orphan_slots(self) -> None:
+        """Drop the slots of earlier runs whose process is gone (a killed run keeps the primary's WAL)."""
+        engine = create_engine(self.primary_url, connect_args={"connect_timeout": 3})
+        try:
+            with engine.connect() as conn:
+                names = conn.execute(
+                    text(
+                        "SELECT slot_name FROM pg_replication_slots "
+                        "WHERE NOT active AND slot_name LIKE 'shardkit_test_%'"
+                    )
+                ).scalars()
+                for name in list(names):
+                    try:
+                        os.kill(int(name.split("_")[2]), 0)
+                        continue  # that run is still alive
+                    except (ProcessLookupError, ValueError, IndexError):
+                        pass
+                    except PermissionError:
+                        continue
+                    conn.execute(text("SELECT pg_drop_replication_slot(:s)"), {"s": name})
+                conn.commit()
+        finally:
+            engine.dispose()
+
     def start(self) -> None:
         major, hba_file, _, allowed = self._primary_info()
         bindir = Path(f"/usr/lib/postgresql/{major}/bin")
@@ -107,6 +131,7 @@ class PgReplica:
         self.bindir = bindir
         if not allowed:
             self._allow_replication(hba_file)
+        self._drop_orphan_slots()
         url = make_url(self.primary_url)
         self._root = Path(tempfile.mkdtemp(prefix="shardkit-replica-"))
         self.datadir = self._root / "data"
