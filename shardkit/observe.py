@@ -49,7 +49,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -728,6 +728,7 @@ class FanoutProbe:
         self.over: MaxRowsError | None = None
         self.done = False
         self._running: dict[str, tuple[Any, str]] = {}  # alias -> (connection, its cancel SQL)
+        self._counted: dict[str, _Counted] = {}  # shards whose rows the merge counts
 
     def partial(self, partial: bool) -> bool:
         """A fan-out with ``max_rows`` is never partial: crossing it stops everything."""
@@ -814,6 +815,19 @@ class FanoutProbe:
         if over is not None and over is not exc:
             raise over from None
 
+    def streams(self, aliases: Sequence[str], streams: list[Any]) -> list[Any]:
+        """The shard streams the merge reads (in ``aliases`` order): those whose rows the driver
+        did not count (SQLite) are counted as the merge reads them, against ``max_rows`` too."""
+        out: list[Any] = []
+        for alias, stream in zip(aliases, streams, strict=True):
+            timing = self.timings.get(alias)
+            if timing is not None and timing.rows is None:
+                counted = self._counted[alias] = _Counted(self, alias, stream)
+                out.append(counted)
+            else:
+                out.append(stream)
+        return out
+
     def merged(self, rows: Iterator[Any], errors: Mapping[str, BaseException]) -> Iterator[Any]:
         """Pass the merged rows through: time the merge, count them, tell the listeners at the end."""
         limit = self.max_rows
@@ -853,6 +867,9 @@ class FanoutProbe:
             return
         self.done = True
         shards = {a: self.timings.get(a) or ShardTiming(a, None, None, errors.get(a)) for a in self.aliases}
+        for alias, counted in self._counted.items():
+            t = shards[alias]
+            shards[alias] = ShardTiming(alias, t.seconds, counted.rows, t.error, t.start_ns)
         ev = FanoutEvent(
             shards=shards,
             table=self.table,
@@ -868,6 +885,40 @@ class FanoutProbe:
             self.capture.append(ev)
         if self.obs is not None:
             self.obs.fanout(ev)
+
+
+class _Counted:
+    """A shard's rows as the merge reads them, counted (and held to ``max_rows``)."""
+
+    __slots__ = ("_it", "alias", "probe", "rows", "stream")
+
+    def __init__(self, probe: FanoutProbe, alias: str, stream: Any) -> None:
+        self.probe = probe
+        self.alias = alias
+        self.stream = stream
+        self.rows = 0
+        self._it: Iterator[Any] | None = None
+
+    def __iter__(self) -> _Counted:
+        return self
+
+    def __next__(self) -> Any:
+        it = self._it
+        if it is None:
+            it = self._it = iter(self.stream)
+        row = next(it)
+        self.rows += 1
+        probe = self.probe
+        if probe.max_rows is not None:
+            probe.rows_seen += 1  # the merge runs in the calling thread, after every worker
+            if probe.rows_seen > probe.max_rows and probe.over is None:
+                raise probe._over(probe.rows_seen, self.alias)
+        return row
+
+    def close(self) -> None:
+        close = getattr(self.stream, "close", None)
+        if close is not None:
+            close()
 
 
 def _cancel_sql(conn: Any) -> str | None:

@@ -392,7 +392,8 @@ def execute_fanout(session: ShardSession, orm_context: ORMExecuteState, targets:
         elif lazy_chunk is not None and "yield_per" not in options:
             shard_result = shard_result.yield_per(lazy_chunk)
         streams.append(shard_result)
-    rows = merge_rows(merge, streams, dialect_name=dialect_name, batch=yield_per)
+    merged = streams if probe is None else probe.streams(answered, streams)  # rows per shard, max_rows
+    rows = merge_rows(merge, merged, dialect_name=dialect_name, batch=yield_per)
     if probe is not None:
         rows = probe.merged(iter(rows), outcome.errors)
     if options.get("prebuffer_rows"):  # AsyncSession.execute(): the merged rows, read in its greenlet
